@@ -1,0 +1,1207 @@
+//! The sans-IO shard core: every session and room of one shard, driven only
+//! through [`ShardCore::handle_input`] and read through [`ShardCore::poll_output`].
+//!
+//! It holds no clock, socket or thread (time arrives with each input), so the
+//! same code runs under the UDP driver ([`super::driver`]) and in tests.
+//!
+//! A packet's path: `handle_input(Datagram)` -> demux by source address (or, for
+//! a new peer, by the ICE ufrag in its STUN request) -> that session's `Rtc` ->
+//! `Event::MediaData` -> [`ShardCore::forward`] writes the frame into every
+//! subscriber's `Rtc` in the room -> their transmits come out of `poll_output`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::channel::ChannelData;
+use str0m::ice::StunMessage;
+use str0m::media::{
+    Direction, KeyframeRequest, KeyframeRequestKind, MediaAdded, MediaData, MediaKind, Mid, Rid,
+};
+use str0m::net::{DatagramRecv, Protocol, Receive, Transmit};
+use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Rtc};
+use tokio::sync::oneshot;
+
+use super::room::{Room, Track};
+use super::session::{Drive, LeaveReason, OutState, Session, SessionKind, TrackOut};
+use super::timers::{TimerKey, TimerQueue};
+use crate::ids::{RoomId, SessionId, ShardId, TrackId};
+use crate::metrics::ShardMetrics;
+use crate::signal::channel::{ClientMessage, ServerMessage, TrackInfo, CHANNEL_LABEL};
+use crate::token::Claims;
+
+/// Per-shard settings taken from the config.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    /// The simulcast layer forwarded from simulcast publishers.
+    pub simulcast_layer: String,
+    /// How long a disconnected session waits for an ICE restart.
+    pub reconnect_grace: Duration,
+    /// Least time between keyframe requests to one publisher track.
+    pub keyframe_request_interval: Duration,
+    /// How long an empty room is kept.
+    pub empty_grace: Duration,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            simulcast_layer: "h".into(),
+            reconnect_grace: Duration::from_secs(30),
+            keyframe_request_interval: Duration::from_millis(500),
+            empty_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A session prepared off the media thread: the `Rtc` is built and the offer
+/// accepted by the HTTP layer (that costs milliseconds of CPU), so the shard
+/// only inserts it.
+pub struct NewSession {
+    /// Its id.
+    pub id: SessionId,
+    /// Its room.
+    pub room: RoomId,
+    /// API, WHIP or WHEP.
+    pub kind: SessionKind,
+    /// Verified token claims.
+    pub claims: Claims,
+    /// The `Rtc`, with the offer accepted.
+    pub rtc: Rtc,
+    /// Our ICE ufrag for this session.
+    pub ufrag: String,
+    /// The client's ICE ufrag from its offer.
+    pub remote_ufrag: Option<String>,
+    /// When the offer arrived.
+    pub offer_received: Instant,
+}
+
+/// Trickle ICE or an ICE restart (WHIP-style PATCH).
+pub struct Trickle {
+    /// The session.
+    pub session: SessionId,
+    /// Remote candidates to add.
+    pub candidates: Vec<Candidate>,
+    /// The client's ICE credentials from the fragment; different from the
+    /// current ones, they mean an ICE restart.
+    pub remote: Option<IceCreds>,
+    /// Our new credentials on a restart, or why it failed.
+    pub reply: oneshot::Sender<Result<Option<IceCreds>, String>>,
+}
+
+/// Commands from the HTTP layer.
+pub enum Command {
+    /// Insert a prepared session.
+    Add(Box<NewSession>),
+    /// End a session.
+    Remove {
+        /// The session.
+        session: SessionId,
+        /// Why.
+        reason: LeaveReason,
+    },
+    /// Trickle ICE or ICE restart.
+    Trickle(Trickle),
+    /// End every session (the end of a drain).
+    CloseAll(LeaveReason),
+    /// Stop the shard's thread (handled by the driver; the core ignores it).
+    Stop,
+}
+
+/// Inputs to the shard core.
+pub enum ShardInput<'a> {
+    /// A UDP datagram arrived.
+    Datagram {
+        /// When it was received.
+        now: Instant,
+        /// Sender.
+        source: SocketAddr,
+        /// Our socket's address.
+        destination: SocketAddr,
+        /// Payload.
+        data: &'a [u8],
+    },
+    /// Time has passed.
+    Timeout(Instant),
+    /// A command from the HTTP layer.
+    Command(Instant, Command),
+}
+
+/// Things the driver must know about, besides transmits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardEvent {
+    /// A session reached DTLS connected.
+    SessionConnected {
+        /// The session.
+        session: SessionId,
+    },
+    /// A session ended.
+    SessionClosed {
+        /// The session.
+        session: SessionId,
+        /// Its room.
+        room: RoomId,
+        /// Why.
+        reason: LeaveReason,
+    },
+    /// An empty room passed its grace period and was closed.
+    RoomClosed {
+        /// The room.
+        room: RoomId,
+    },
+}
+
+/// Outputs of the shard core, polled until `Timeout`.
+pub enum ShardOutput {
+    /// A datagram to send.
+    Transmit(Transmit),
+    /// Something happened.
+    Event(ShardEvent),
+    /// Call `handle_input(Timeout)` at this instant at the latest.
+    Timeout(Instant),
+}
+
+/// Messages kept for a session whose data channel is not open yet; past this
+/// the session is closed (a client that never opens its channel).
+const MAX_OUTBOX: usize = 512;
+
+/// The shard core.
+pub struct ShardCore {
+    id: ShardId,
+    config: ShardConfig,
+    simulcast_layer: Rid,
+    sessions: HashMap<SessionId, Session>,
+    rooms: HashMap<RoomId, Room>,
+    by_addr: HashMap<SocketAddr, SessionId>,
+    by_ufrag: HashMap<String, SessionId>,
+    timers: TimerQueue,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<ShardEvent>,
+    /// Sessions written to since they were last polled.
+    dirty: Vec<SessionId>,
+    /// Sessions whose SDP needs a server offer.
+    renegotiate: HashSet<SessionId>,
+    next_track: u64,
+    metrics: ShardMetrics,
+    scratch: Vec<Event>,
+}
+
+impl ShardCore {
+    /// A shard with no sessions.
+    pub fn new(id: ShardId, config: ShardConfig, metrics: ShardMetrics) -> ShardCore {
+        let simulcast_layer = Rid::from(config.simulcast_layer.as_str());
+        ShardCore {
+            id,
+            config,
+            simulcast_layer,
+            sessions: HashMap::new(),
+            rooms: HashMap::new(),
+            by_addr: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            timers: TimerQueue::default(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            dirty: Vec::new(),
+            renegotiate: HashSet::new(),
+            next_track: 0,
+            metrics,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// This shard's id.
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    /// Sessions on this shard.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Rooms on this shard (empty ones in their grace period included).
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// The participants of a room, in join order.
+    pub fn room_sessions(&self, room: &RoomId) -> Vec<SessionId> {
+        self.rooms
+            .get(room)
+            .map(|r| r.sessions.clone())
+            .unwrap_or_default()
+    }
+
+    /// Feed one input.
+    pub fn handle_input(&mut self, input: ShardInput) {
+        match input {
+            ShardInput::Datagram {
+                now,
+                source,
+                destination,
+                data,
+            } => self.handle_datagram(now, source, destination, data),
+            ShardInput::Timeout(now) => self.handle_timeout(now),
+            ShardInput::Command(now, cmd) => self.handle_command(now, cmd),
+        }
+    }
+
+    /// Next output: transmits first, then events, then the next timeout.
+    pub fn poll_output(&mut self) -> ShardOutput {
+        if let Some(t) = self.transmits.pop_front() {
+            return ShardOutput::Transmit(t);
+        }
+        if let Some(e) = self.events.pop_front() {
+            return ShardOutput::Event(e);
+        }
+        match self.timers.next() {
+            Some(t) => ShardOutput::Timeout(t),
+            // Nothing scheduled: wake up now and then anyway.
+            None => ShardOutput::Timeout(Instant::now() + Duration::from_secs(1)),
+        }
+    }
+
+    // ---- input handling ------------------------------------------------------
+
+    fn handle_datagram(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) {
+        self.metrics.packets_in.inc();
+        self.metrics.bytes_in.inc_by(data.len() as u64);
+        let Ok(contents) = DatagramRecv::try_from(data) else {
+            self.metrics.garbage.inc();
+            return;
+        };
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination,
+                contents,
+            },
+        );
+        let sid = match self.by_addr.get(&source) {
+            Some(sid) => *sid,
+            None => {
+                // A new peer: only a STUN request naming one of our ufrags is let in,
+                // and the session's own ICE agent confirms it.
+                let Some(sid) = self.sid_from_stun(data) else {
+                    self.metrics.garbage.inc();
+                    return;
+                };
+                let Some(sess) = self.sessions.get_mut(&sid) else {
+                    self.metrics.garbage.inc();
+                    return;
+                };
+                if !sess.rtc.accepts(&input) {
+                    self.metrics.garbage.inc();
+                    return;
+                }
+                sess.addrs.push(source);
+                self.by_addr.insert(source, sid);
+                sid
+            }
+        };
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            self.metrics.garbage.inc();
+            return;
+        };
+        if sess.handle_input(input).is_err() {
+            self.metrics.err_rtc_panic.inc();
+            self.close(now, sid, LeaveReason::Failed);
+            return;
+        }
+        self.drive(now, sid);
+        self.settle(now);
+    }
+
+    fn sid_from_stun(&self, data: &[u8]) -> Option<SessionId> {
+        let msg = StunMessage::parse(data).ok()?;
+        let (a, b) = msg.split_username()?;
+        self.by_ufrag
+            .get(a)
+            .or_else(|| self.by_ufrag.get(b))
+            .copied()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        while let Some((at, key)) = self.timers.pop_due(now) {
+            match key {
+                TimerKey::Session(sid) => {
+                    let grace = self.config.reconnect_grace;
+                    let Some(sess) = self.sessions.get_mut(&sid) else {
+                        continue;
+                    };
+                    if let Some(since) = sess.disconnected_since {
+                        if since + grace <= now {
+                            self.close(now, sid, LeaveReason::Disconnected);
+                            continue;
+                        }
+                    }
+                    if sess.deadline != Some(at) {
+                        continue; // stale entry
+                    }
+                    sess.deadline = None;
+                    if sess.handle_input(Input::Timeout(now)).is_err() {
+                        self.metrics.err_rtc_panic.inc();
+                        self.close(now, sid, LeaveReason::Failed);
+                        continue;
+                    }
+                    self.drive(now, sid);
+                }
+                TimerKey::Room(room) => {
+                    let expired = self.rooms.get(&room).is_some_and(|r| {
+                        r.sessions.is_empty()
+                            && r.empty_since
+                                .is_some_and(|t| t + self.config.empty_grace <= now)
+                    });
+                    if expired {
+                        self.rooms.remove(&room);
+                        self.metrics.rooms.dec();
+                        tracing::info!(room = %room, shard = %self.id, "room closed");
+                        self.events.push_back(ShardEvent::RoomClosed { room });
+                    }
+                }
+            }
+        }
+        self.settle(now);
+    }
+
+    fn handle_command(&mut self, now: Instant, cmd: Command) {
+        match cmd {
+            Command::Add(new) => self.add_session(now, *new),
+            Command::Remove { session, reason } => {
+                if self.sessions.contains_key(&session) {
+                    self.close(now, session, reason);
+                }
+            }
+            Command::Trickle(t) => self.trickle(now, t),
+            Command::CloseAll(reason) => {
+                let all: Vec<SessionId> = self.sessions.keys().copied().collect();
+                for sid in all {
+                    self.close(now, sid, reason);
+                }
+            }
+            Command::Stop => {}
+        }
+        self.settle(now);
+    }
+
+    // ---- session lifecycle ---------------------------------------------------
+
+    fn add_session(&mut self, now: Instant, new: NewSession) {
+        let sid = new.id;
+        let room_id = new.room.clone();
+        let span = tracing::info_span!("session", room = %room_id, session = %sid.short());
+        let _g = span.enter();
+        tracing::info!(
+            kind = new.kind.as_str(),
+            role = new.claims.role.as_str(),
+            sub = %new.claims.sub,
+            shard = %self.id,
+            "session added"
+        );
+        let room = self.rooms.entry(room_id.clone()).or_insert_with(|| {
+            self.metrics.rooms.inc();
+            tracing::info!(shard = %self.id, "room opened");
+            Room::new(room_id.clone())
+        });
+        room.empty_since = None;
+        room.sessions.push(sid);
+        self.by_ufrag.insert(new.ufrag.clone(), sid);
+        let sess = Session {
+            id: sid,
+            room: room_id.clone(),
+            kind: new.kind,
+            claims: new.claims,
+            rtc: new.rtc,
+            ufrag: new.ufrag,
+            remote_ufrag: new.remote_ufrag,
+            addrs: Vec::new(),
+            offer_received: new.offer_received,
+            connected: false,
+            channel: None,
+            tracks_in: Vec::new(),
+            tracks_out: Vec::new(),
+            free_slots: Vec::new(),
+            to_stop: Vec::new(),
+            stopping: Vec::new(),
+            pending: None,
+            deadline: None,
+            disconnected_since: None,
+            outbox: VecDeque::new(),
+        };
+        let joined = ServerMessage::ParticipantJoined {
+            participant: sess.roster_entry(),
+        };
+        self.sessions.insert(sid, sess);
+        self.metrics.sessions.inc();
+        self.broadcast(&room_id, Some(sid), &joined);
+        // The first drive emits MediaAdded for every m-line of the offer, so
+        // the session's receive slots and published tracks are known after it.
+        self.drive(now, sid);
+        self.assign_existing_tracks(now, sid);
+    }
+
+    /// End a session: tell the room, free its tracks, close the `Rtc`.
+    fn close(&mut self, now: Instant, sid: SessionId, reason: LeaveReason) {
+        let Some(mut sess) = self.sessions.remove(&sid) else {
+            return;
+        };
+        tracing::info!(room = %sess.room, session = %sid.short(), reason = reason.as_str(), "session closed");
+        self.metrics.sessions.dec();
+        self.by_ufrag.remove(&sess.ufrag);
+        for a in &sess.addrs {
+            self.by_addr.remove(a);
+        }
+        self.renegotiate.remove(&sid);
+        match reason {
+            LeaveReason::Failed => sess.rtc.disconnect(),
+            _ => {
+                if matches!(reason, LeaveReason::Drain | LeaveReason::Removed) {
+                    sess.send(&ServerMessage::Bye {
+                        reason: reason.as_str().into(),
+                    });
+                }
+                // Flush the goodbye, RTCP BYE and DTLS close_notify.
+                let _ = catch_unwind(AssertUnwindSafe(|| sess.rtc.close()));
+                let mut events = std::mem::take(&mut self.scratch);
+                let _ = sess.drive(&mut self.transmits, &mut events);
+                events.clear();
+                self.scratch = events;
+            }
+        }
+        let room_id = sess.room.clone();
+        let mut gone_tracks = Vec::new();
+        if let Some(room) = self.rooms.get_mut(&room_id) {
+            room.sessions.retain(|s| *s != sid);
+            room.tracks.retain(|t| {
+                let mine = t.owner == sid;
+                if mine {
+                    gone_tracks.push(t.id);
+                }
+                !mine
+            });
+            if room.sessions.is_empty() {
+                room.empty_since = Some(now);
+                self.timers.schedule(
+                    now + self.config.empty_grace,
+                    TimerKey::Room(room_id.clone()),
+                );
+            }
+        }
+        for track in gone_tracks {
+            self.unpublish(now, &room_id, track);
+        }
+        self.broadcast(
+            &room_id,
+            None,
+            &ServerMessage::ParticipantLeft {
+                id: sid.to_string(),
+                reason: reason.as_str().into(),
+            },
+        );
+        self.events.push_back(ShardEvent::SessionClosed {
+            session: sid,
+            room: room_id,
+            reason,
+        });
+    }
+
+    fn trickle(&mut self, now: Instant, t: Trickle) {
+        let Some(sess) = self.sessions.get_mut(&t.session) else {
+            let _ = t.reply.send(Err("no such session".into()));
+            return;
+        };
+        let mut new_local = None;
+        let restart = t
+            .remote
+            .filter(|r| sess.remote_ufrag.as_deref() != Some(r.ufrag.as_str()));
+        if let Some(r) = &restart {
+            tracing::info!(session = %t.session.short(), "ice restart");
+            sess.remote_ufrag = Some(r.ufrag.clone());
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            if let Some(remote) = restart {
+                let mut api = sess.rtc.direct_api();
+                let local = IceCreds::new();
+                api.set_remote_ice_credentials(remote);
+                api.set_local_ice_credentials(local.clone());
+                new_local = Some(local);
+            }
+            for c in t.candidates {
+                sess.rtc.add_remote_candidate(c);
+            }
+        }));
+        if result.is_err() {
+            self.metrics.err_rtc_panic.inc();
+            let _ = t.reply.send(Err("internal error".into()));
+            self.close(now, t.session, LeaveReason::Failed);
+            return;
+        }
+        if let Some(local) = &new_local {
+            self.by_ufrag.remove(&sess.ufrag);
+            sess.ufrag = local.ufrag.clone();
+            self.by_ufrag.insert(local.ufrag.clone(), t.session);
+        }
+        let _ = t.reply.send(Ok(new_local));
+        self.drive(now, t.session);
+    }
+
+    // ---- driving str0m -------------------------------------------------------
+
+    /// Poll one session until its timeout and handle what it emitted.
+    fn drive(&mut self, now: Instant, sid: SessionId) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let mut events = std::mem::take(&mut self.scratch);
+        let before = self.transmits.len();
+        let outcome = sess.drive(&mut self.transmits, &mut events);
+        let _ = before;
+        match outcome {
+            Drive::Timeout(t) => {
+                if sess.deadline != Some(t) {
+                    sess.deadline = Some(t);
+                    self.timers.schedule(t, TimerKey::Session(sid));
+                }
+            }
+            Drive::Dead => {}
+            Drive::Panicked => {}
+        }
+        for e in events.drain(..) {
+            self.handle_event(now, sid, e);
+        }
+        self.scratch = events;
+        match outcome {
+            Drive::Timeout(_) => {}
+            Drive::Dead => {
+                if self.sessions.contains_key(&sid) {
+                    self.metrics.err_rtc.inc();
+                    self.close(now, sid, LeaveReason::Left);
+                }
+            }
+            Drive::Panicked => {
+                self.metrics.err_rtc_panic.inc();
+                self.close(now, sid, LeaveReason::Failed);
+            }
+        }
+    }
+
+    /// Poll the sessions that were written to and send pending offers, until
+    /// nothing is left to do.
+    fn settle(&mut self, now: Instant) {
+        loop {
+            if let Some(sid) = self.dirty.pop() {
+                self.drive(now, sid);
+                continue;
+            }
+            let Some(sid) = self.renegotiate.iter().next().copied() else {
+                break;
+            };
+            self.renegotiate.remove(&sid);
+            self.negotiate(now, sid);
+        }
+    }
+
+    fn mark_dirty(&mut self, sid: SessionId) {
+        if !self.dirty.contains(&sid) {
+            self.dirty.push(sid);
+        }
+    }
+
+    fn handle_event(&mut self, now: Instant, sid: SessionId, event: Event) {
+        match event {
+            Event::MediaData(data) => self.forward(now, sid, data),
+            Event::KeyframeRequest(req) => self.route_keyframe_request(now, sid, req),
+            Event::Connected => self.on_connected(now, sid),
+            Event::IceConnectionStateChange(state) => {
+                if let Some(sess) = self.sessions.get_mut(&sid) {
+                    if state == IceConnectionState::Disconnected {
+                        if sess.disconnected_since.is_none() {
+                            tracing::info!(session = %sid.short(), "ice disconnected");
+                            sess.disconnected_since = Some(now);
+                            self.timers.schedule(
+                                now + self.config.reconnect_grace,
+                                TimerKey::Session(sid),
+                            );
+                        }
+                    } else if matches!(
+                        state,
+                        IceConnectionState::Connected | IceConnectionState::Completed
+                    ) {
+                        sess.disconnected_since = None;
+                    }
+                }
+            }
+            Event::MediaAdded(m) => self.on_media_added(now, sid, m),
+            Event::ChannelOpen(id, label) => {
+                if label != CHANNEL_LABEL {
+                    return;
+                }
+                let room_id = match self.sessions.get(&sid) {
+                    Some(s) => s.room.clone(),
+                    None => return,
+                };
+                let participants = self.roster(&room_id);
+                if let Some(sess) = self.sessions.get_mut(&sid) {
+                    sess.channel = Some(id);
+                    let welcome = ServerMessage::Welcome {
+                        you: sess.roster_entry(),
+                        participants,
+                    };
+                    sess.outbox.push_front(welcome.to_json());
+                    let tracks = track_infos(sess);
+                    if !tracks.is_empty() {
+                        sess.outbox.push_back(ServerMessage::Tracks { tracks }.to_json());
+                    }
+                    sess.flush_outbox();
+                    self.renegotiate.insert(sid);
+                    self.mark_dirty(sid);
+                }
+            }
+            Event::ChannelData(d) => self.on_channel_data(now, sid, d),
+            Event::ChannelClose(id) => {
+                if let Some(sess) = self.sessions.get_mut(&sid) {
+                    if sess.channel == Some(id) {
+                        sess.channel = None;
+                    }
+                }
+            }
+            Event::Closed => self.close(now, sid, LeaveReason::Left),
+            _ => {}
+        }
+    }
+
+    fn on_connected(&mut self, now: Instant, sid: SessionId) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        sess.connected = true;
+        let latency = now.saturating_duration_since(sess.offer_received);
+        self.metrics.join_latency.observe(latency.as_secs_f64());
+        self.metrics.joins_connected.inc();
+        tracing::info!(session = %sid.short(), join_ms = latency.as_millis() as u64, "connected");
+        self.events
+            .push_back(ShardEvent::SessionConnected { session: sid });
+        let receiving: Vec<TrackId> = sess
+            .tracks_out
+            .iter()
+            .filter(|t| matches!(t.state, OutState::Open(_)))
+            .map(|t| t.track)
+            .collect();
+        let room = sess.room.clone();
+        for t in receiving {
+            self.request_keyframe(now, &room, t, KeyframeRequestKind::Pli);
+        }
+        self.renegotiate.insert(sid);
+    }
+
+    // ---- tracks ----------------------------------------------------------------
+
+    fn on_media_added(&mut self, now: Instant, sid: SessionId, m: MediaAdded) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        // MediaAdded also fires for m-lines we added ourselves.
+        if sess.track_on_mid(m.mid).is_some() {
+            return;
+        }
+        match m.direction {
+            Direction::SendOnly => {
+                if sess.subscribes() {
+                    sess.free_slots.push((m.mid, m.kind));
+                    // A track waiting for a server-added m-line takes the slot instead.
+                    if let Some(t) = sess
+                        .tracks_out
+                        .iter_mut()
+                        .find(|t| t.state == OutState::ToOpen && t.kind == m.kind)
+                    {
+                        t.state = OutState::Open(m.mid);
+                        t.on_slot = true;
+                        sess.free_slots.retain(|(mid, _)| *mid != m.mid);
+                    }
+                }
+            }
+            Direction::RecvOnly | Direction::SendRecv => {
+                if !sess.publishes() {
+                    return;
+                }
+                let layer = m.simulcast.as_ref().and_then(|s| {
+                    let rids: Vec<Rid> = s.recv.iter().map(|l| l.rid).collect();
+                    if rids.is_empty() {
+                        None
+                    } else if rids.contains(&self.simulcast_layer) {
+                        Some(self.simulcast_layer)
+                    } else {
+                        rids.first().copied()
+                    }
+                });
+                let id = TrackId(self.next_track);
+                self.next_track += 1;
+                sess.tracks_in.push((m.mid, id));
+                let room_id = sess.room.clone();
+                let track = Track {
+                    id,
+                    owner: sid,
+                    mid: m.mid,
+                    kind: m.kind,
+                    layer,
+                    last_keyframe_request: None,
+                };
+                let others: Vec<SessionId> = match self.rooms.get_mut(&room_id) {
+                    Some(room) => {
+                        room.tracks.push(track.clone());
+                        room.sessions.iter().copied().filter(|s| *s != sid).collect()
+                    }
+                    None => return,
+                };
+                for other in others {
+                    self.offer_track(now, other, &track);
+                }
+            }
+            Direction::Inactive => {}
+        }
+    }
+
+    /// Give a new session every track already published in its room.
+    fn assign_existing_tracks(&mut self, now: Instant, sid: SessionId) {
+        let Some(sess) = self.sessions.get(&sid) else {
+            return;
+        };
+        let tracks: Vec<Track> = match self.rooms.get(&sess.room) {
+            Some(room) => room
+                .tracks
+                .iter()
+                .filter(|t| t.owner != sid)
+                .cloned()
+                .collect(),
+            None => return,
+        };
+        for t in tracks {
+            self.offer_track(now, sid, &t);
+        }
+    }
+
+    /// Let `sub` receive `track`: on a free slot if it has one, else through a
+    /// server offer (sessions with in-call signalling only).
+    fn offer_track(&mut self, now: Instant, sub: SessionId, track: &Track) {
+        let Some(sess) = self.sessions.get_mut(&sub) else {
+            return;
+        };
+        if !sess.subscribes() || sess.tracks_out.iter().any(|t| t.track == track.id) {
+            return;
+        }
+        if let Some(i) = sess.free_slots.iter().position(|(_, k)| *k == track.kind) {
+            let (mid, _) = sess.free_slots.remove(i);
+            sess.tracks_out.push(TrackOut {
+                track: track.id,
+                owner: track.owner,
+                kind: track.kind,
+                state: OutState::Open(mid),
+                on_slot: true,
+            });
+            if sess.channel.is_some() {
+                let tracks = track_infos(sess);
+                sess.send(&ServerMessage::Tracks { tracks });
+            }
+            if sess.connected {
+                let room = sess.room.clone();
+                self.request_keyframe(now, &room, track.id, KeyframeRequestKind::Pli);
+            }
+        } else if sess.kind == SessionKind::Api {
+            sess.tracks_out.push(TrackOut {
+                track: track.id,
+                owner: track.owner,
+                kind: track.kind,
+                state: OutState::ToOpen,
+                on_slot: false,
+            });
+            self.renegotiate.insert(sub);
+        }
+    }
+
+    /// A published track is gone: free the m-lines that carried it.
+    fn unpublish(&mut self, now: Instant, room_id: &RoomId, track: TrackId) {
+        let members = self.room_sessions(room_id);
+        for sid in members {
+            let Some(sess) = self.sessions.get_mut(&sid) else {
+                continue;
+            };
+            let Some(i) = sess.tracks_out.iter().position(|t| t.track == track) else {
+                continue;
+            };
+            let out = sess.tracks_out.remove(i);
+            match out.state {
+                OutState::ToOpen => {}
+                OutState::Open(mid) if out.on_slot => {
+                    sess.free_slots.push((mid, out.kind));
+                    // A WHEP-style viewer moves on to another publisher's track.
+                    self.assign_existing_tracks(now, sid);
+                }
+                OutState::Open(mid) | OutState::Negotiating(mid) => {
+                    sess.to_stop.push(mid);
+                    self.renegotiate.insert(sid);
+                }
+            }
+        }
+    }
+
+    // ---- forwarding --------------------------------------------------------------
+
+    /// Write a publisher's frame into every subscriber that receives its track.
+    fn forward(&mut self, now: Instant, sid: SessionId, data: MediaData) {
+        let Some(room_id) = self.sessions.get(&sid).map(|s| s.room.clone()) else {
+            return;
+        };
+        let Some(room) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        let Some(track) = room.track_by_source(sid, data.mid) else {
+            return; // not published (e.g. an observer sending media)
+        };
+        if let Some(layer) = track.layer {
+            if data.rid.is_some() && data.rid != Some(layer) {
+                return;
+            }
+        }
+        let track_id = track.id;
+        let kind = track.kind;
+        for &other in &room.sessions {
+            if other == sid {
+                continue;
+            }
+            let Some(sub) = self.sessions.get_mut(&other) else {
+                continue;
+            };
+            let Some(mid) = sub.open_mid_for(track_id) else {
+                continue;
+            };
+            let written = catch_unwind(AssertUnwindSafe(|| {
+                let writer = sub.rtc.writer(mid)?;
+                let pt = writer.match_params(data.params)?;
+                Some(writer.write(pt, data.network_time, data.time, data.data.clone()))
+            }));
+            match written {
+                Ok(Some(Ok(()))) => {
+                    self.metrics.frames_forwarded.inc();
+                    if !self.dirty.contains(&other) {
+                        self.dirty.push(other);
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(session = %other.short(), "write failed: {e}");
+                }
+                Ok(None) => {} // codec not negotiated with this subscriber
+                Err(_) => {
+                    self.metrics.err_rtc_panic.inc();
+                    self.dirty.push(other);
+                    if let Some(s) = self.sessions.get_mut(&other) {
+                        s.rtc.disconnect();
+                    }
+                }
+            }
+        }
+        if kind == MediaKind::Video && !data.contiguous {
+            self.request_keyframe(now, &room_id, track_id, KeyframeRequestKind::Fir);
+        }
+    }
+
+    fn route_keyframe_request(&mut self, now: Instant, sid: SessionId, req: KeyframeRequest) {
+        let Some(sess) = self.sessions.get(&sid) else {
+            return;
+        };
+        let Some(track) = sess.track_on_mid(req.mid) else {
+            return;
+        };
+        let room = sess.room.clone();
+        self.request_keyframe(now, &room, track, req.kind);
+    }
+
+    /// Ask a track's publisher for a keyframe, at most once per interval.
+    fn request_keyframe(
+        &mut self,
+        now: Instant,
+        room_id: &RoomId,
+        track: TrackId,
+        kind: KeyframeRequestKind,
+    ) {
+        let interval = self.config.keyframe_request_interval;
+        let Some(t) = self.rooms.get_mut(room_id).and_then(|r| r.track(track)) else {
+            return;
+        };
+        if t.kind != MediaKind::Video {
+            return;
+        }
+        if t.last_keyframe_request.is_some_and(|last| now < last + interval) {
+            return;
+        }
+        t.last_keyframe_request = Some(now);
+        let (owner, mid, layer) = (t.owner, t.mid, t.layer);
+        let Some(publisher) = self.sessions.get_mut(&owner) else {
+            return;
+        };
+        let asked = catch_unwind(AssertUnwindSafe(|| {
+            publisher
+                .rtc
+                .writer(mid)
+                .map(|mut w| w.request_keyframe(layer, kind).is_ok())
+        }));
+        if let Ok(Some(true)) = asked {
+            self.metrics.keyframe_requests.inc();
+            self.mark_dirty(owner);
+        }
+    }
+
+    // ---- in-call signalling --------------------------------------------------------
+
+    fn roster(&self, room: &RoomId) -> Vec<crate::signal::channel::RosterEntry> {
+        self.room_sessions(room)
+            .iter()
+            .filter_map(|s| self.sessions.get(s))
+            .map(|s| s.roster_entry())
+            .collect()
+    }
+
+    /// Send a message to every API session of a room, except `skip`.
+    fn broadcast(&mut self, room: &RoomId, skip: Option<SessionId>, msg: &ServerMessage) {
+        let json = msg.to_json();
+        let mut overflow = Vec::new();
+        for sid in self.room_sessions(room) {
+            if Some(sid) == skip {
+                continue;
+            }
+            let Some(sess) = self.sessions.get_mut(&sid) else {
+                continue;
+            };
+            if sess.kind != SessionKind::Api {
+                continue;
+            }
+            sess.outbox.push_back(json.clone());
+            sess.flush_outbox();
+            if sess.outbox.len() > MAX_OUTBOX {
+                overflow.push(sid);
+            }
+            if !self.dirty.contains(&sid) {
+                self.dirty.push(sid);
+            }
+        }
+        let _ = overflow.iter().map(|_| ()).count();
+        for sid in overflow {
+            // Deferred: closing here could recurse into another broadcast.
+            if let Some(s) = self.sessions.get_mut(&sid) {
+                s.outbox.clear();
+                s.rtc.disconnect();
+            }
+        }
+    }
+
+    fn on_channel_data(&mut self, now: Instant, sid: SessionId, d: ChannelData) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        if sess.channel != Some(d.id) {
+            return;
+        }
+        let msg = match ClientMessage::parse(&d.data) {
+            Ok(m) => m,
+            Err(reason) => {
+                self.metrics.channel_bad.inc();
+                sess.send(&ServerMessage::Error {
+                    code: "bad_message".into(),
+                    message: reason,
+                });
+                self.mark_dirty(sid);
+                return;
+            }
+        };
+        self.metrics.channel_ok.inc();
+        match msg {
+            ClientMessage::Leave => self.close(now, sid, LeaveReason::Left),
+            ClientMessage::Answer { sdp } => self.on_answer(now, sid, &sdp),
+            ClientMessage::Offer { sdp } => self.on_client_offer(sid, &sdp),
+        }
+    }
+
+    fn reply_error(&mut self, sid: SessionId, code: &str, message: String) {
+        self.metrics.channel_bad.inc();
+        if let Some(sess) = self.sessions.get_mut(&sid) {
+            sess.send(&ServerMessage::Error {
+                code: code.into(),
+                message,
+            });
+        }
+        self.mark_dirty(sid);
+    }
+
+    fn on_answer(&mut self, now: Instant, sid: SessionId, sdp: &str) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let Some(pending) = sess.pending.take() else {
+            return self.reply_error(sid, "no_offer", "no server offer is pending".into());
+        };
+        let answer = match SdpAnswer::from_sdp_string(sdp) {
+            Ok(a) => a,
+            Err(e) => {
+                rollback(sess);
+                self.metrics.err_sdp.inc();
+                return self.reply_error(sid, "bad_sdp", e.to_string());
+            }
+        };
+        let accepted = catch_unwind(AssertUnwindSafe(|| {
+            sess.rtc.sdp_api().accept_answer(pending, answer)
+        }));
+        match accepted {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                rollback(sess);
+                self.metrics.err_sdp.inc();
+                return self.reply_error(sid, "bad_sdp", e.to_string());
+            }
+            Err(_) => {
+                self.metrics.err_rtc_panic.inc();
+                return self.close(now, sid, LeaveReason::Failed);
+            }
+        }
+        sess.stopping.clear();
+        let mut opened = Vec::new();
+        for t in &mut sess.tracks_out {
+            if let OutState::Negotiating(m) = t.state {
+                t.state = OutState::Open(m);
+                opened.push(t.track);
+            }
+        }
+        let room = sess.room.clone();
+        for t in opened {
+            self.request_keyframe(now, &room, t, KeyframeRequestKind::Pli);
+        }
+        // More changes may have queued while the offer was out.
+        self.renegotiate.insert(sid);
+        self.mark_dirty(sid);
+    }
+
+    fn on_client_offer(&mut self, sid: SessionId, sdp: &str) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let offer = match SdpOffer::from_sdp_string(sdp) {
+            Ok(o) => o,
+            Err(e) => return self.reply_error(sid, "bad_sdp", e.to_string()),
+        };
+        // Glare: the client's offer wins; ours is rolled back and sent again later.
+        if sess.pending.take().is_some() {
+            rollback(sess);
+        }
+        let answered = catch_unwind(AssertUnwindSafe(|| sess.rtc.sdp_api().accept_offer(offer)));
+        match answered {
+            Ok(Ok(answer)) => {
+                sess.send(&ServerMessage::Answer {
+                    sdp: answer.to_sdp_string(),
+                });
+                self.renegotiate.insert(sid);
+                self.mark_dirty(sid);
+            }
+            Ok(Err(e)) => {
+                self.metrics.err_sdp.inc();
+                self.reply_error(sid, "bad_sdp", e.to_string())
+            }
+            Err(_) => {
+                self.metrics.err_rtc_panic.inc();
+                if let Some(s) = self.sessions.get_mut(&sid) {
+                    s.rtc.disconnect();
+                }
+                self.mark_dirty(sid);
+            }
+        }
+    }
+
+    /// Send a server offer for tracks waiting for an m-line and m-lines to stop.
+    fn negotiate(&mut self, now: Instant, sid: SessionId) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        if sess.channel.is_none() || sess.pending.is_some() || !sess.connected {
+            return;
+        }
+        let wants_open = sess.tracks_out.iter().any(|t| t.state == OutState::ToOpen);
+        if !wants_open && sess.to_stop.is_empty() {
+            return;
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let mut api = sess.rtc.sdp_api();
+            for t in sess.tracks_out.iter_mut() {
+                if t.state == OutState::ToOpen {
+                    let mid = api.add_media(
+                        t.kind,
+                        Direction::SendOnly,
+                        Some(t.owner.to_string()),
+                        Some(format!("t{}", t.track.0)),
+                        None,
+                    );
+                    t.state = OutState::Negotiating(mid);
+                }
+            }
+            for mid in sess.to_stop.drain(..) {
+                api.stop_media(mid);
+                sess.stopping.push(mid);
+            }
+            api.apply()
+        }));
+        match result {
+            Ok(Some((offer, pending))) => {
+                sess.pending = Some(pending);
+                let tracks = track_infos(sess);
+                sess.send(&ServerMessage::Offer {
+                    sdp: offer.to_sdp_string(),
+                    tracks,
+                });
+                self.mark_dirty(sid);
+            }
+            Ok(None) => rollback(sess),
+            Err(_) => {
+                self.metrics.err_rtc_panic.inc();
+                self.close(now, sid, LeaveReason::Failed);
+            }
+        }
+    }
+}
+
+/// Undo the bookkeeping of a server offer that will not be answered.
+fn rollback(sess: &mut Session) {
+    for t in &mut sess.tracks_out {
+        if let OutState::Negotiating(_) = t.state {
+            t.state = OutState::ToOpen;
+        }
+    }
+    let stopping = std::mem::take(&mut sess.stopping);
+    sess.to_stop.extend(stopping);
+}
+
+/// What each of a session's send m-lines carries.
+fn track_infos(sess: &Session) -> Vec<TrackInfo> {
+    sess.tracks_out
+        .iter()
+        .filter_map(|t| {
+            let mid: Mid = match t.state {
+                OutState::Open(m) | OutState::Negotiating(m) => m,
+                OutState::ToOpen => return None,
+            };
+            Some(TrackInfo {
+                mid: mid.to_string(),
+                participant: t.owner.to_string(),
+                kind: match t.kind {
+                    MediaKind::Audio => "audio".into(),
+                    MediaKind::Video => "video".into(),
+                },
+            })
+        })
+        .collect()
+}

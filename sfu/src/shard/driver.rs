@@ -1,0 +1,262 @@
+//! The thin I/O driver around a [`ShardCore`]: one OS thread per shard with a
+//! single-threaded tokio runtime, its own UDP socket, and batching on both
+//! sides through quinn-udp (recvmmsg with GRO in, GSO out: consecutive
+//! datagrams to one destination, such as the packets of one video frame to one
+//! subscriber, leave in one syscall).
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::thread;
+use std::time::Instant;
+
+use quinn_udp::{RecvMeta, UdpSocketState};
+use str0m::net::Transmit;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use super::core::{Command, ShardConfig, ShardCore, ShardEvent, ShardInput, ShardOutput};
+use crate::error::Error;
+use crate::ids::ShardId;
+use crate::metrics::ShardMetrics;
+
+/// What the rest of the process holds of a running shard.
+pub struct ShardHandle {
+    /// The shard's id.
+    pub id: ShardId,
+    /// The address its UDP socket is bound to.
+    pub local_addr: SocketAddr,
+    commands: mpsc::UnboundedSender<Command>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ShardHandle {
+    /// Send a command; false if the shard has stopped.
+    pub fn send(&self, cmd: Command) -> bool {
+        self.commands.send(cmd).is_ok()
+    }
+
+    /// A sender for the shard's command queue.
+    pub fn commands(&self) -> mpsc::UnboundedSender<Command> {
+        self.commands.clone()
+    }
+
+    /// Stop the shard's thread and wait for it (after its sessions are closed).
+    pub fn stop(mut self) {
+        let _ = self.commands.send(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Bind the shard's socket and start its thread. Events (session closed,
+/// room closed, ...) are sent to `events`.
+pub fn spawn(
+    id: ShardId,
+    bind: SocketAddr,
+    config: ShardConfig,
+    metrics: ShardMetrics,
+    events: mpsc::UnboundedSender<(ShardId, ShardEvent)>,
+) -> Result<ShardHandle, Error> {
+    let socket = bind_socket(bind)?;
+    let local_addr = socket
+        .local_addr()
+        .map_err(|e| Error::io("reading the shard socket address", e))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let thread = thread::Builder::new()
+        .name(format!("balie-shard-{id}"))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(shard = %id, "cannot start the shard runtime: {e}");
+                    return;
+                }
+            };
+            let core = ShardCore::new(id, config, metrics.clone());
+            if let Err(e) = rt.block_on(run(core, socket, rx, events, metrics)) {
+                tracing::error!(shard = %id, "shard stopped: {e}");
+            }
+        })
+        .map_err(|e| Error::io("starting a shard thread", e))?;
+    Ok(ShardHandle {
+        id,
+        local_addr,
+        commands: tx,
+        thread: Some(thread),
+    })
+}
+
+fn bind_socket(bind: SocketAddr) -> Result<std::net::UdpSocket, Error> {
+    let domain = socket2::Domain::for_address(bind);
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+        .map_err(|e| Error::io("creating a UDP socket", e))?;
+    if bind.is_ipv6() {
+        let _ = sock.set_only_v6(false);
+    }
+    // Larger kernel buffers absorb bursts (keyframes); the kernel caps them.
+    let _ = sock.set_recv_buffer_size(4 << 20);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    sock.bind(&bind.into())
+        .map_err(|e| Error::io(format!("binding UDP {bind}"), e))?;
+    sock.set_nonblocking(true)
+        .map_err(|e| Error::io("setting the UDP socket non-blocking", e))?;
+    Ok(sock.into())
+}
+
+async fn run(
+    mut core: ShardCore,
+    socket: std::net::UdpSocket,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<(ShardId, ShardEvent)>,
+    metrics: ShardMetrics,
+) -> io::Result<()> {
+    let state = UdpSocketState::new((&socket).into())?;
+    let socket = UdpSocket::from_std(socket)?;
+    let local = socket.local_addr()?;
+    let id = core.id();
+
+    // One buffer per datagram of a batch, large enough for GRO-coalesced runs.
+    let buf_len = (state.gro_segments() * 1500).max(2048);
+    let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE)
+        .map(|_| vec![0u8; buf_len])
+        .collect();
+    let mut metas = vec![RecvMeta::default(); quinn_udp::BATCH_SIZE];
+    let mut out: Vec<Transmit> = Vec::new();
+    let mut gso = Vec::with_capacity(64 * 1024);
+
+    loop {
+        // Drain the core's output.
+        let deadline = loop {
+            match core.poll_output() {
+                ShardOutput::Transmit(t) => out.push(t),
+                ShardOutput::Event(e) => {
+                    let _ = events.send((id, e));
+                }
+                ShardOutput::Timeout(t) => break t,
+            }
+        };
+        send_batch(&socket, &state, &mut out, &mut gso, &metrics).await;
+        let now = Instant::now();
+        if deadline <= now {
+            core.handle_input(ShardInput::Timeout(now));
+            continue;
+        }
+
+        tokio::select! {
+            biased;
+            cmd = commands.recv() => match cmd {
+                Some(Command::Stop) | None => break,
+                Some(cmd) => core.handle_input(ShardInput::Command(Instant::now(), cmd)),
+            },
+            ready = socket.readable() => {
+                ready?;
+                // Read until the socket is empty, a batch at a time.
+                loop {
+                    let mut slices: Vec<IoSliceMut> =
+                        bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                    let n = match socket.try_io(Interest::READABLE, || {
+                        state.recv((&socket).into(), &mut slices, &mut metas)
+                    }) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            // ICMP errors and the like: not fatal for a UDP server.
+                            tracing::debug!(shard = %id, "recv error: {e}");
+                            break;
+                        }
+                    };
+                    let now = Instant::now();
+                    for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
+                        let stride = meta.stride.max(1);
+                        for data in buf[..meta.len].chunks(stride) {
+                            core.handle_input(ShardInput::Datagram {
+                                now,
+                                source: meta.addr,
+                                destination: local,
+                                data,
+                            });
+                        }
+                    }
+                    if n < quinn_udp::BATCH_SIZE {
+                        break;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                core.handle_input(ShardInput::Timeout(Instant::now()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Send every queued transmit, coalescing runs to one destination with GSO.
+async fn send_batch(
+    socket: &UdpSocket,
+    state: &UdpSocketState,
+    out: &mut Vec<Transmit>,
+    gso: &mut Vec<u8>,
+    metrics: &ShardMetrics,
+) {
+    let max_segments = state.max_gso_segments().max(1);
+    let mut i = 0;
+    while i < out.len() {
+        let dest = out[i].destination;
+        let size = out[i].contents.len();
+        let mut j = i + 1;
+        // GSO: every segment but the last has the same size; the last may be shorter.
+        while j < out.len()
+            && j - i < max_segments
+            && out[j].destination == dest
+            && out[j - 1].contents.len() == size
+            && out[j].contents.len() <= size
+        {
+            j += 1;
+        }
+        let (contents, segment_size): (&[u8], Option<usize>) = if j - i == 1 {
+            (&out[i].contents, None)
+        } else {
+            gso.clear();
+            for t in &out[i..j] {
+                gso.extend_from_slice(&t.contents);
+            }
+            (gso.as_slice(), Some(size))
+        };
+        let transmit = quinn_udp::Transmit {
+            destination: dest,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
+        let sent = loop {
+            match socket.try_io(Interest::WRITABLE, || {
+                state.try_send(socket.into(), &transmit)
+            }) {
+                Ok(()) => break true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if socket.writable().await.is_err() {
+                        break false;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("send error: {e}");
+                    break false;
+                }
+            }
+        };
+        if sent {
+            metrics.packets_out.inc_by((j - i) as u64);
+            metrics.bytes_out.inc_by(contents.len() as u64);
+        } else {
+            metrics.err_send.inc();
+        }
+        i = j;
+    }
+    out.clear();
+}

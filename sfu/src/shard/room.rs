@@ -1,0 +1,63 @@
+//! A room inside a shard: its participants and the tracks they publish.
+//! Rooms are pinned to one shard, so forwarding inside a call never crosses
+//! threads and takes no lock.
+
+use std::time::Instant;
+
+use str0m::media::{MediaKind, Mid, Rid};
+
+use crate::ids::{RoomId, SessionId, TrackId};
+
+/// A published track.
+#[derive(Debug, Clone)]
+pub struct Track {
+    /// Unique in the shard.
+    pub id: TrackId,
+    /// The publishing session.
+    pub owner: SessionId,
+    /// The m-line in the publisher's session.
+    pub mid: Mid,
+    /// Audio or video.
+    pub kind: MediaKind,
+    /// For a simulcast publisher, the layer that is forwarded; `None` otherwise.
+    pub layer: Option<Rid>,
+    /// Last keyframe request sent to the publisher for this track.
+    pub last_keyframe_request: Option<Instant>,
+}
+
+/// A room.
+#[derive(Debug)]
+pub struct Room {
+    /// Its name.
+    pub id: RoomId,
+    /// Participants, in join order.
+    pub sessions: Vec<SessionId>,
+    /// Published tracks.
+    pub tracks: Vec<Track>,
+    /// Since when the room has been empty.
+    pub empty_since: Option<Instant>,
+}
+
+impl Room {
+    /// A new, empty room.
+    pub fn new(id: RoomId) -> Room {
+        Room {
+            id,
+            sessions: Vec::new(),
+            tracks: Vec::new(),
+            empty_since: None,
+        }
+    }
+
+    /// The track published on `mid` by `owner`.
+    pub fn track_by_source(&mut self, owner: SessionId, mid: Mid) -> Option<&mut Track> {
+        self.tracks
+            .iter_mut()
+            .find(|t| t.owner == owner && t.mid == mid)
+    }
+
+    /// A track by id.
+    pub fn track(&mut self, id: TrackId) -> Option<&mut Track> {
+        self.tracks.iter_mut().find(|t| t.id == id)
+    }
+}

@@ -1,0 +1,261 @@
+//! One participant's peer connection inside a shard: the str0m `Rtc` and what
+//! balie knows about it (who, which tracks it publishes, which it receives on
+//! which m-line, the negotiation in flight).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+
+use str0m::change::SdpPendingOffer;
+use str0m::channel::ChannelId;
+use str0m::media::{MediaKind, Mid};
+use str0m::net::Transmit;
+use str0m::{Event, Input, Output, Rtc};
+
+use crate::ids::{RoomId, SessionId, TrackId};
+use crate::signal::channel::{RosterEntry, ServerMessage};
+use crate::token::Claims;
+
+/// How the session was created, which decides what it may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    /// balie's own API: publish and subscribe, in-call signalling on the data channel.
+    Api,
+    /// WHIP (RFC 9725): publish only.
+    Whip,
+    /// WHEP: receive only, on the m-lines the client offered.
+    Whep,
+}
+
+impl SessionKind {
+    /// Name for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SessionKind::Api => "api",
+            SessionKind::Whip => "whip",
+            SessionKind::Whep => "whep",
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaveReason {
+    /// The client said `leave`, sent DELETE, or closed DTLS.
+    Left,
+    /// ICE was lost and not restored within the reconnect grace.
+    Disconnected,
+    /// An operator or official removed it.
+    Removed,
+    /// str0m failed or panicked inside it.
+    Failed,
+    /// The node is shutting down.
+    Drain,
+}
+
+impl LeaveReason {
+    /// Name for messages and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LeaveReason::Left => "left",
+            LeaveReason::Disconnected => "disconnected",
+            LeaveReason::Removed => "removed",
+            LeaveReason::Failed => "failed",
+            LeaveReason::Drain => "drain",
+        }
+    }
+}
+
+/// Where an outgoing track stands in this session's SDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutState {
+    /// Needs an m-line: waits for the next server offer.
+    ToOpen,
+    /// Offered on this mid, answer pending.
+    Negotiating(Mid),
+    /// Flowing on this mid.
+    Open(Mid),
+}
+
+/// A track of another participant that this session receives.
+#[derive(Debug, Clone)]
+pub struct TrackOut {
+    /// The published track.
+    pub track: TrackId,
+    /// Its publisher.
+    pub owner: SessionId,
+    /// Audio or video.
+    pub kind: MediaKind,
+    /// Negotiation state.
+    pub state: OutState,
+    /// True when it rides on an m-line the client offered (WHEP style);
+    /// false when the server added the m-line.
+    pub on_slot: bool,
+}
+
+/// A session inside a shard.
+pub struct Session {
+    /// Its id.
+    pub id: SessionId,
+    /// Its room.
+    pub room: RoomId,
+    /// API, WHIP or WHEP.
+    pub kind: SessionKind,
+    /// The verified token claims.
+    pub claims: Claims,
+    /// The WebRTC state machine.
+    pub rtc: Rtc,
+    /// Our ICE ufrag, by which new peers are demultiplexed.
+    pub ufrag: String,
+    /// The client's ICE ufrag (changes on an ICE restart).
+    pub remote_ufrag: Option<String>,
+    /// Remote addresses seen for this session.
+    pub addrs: Vec<SocketAddr>,
+    /// When the HTTP offer arrived (join latency).
+    pub offer_received: Instant,
+    /// DTLS connected.
+    pub connected: bool,
+    /// The `balie` data channel, once open.
+    pub channel: Option<ChannelId>,
+    /// Tracks this session publishes: (mid, track id).
+    pub tracks_in: Vec<(Mid, TrackId)>,
+    /// Tracks this session receives.
+    pub tracks_out: Vec<TrackOut>,
+    /// m-lines the client offered for receiving that carry nothing yet.
+    pub free_slots: Vec<(Mid, MediaKind)>,
+    /// m-lines the server added whose track is gone: to stop at the next offer.
+    pub to_stop: Vec<Mid>,
+    /// m-lines being stopped by the offer in flight.
+    pub stopping: Vec<Mid>,
+    /// The server's offer in flight.
+    pub pending: Option<SdpPendingOffer>,
+    /// The deadline this session holds in the shard's timer queue.
+    pub deadline: Option<Instant>,
+    /// Since when ICE has been disconnected.
+    pub disconnected_since: Option<Instant>,
+    /// Messages to send once the data channel is open.
+    pub outbox: VecDeque<String>,
+}
+
+/// What driving a session's `Rtc` produced.
+pub enum Drive {
+    /// It reached its next timeout.
+    Timeout(Instant),
+    /// It is no longer alive (closed by the peer or by an error).
+    Dead,
+    /// str0m panicked inside it.
+    Panicked,
+}
+
+/// After this many `poll_output` errors in one drive the session is closed,
+/// so a session that keeps failing cannot spin the shard.
+const MAX_POLL_ERRORS: usize = 32;
+
+impl Session {
+    /// The roster entry others see for this participant.
+    pub fn roster_entry(&self) -> RosterEntry {
+        RosterEntry {
+            id: self.id.to_string(),
+            name: self.claims.name.clone(),
+            role: self.claims.role,
+            loa: self.claims.loa,
+            publisher: self.claims.may_publish() && self.kind != SessionKind::Whep,
+        }
+    }
+
+    /// Whether this session may receive others' media.
+    pub fn subscribes(&self) -> bool {
+        self.kind != SessionKind::Whip && self.claims.may_subscribe()
+    }
+
+    /// Whether this session's media may reach others.
+    pub fn publishes(&self) -> bool {
+        self.kind != SessionKind::Whep && self.claims.may_publish()
+    }
+
+    /// Feed one input to the `Rtc`, isolating panics. Returns false if str0m
+    /// panicked; an error from str0m is left for the next drive to notice.
+    pub fn handle_input(&mut self, input: Input) -> Result<(), Panicked> {
+        match catch_unwind(AssertUnwindSafe(|| self.rtc.handle_input(input))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(session = %self.id.short(), "rtc input error: {e}");
+                Ok(())
+            }
+            Err(_) => Err(Panicked),
+        }
+    }
+
+    /// Poll the `Rtc` until it reports its next timeout: transmits go to
+    /// `transmits`, events to `events`.
+    pub fn drive(&mut self, transmits: &mut VecDeque<Transmit>, events: &mut Vec<Event>) -> Drive {
+        let mut errors = 0;
+        loop {
+            if !self.rtc.is_alive() {
+                return Drive::Dead;
+            }
+            match catch_unwind(AssertUnwindSafe(|| self.rtc.poll_output())) {
+                Ok(Ok(Output::Transmit(t))) => transmits.push_back(t),
+                Ok(Ok(Output::Timeout(t))) => return Drive::Timeout(t),
+                Ok(Ok(Output::Event(e))) => events.push(e),
+                Ok(Err(e)) => {
+                    // Not every error is fatal (e.g. NoSenderSource after writing
+                    // rid-less media into a simulcast m-line); a run of them is.
+                    tracing::debug!(session = %self.id.short(), "rtc poll error: {e}");
+                    errors += 1;
+                    if errors >= MAX_POLL_ERRORS {
+                        self.rtc.disconnect();
+                        return Drive::Dead;
+                    }
+                }
+                Err(_) => return Drive::Panicked,
+            }
+        }
+    }
+
+    /// Queue a message for the data channel and write whatever can be written.
+    pub fn send(&mut self, msg: &ServerMessage) {
+        self.outbox.push_back(msg.to_json());
+        self.flush_outbox();
+    }
+
+    /// Write queued messages to the data channel if it is open.
+    pub fn flush_outbox(&mut self) {
+        let Some(id) = self.channel else { return };
+        while let Some(msg) = self.outbox.front() {
+            let written = catch_unwind(AssertUnwindSafe(|| {
+                self.rtc
+                    .channel(id)
+                    .map(|mut ch| ch.write(false, msg.as_bytes()))
+            }));
+            match written {
+                Ok(Some(Ok(_))) => {
+                    self.outbox.pop_front();
+                }
+                // Channel gone or its buffer full: keep the message for later.
+                _ => return,
+            }
+        }
+    }
+
+    /// The mid on which this session receives `track`, if it flows.
+    pub fn open_mid_for(&self, track: TrackId) -> Option<Mid> {
+        self.tracks_out.iter().find_map(|t| match t.state {
+            OutState::Open(m) if t.track == track => Some(m),
+            _ => None,
+        })
+    }
+
+    /// The published track behind one of our send m-lines.
+    pub fn track_on_mid(&self, mid: Mid) -> Option<TrackId> {
+        self.tracks_out.iter().find_map(|t| match t.state {
+            OutState::Open(m) | OutState::Negotiating(m) if m == mid => Some(t.track),
+            _ => None,
+        })
+    }
+}
+
+/// str0m panicked inside a session.
+#[derive(Debug)]
+pub struct Panicked;

@@ -1,0 +1,163 @@
+//! In-call signalling: JSON messages on the WebRTC data channel named `balie`.
+//!
+//! docs/signalling.md documents every message. Each message is one JSON
+//! object with a `type` field; unknown or malformed messages get an `error`
+//! message back and are counted, never acted on.
+
+use serde::{Deserialize, Serialize};
+
+use crate::token::{Loa, Role};
+
+/// The data channel label balie uses.
+pub const CHANNEL_LABEL: &str = "balie";
+
+/// Longest message accepted from a client (bytes).
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
+/// A participant as others see it in the roster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterEntry {
+    /// Participant id (the session id).
+    pub id: String,
+    /// Display name from the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Role from the token.
+    pub role: Role,
+    /// DigiD assurance level as verified from the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loa: Option<Loa>,
+    /// Whether the participant may publish.
+    pub publisher: bool,
+}
+
+/// What one of our send m-lines carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackInfo {
+    /// The m-line (mid) in this peer connection.
+    pub mid: String,
+    /// The participant who publishes it.
+    pub participant: String,
+    /// `audio` or `video`.
+    pub kind: String,
+}
+
+/// Messages from the server to a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ServerMessage {
+    /// First message after the channel opens: who you are and who is here.
+    Welcome {
+        /// Your participant id.
+        you: RosterEntry,
+        /// Everyone in the room, you included.
+        participants: Vec<RosterEntry>,
+    },
+    /// Someone joined the room.
+    ParticipantJoined {
+        /// The newcomer.
+        participant: RosterEntry,
+    },
+    /// Someone left the room.
+    ParticipantLeft {
+        /// Their participant id.
+        id: String,
+        /// Why: `left`, `disconnected`, `removed`, `failed`, `drain`.
+        reason: String,
+    },
+    /// A server-initiated renegotiation: answer with an `answer` message.
+    Offer {
+        /// The SDP offer.
+        sdp: String,
+        /// What each send m-line carries after this negotiation.
+        tracks: Vec<TrackInfo>,
+    },
+    /// The answer to a client's `offer`.
+    Answer {
+        /// The SDP answer.
+        sdp: String,
+    },
+    /// A track now flows on an m-line (also sent for m-lines the client offered).
+    Tracks {
+        /// What each send m-line carries now.
+        tracks: Vec<TrackInfo>,
+    },
+    /// The server ends this session (drain, removal); the client should not retry
+    /// unless `reason` is `drain`.
+    Bye {
+        /// Why.
+        reason: String,
+    },
+    /// A message from the client was refused.
+    Error {
+        /// Machine-readable code.
+        code: String,
+        /// Human-readable reason.
+        message: String,
+    },
+}
+
+/// Messages from a client to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ClientMessage {
+    /// The answer to the server's `offer`.
+    Answer {
+        /// The SDP answer.
+        sdp: String,
+    },
+    /// A client-initiated renegotiation (e.g. adding a camera later).
+    Offer {
+        /// The SDP offer.
+        sdp: String,
+    },
+    /// Leave the call now.
+    Leave,
+}
+
+impl ClientMessage {
+    /// Parse a message, with a reason fit for an `error` reply.
+    pub fn parse(data: &[u8]) -> Result<ClientMessage, String> {
+        if data.len() > MAX_CLIENT_MESSAGE {
+            return Err(format!("message over {MAX_CLIENT_MESSAGE} bytes"));
+        }
+        serde_json::from_slice(data).map_err(|e| e.to_string())
+    }
+}
+
+impl ServerMessage {
+    /// Serialise for the wire.
+    pub fn to_json(&self) -> String {
+        // Serialising these plain structs cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_messages_parse_and_refuse() {
+        assert_eq!(
+            ClientMessage::parse(br#"{"type":"leave"}"#),
+            Ok(ClientMessage::Leave)
+        );
+        assert!(ClientMessage::parse(br#"{"type":"answer","sdp":"v=0"}"#).is_ok());
+        assert!(ClientMessage::parse(br#"{"type":"dance"}"#).is_err());
+        assert!(ClientMessage::parse(b"\xff\x00").is_err());
+        assert!(ClientMessage::parse(&vec![b' '; MAX_CLIENT_MESSAGE + 1]).is_err());
+    }
+
+    #[test]
+    fn server_messages_are_tagged() {
+        let m = ServerMessage::ParticipantLeft {
+            id: "a".into(),
+            reason: "left".into(),
+        };
+        assert_eq!(
+            m.to_json(),
+            r#"{"type":"participant-left","id":"a","reason":"left"}"#
+        );
+    }
+}
