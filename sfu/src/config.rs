@@ -182,7 +182,12 @@ impl Config {
                     .into(),
             );
         }
-        if self.media.advertise_ips.iter().any(|ip| ip.is_unspecified()) {
+        if self
+            .media
+            .advertise_ips
+            .iter()
+            .any(|ip| ip.is_unspecified())
+        {
             return Err("media.advertise_ips may not hold a wildcard address".into());
         }
         Ok(())
@@ -244,7 +249,10 @@ mod tests {
             Config::load(Some(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             seen += 1;
         }
-        assert!(seen >= 2, "expected dev.toml and production.toml, saw {seen}");
+        assert!(
+            seen >= 2,
+            "expected dev.toml and production.toml, saw {seen}"
+        );
     }
 
     #[test]
@@ -267,7 +275,8 @@ mod tests {
         assert!(e.to_string().contains("max_participants"), "{e}");
         let e = Config::parse("[auth]\nhs256_secret = \"x\"", "t").expect_err("must be refused");
         assert!(e.to_string().contains("advertise_ips"), "{e}");
-        let e = Config::parse("[media]\nudp_bind = \"127.0.0.1\"", "t").expect_err("must be refused");
+        let e =
+            Config::parse("[media]\nudp_bind = \"127.0.0.1\"", "t").expect_err("must be refused");
         assert!(e.to_string().contains("token verification"), "{e}");
     }
 }

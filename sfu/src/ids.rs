@@ -14,8 +14,7 @@ impl RoomId {
     pub fn parse(s: &str) -> Option<RoomId> {
         let ok = !s.is_empty()
             && s.len() <= 128
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         ok.then(|| RoomId(s.to_string()))
     }

@@ -73,8 +73,8 @@ pub struct ShardMetrics {
 impl Metrics {
     /// Create and register every family.
     pub fn new() -> Metrics {
-        let registry = Registry::new_custom(Some("balie".into()), None)
-            .expect("a constant prefix is valid"); // cannot fail: fixed valid prefix
+        let registry =
+            Registry::new_custom(Some("balie".into()), None).expect("a constant prefix is valid"); // cannot fail: fixed valid prefix
         let shard = &["shard"];
         let m = Metrics {
             rooms: IntGaugeVec::new(Opts::new("rooms", "Open rooms."), shard)
@@ -91,9 +91,7 @@ impl Metrics {
                     "join_latency_seconds",
                     "From offer received to DTLS connected.",
                 )
-                .buckets(vec![
-                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ]),
+                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
                 shard,
             )
             .expect("valid metric"),

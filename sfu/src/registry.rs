@@ -61,9 +61,7 @@ impl Registry {
     pub fn admit(&self, room: &RoomId, session: SessionId) -> Result<ShardId, AdmitError> {
         let mut inner = self.lock();
         let shard = match inner.rooms.get(room) {
-            Some(e) if e.participants >= self.max_participants => {
-                return Err(AdmitError::RoomFull)
-            }
+            Some(e) if e.participants >= self.max_participants => return Err(AdmitError::RoomFull),
             Some(e) => e.shard,
             None => {
                 let shard = least_loaded(&inner.load);

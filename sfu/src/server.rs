@@ -162,7 +162,10 @@ impl Server {
         }
         let left = self.session_count();
         if left > 0 {
-            tracing::info!(sessions = left, "drain timeout: closing the remaining sessions");
+            tracing::info!(
+                sessions = left,
+                "drain timeout: closing the remaining sessions"
+            );
         }
         self.shutdown().await;
     }

@@ -421,7 +421,10 @@ mod tests {
         };
         assert!(make_dev_token(&AuthConfig::default(), &req).is_err());
         let t = make_dev_token(&config(), &req).expect("signs");
-        let c = Verifier::new(&config()).expect("v").verify(&t).expect("valid");
+        let c = Verifier::new(&config())
+            .expect("v")
+            .verify(&t)
+            .expect("valid");
         assert_eq!(c.role, Role::Official);
     }
 }

@@ -660,7 +660,8 @@ impl ShardCore {
                     sess.outbox.push_front(welcome.to_json());
                     let tracks = track_infos(sess);
                     if !tracks.is_empty() {
-                        sess.outbox.push_back(ServerMessage::Tracks { tracks }.to_json());
+                        sess.outbox
+                            .push_back(ServerMessage::Tracks { tracks }.to_json());
                     }
                     sess.flush_outbox();
                     self.renegotiate.insert(sid);
@@ -707,6 +708,7 @@ impl ShardCore {
     // ---- tracks ----------------------------------------------------------------
 
     fn on_media_added(&mut self, now: Instant, sid: SessionId, m: MediaAdded) {
+        tracing::debug!(session = %sid.short(), mid = %m.mid, kind = ?m.kind, dir = ?m.direction, "media added");
         let Some(sess) = self.sessions.get_mut(&sid) else {
             return;
         };
@@ -727,6 +729,9 @@ impl ShardCore {
                         t.state = OutState::Open(m.mid);
                         t.on_slot = true;
                         sess.free_slots.retain(|(mid, _)| *mid != m.mid);
+                    } else {
+                        // Else the slot takes a track nobody gave this session yet.
+                        self.assign_existing_tracks(now, sid);
                     }
                 }
             }
@@ -759,7 +764,11 @@ impl ShardCore {
                 let others: Vec<SessionId> = match self.rooms.get_mut(&room_id) {
                     Some(room) => {
                         room.tracks.push(track.clone());
-                        room.sessions.iter().copied().filter(|s| *s != sid).collect()
+                        room.sessions
+                            .iter()
+                            .copied()
+                            .filter(|s| *s != sid)
+                            .collect()
                     }
                     None => return,
                 };
@@ -891,6 +900,7 @@ impl ShardCore {
             }));
             match written {
                 Ok(Some(Ok(()))) => {
+                    tracing::trace!(session = %other.short(), %mid, "wrote frame");
                     self.metrics.frames_forwarded.inc();
                     if !self.dirty.contains(&other) {
                         self.dirty.push(other);
@@ -899,7 +909,10 @@ impl ShardCore {
                 Ok(Some(Err(e))) => {
                     tracing::debug!(session = %other.short(), "write failed: {e}");
                 }
-                Ok(None) => {} // codec not negotiated with this subscriber
+                Ok(None) => {
+                    // Codec not negotiated with this subscriber.
+                    tracing::debug!(session = %other.short(), %mid, "no matching payload type");
+                }
                 Err(_) => {
                     self.metrics.err_rtc_panic.inc();
                     self.dirty.push(other);
@@ -940,7 +953,9 @@ impl ShardCore {
         if t.kind != MediaKind::Video {
             return;
         }
-        if t.last_keyframe_request.is_some_and(|last| now < last + interval) {
+        if t.last_keyframe_request
+            .is_some_and(|last| now < last + interval)
+        {
             return;
         }
         t.last_keyframe_request = Some(now);

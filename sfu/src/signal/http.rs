@@ -410,7 +410,11 @@ async fn trickle(
     require_content_type(headers, "application/trickle-ice-sdpfrag")?;
     let body = read_body(body).await?;
     let text = std::str::from_utf8(&body).map_err(|_| {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_sdpfrag", "the body is not UTF-8")
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_sdpfrag",
+            "the body is not UTF-8",
+        )
     })?;
     let frag = sdpfrag::parse(text)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_sdpfrag", e))?;

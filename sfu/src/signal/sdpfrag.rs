@@ -47,7 +47,10 @@ pub fn parse(text: &str) -> Result<SdpFrag, String> {
 
 /// Our new credentials after an ICE restart, as a fragment.
 pub fn restart_answer(creds: &IceCreds) -> String {
-    format!("a=ice-ufrag:{}\r\na=ice-pwd:{}\r\n", creds.ufrag, creds.pass)
+    format!(
+        "a=ice-ufrag:{}\r\na=ice-pwd:{}\r\n",
+        creds.ufrag, creds.pass
+    )
 }
 
 /// The `a=ice-ufrag` of an SDP text.

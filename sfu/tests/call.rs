@@ -1,0 +1,212 @@
+//! Calls through balie-sfu over real loopback UDP with str0m clients.
+
+mod common;
+
+use std::time::Duration;
+
+use balie_sfu::token::Role;
+use common::{run_until, Client, Join, TestServer};
+use str0m::media::MediaKind;
+
+#[test]
+fn one_to_one_call_both_sides_receive_audio_and_video_intact() {
+    let srv = TestServer::start(|_| {});
+    let mut a = Client::join(&srv, "counter-1", "anna", Role::Citizen, Join::Api);
+    let mut b = Client::join(&srv, "counter-1", "bram", Role::Official, Join::Api);
+    let (ta, tb) = (a.tag, b.tag);
+    let ok = run_until(&mut [&mut a, &mut b], Duration::from_secs(15), |c| {
+        c[0].frames_from(tb, MediaKind::Video) >= 30
+            && c[1].frames_from(ta, MediaKind::Video) >= 30
+            && c[0].frames_from(tb, MediaKind::Audio) >= 50
+            && c[1].frames_from(ta, MediaKind::Audio) >= 50
+    });
+    assert!(
+        ok,
+        "a got video {} audio {}, b got video {} audio {}",
+        a.frames_from(tb, MediaKind::Video),
+        a.frames_from(tb, MediaKind::Audio),
+        b.frames_from(ta, MediaKind::Video),
+        b.frames_from(ta, MediaKind::Audio)
+    );
+    assert_eq!(a.corrupt() + b.corrupt(), 0, "every frame arrives intact");
+    // In-call signalling: both got a welcome, and a saw b join.
+    assert_eq!(a.messages_of("welcome").len(), 1);
+    assert_eq!(b.messages_of("welcome").len(), 1);
+    let joined = a.messages_of("participant-joined");
+    assert_eq!(joined.len(), 1);
+    assert_eq!(joined[0]["participant"]["role"], "official");
+    assert_eq!(joined[0]["participant"]["loa"], "substantieel");
+    assert!(srv.metric("balie_frames_forwarded_total", &[]) > 100.0);
+}
+
+#[test]
+fn four_person_room_everyone_receives_everyone() {
+    let srv = TestServer::start(|_| {});
+    let roles = [
+        Role::Citizen,
+        Role::Official,
+        Role::Interpreter,
+        Role::Official,
+    ];
+    let mut cs: Vec<Client> = roles
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Client::join(&srv, "room-4", &format!("p{i}"), *r, Join::Api))
+        .collect();
+    let tags: Vec<u32> = cs.iter().map(|c| c.tag).collect();
+    let mut refs: Vec<&mut Client> = cs.iter_mut().collect();
+    let ok = run_until(&mut refs, Duration::from_secs(20), |c| {
+        c.iter().all(|me| {
+            tags.iter().filter(|t| **t != me.tag).all(|t| {
+                me.frames_from(*t, MediaKind::Video) >= 20
+                    && me.frames_from(*t, MediaKind::Audio) >= 30
+            })
+        })
+    });
+    let report: Vec<String> = cs
+        .iter()
+        .map(|me| {
+            let got: Vec<String> = tags
+                .iter()
+                .filter(|t| **t != me.tag)
+                .map(|t| {
+                    format!(
+                        "{}v/{}a",
+                        me.frames_from(*t, MediaKind::Video),
+                        me.frames_from(*t, MediaKind::Audio)
+                    )
+                })
+                .collect();
+            format!("{}: {}", me.name, got.join(" "))
+        })
+        .collect();
+    assert!(ok, "not everyone received everyone: {report:?}");
+    assert_eq!(cs.iter().map(|c| c.corrupt()).sum::<u64>(), 0);
+}
+
+#[test]
+fn h264_is_forwarded_intact() {
+    let srv = TestServer::start(|_| {});
+    let t1 = common::token("h264", "a", Role::Citizen);
+    let t2 = common::token("h264", "b", Role::Official);
+    let mut a = Client::join_with(
+        &srv,
+        "h264",
+        "a",
+        &t1,
+        Join::Api,
+        str0m::format::Codec::H264,
+    );
+    let mut b = Client::join_with(
+        &srv,
+        "h264",
+        "b",
+        &t2,
+        Join::Api,
+        str0m::format::Codec::H264,
+    );
+    let (ta, tb) = (a.tag, b.tag);
+    let ok = run_until(&mut [&mut a, &mut b], Duration::from_secs(15), |c| {
+        c[0].frames_from(tb, MediaKind::Video) >= 30 && c[1].frames_from(ta, MediaKind::Video) >= 30
+    });
+    assert!(
+        ok,
+        "h264 frames: a got {}, b got {} (corrupt {} / {})",
+        a.frames_from(tb, MediaKind::Video),
+        b.frames_from(ta, MediaKind::Video),
+        a.corrupt(),
+        b.corrupt()
+    );
+    assert_eq!(a.corrupt() + b.corrupt(), 0);
+}
+
+#[test]
+fn leave_and_rejoin() {
+    let srv = TestServer::start(|_| {});
+    let mut a = Client::join(&srv, "rejoin", "anna", Role::Citizen, Join::Api);
+    let mut b = Client::join(&srv, "rejoin", "bram", Role::Official, Join::Api);
+    let tb = b.tag;
+    assert!(run_until(
+        &mut [&mut a, &mut b],
+        Duration::from_secs(10),
+        |c| {
+            c[0].frames_from(tb, MediaKind::Video) >= 10
+                && c[1].frames_from(c[0].tag, MediaKind::Video) >= 10
+        }
+    ));
+    // b leaves through the data channel.
+    let b_id = b.location.clone().expect("location");
+    b.send_json(&serde_json::json!({"type": "leave"}));
+    let ok = run_until(&mut [&mut a, &mut b], Duration::from_secs(10), |c| {
+        !c[0].messages_of("participant-left").is_empty()
+    });
+    assert!(ok, "a was told that b left");
+    assert_eq!(a.messages_of("participant-left")[0]["reason"], "left");
+    assert!(b_id.starts_with("/v1/sessions/"));
+    // The registry released b: its session URL is gone.
+    let gone = srv
+        .http
+        .delete(format!("{}{}", srv.url, b_id))
+        .send()
+        .expect("http");
+    assert_eq!(gone.status().as_u16(), 404);
+    // a's m-lines from b are stopped by a server offer (a answered it).
+    assert!(run_until(&mut [&mut a], Duration::from_secs(5), |c| c[0]
+        .offers_answered
+        >= 2));
+
+    // b comes back as a new session; media flows again both ways.
+    let mut b2 = Client::join(&srv, "rejoin", "bram", Role::Official, Join::Api);
+    let (ta, tb2) = (a.tag, b2.tag);
+    let ok = run_until(&mut [&mut a, &mut b2], Duration::from_secs(10), |c| {
+        c[0].frames_from(tb2, MediaKind::Video) >= 10
+            && c[1].frames_from(ta, MediaKind::Video) >= 10
+    });
+    assert!(ok, "media flows after the rejoin");
+
+    // DELETE on the session URL ends a's session; b2 is told.
+    let loc = a.location.clone().expect("location");
+    let r = srv
+        .http
+        .delete(format!("{}{}", srv.url, loc))
+        .send()
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(run_until(
+        &mut [&mut a, &mut b2],
+        Duration::from_secs(5),
+        |c| { !c[1].messages_of("participant-left").is_empty() }
+    ));
+    assert_eq!(a.corrupt() + b2.corrupt(), 0);
+}
+
+#[test]
+fn whip_publisher_reaches_whep_viewer_and_api_participant() {
+    let srv = TestServer::start(|_| {});
+    let mut publisher = Client::join(&srv, "broadcast", "cam", Role::Official, Join::Whip);
+    let mut viewer = Client::join(&srv, "broadcast", "viewer", Role::Observer, Join::Whep);
+    let mut member = Client::join(&srv, "broadcast", "member", Role::Citizen, Join::ApiViewer);
+    let tp = publisher.tag;
+    let ok = run_until(
+        &mut [&mut publisher, &mut viewer, &mut member],
+        Duration::from_secs(15),
+        |c| {
+            c[1].frames_from(tp, MediaKind::Video) >= 20
+                && c[1].frames_from(tp, MediaKind::Audio) >= 30
+                && c[2].frames_from(tp, MediaKind::Video) >= 20
+        },
+    );
+    assert!(
+        ok,
+        "whep viewer got {}v/{}a, api member got {}v",
+        viewer.frames_from(tp, MediaKind::Video),
+        viewer.frames_from(tp, MediaKind::Audio),
+        member.frames_from(tp, MediaKind::Video)
+    );
+    // The WHIP publisher receives nothing.
+    assert_eq!(
+        publisher.received.values().map(|r| r.frames).sum::<u64>(),
+        0
+    );
+    assert_eq!(viewer.corrupt() + member.corrupt(), 0);
+}
