@@ -465,14 +465,18 @@ impl ShardCore {
         match reason {
             LeaveReason::Failed => sess.rtc.disconnect(),
             _ => {
+                let mut events = std::mem::take(&mut self.scratch);
                 if matches!(reason, LeaveReason::Drain | LeaveReason::Removed) {
+                    // Out before the close: a closing Rtc sends no more channel data.
                     sess.send(&ServerMessage::Bye {
                         reason: reason.as_str().into(),
                     });
+                    let _ = sess.drive(&mut self.transmits, &mut events);
+                    let _ = sess.handle_input(Input::Timeout(now));
+                    let _ = sess.drive(&mut self.transmits, &mut events);
                 }
-                // Flush the goodbye, RTCP BYE and DTLS close_notify.
+                // Then RTCP BYE and DTLS close_notify.
                 let _ = catch_unwind(AssertUnwindSafe(|| sess.rtc.close()));
-                let mut events = std::mem::take(&mut self.scratch);
                 let _ = sess.drive(&mut self.transmits, &mut events);
                 events.clear();
                 self.scratch = events;
@@ -1060,16 +1064,16 @@ impl ShardCore {
         let Some(sess) = self.sessions.get_mut(&sid) else {
             return;
         };
-        let Some(pending) = sess.pending.take() else {
+        if sess.pending.is_none() {
             return self.reply_error(sid, "no_offer", "no server offer is pending".into());
-        };
+        }
+        // An answer that does not parse leaves the offer pending.
         let answer = match SdpAnswer::from_sdp_string(sdp) {
             Ok(a) => a,
-            Err(e) => {
-                rollback(sess);
-                self.metrics.err_sdp.inc();
-                return self.reply_error(sid, "bad_sdp", e.to_string());
-            }
+            Err(e) => return self.reply_error(sid, "bad_sdp", e.to_string()),
+        };
+        let Some(pending) = sess.pending.take() else {
+            return;
         };
         let accepted = catch_unwind(AssertUnwindSafe(|| {
             sess.rtc.sdp_api().accept_answer(pending, answer)

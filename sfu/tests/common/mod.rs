@@ -239,15 +239,26 @@ impl Client {
         join: Join,
         video: Codec,
     ) -> Client {
+        Self::join_url(&srv.http, &srv.url, room, name, token, join, video)
+    }
+
+    pub fn join_url(
+        http: &reqwest::blocking::Client,
+        url: &str,
+        room: &str,
+        name: &str,
+        token: &str,
+        join: Join,
+        video: Codec,
+    ) -> Client {
         let (mut c, offer) = Client::prepare(name, join, video);
         let path = match join {
             Join::Api | Join::ApiViewer => format!("/v1/rooms/{room}/sessions"),
             Join::Whip => format!("/whip/{room}"),
             Join::Whep => format!("/whep/{room}"),
         };
-        let resp = srv
-            .http
-            .post(format!("{}{}", srv.url, path))
+        let resp = http
+            .post(format!("{url}{path}"))
             .header("Content-Type", "application/sdp")
             .header("Authorization", format!("Bearer {token}"))
             .body(offer.to_sdp_string())
