@@ -14,6 +14,7 @@ pub mod registry;
 pub mod server;
 pub mod shard;
 pub mod signal;
+pub mod sim;
 pub mod token;
 
 pub use config::Config;

@@ -171,28 +171,32 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let url = format!("http://{}", server.http_addr);
-        println!("balie-sfu is serving on {url}");
-        println!(
-            "  media shards on UDP {}",
-            server
-                .shard_addrs
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        println!("  health: {url}/healthz  metrics: {url}/metrics");
-        println!(
-            "  make a token: cargo run -p balie-sfu -- token --room demo --identity anna --role citizen --loa substantieel"
-        );
-        println!("  join: POST an SDP offer to {url}/v1/rooms/demo/sessions with 'Authorization: Bearer TOKEN'");
+        print_banner(&server);
         wait_for_shutdown_signal().await;
         tracing::info!("shutdown signal: draining");
         server.drain(drain_timeout).await;
         tracing::info!("drained; bye");
         ExitCode::SUCCESS
     })
+}
+
+/// Tell the operator where to go. Write errors are ignored: a closed stdout
+/// must never stop a media server.
+fn print_banner(server: &Server) {
+    use std::io::Write;
+    let url = format!("http://{}", server.http_addr);
+    let shards: Vec<String> = server.shard_addrs.iter().map(|a| a.to_string()).collect();
+    let text = format!(
+        "balie-sfu is serving on {url}\n\
+         \x20 media shards on UDP {}\n\
+         \x20 health: {url}/healthz  readiness: {url}/readyz  metrics: {url}/metrics\n\
+         \x20 make a token: cargo run -p balie-sfu -- token --room demo --identity anna --role citizen --loa substantieel\n\
+         \x20 join: POST an SDP offer to {url}/v1/rooms/demo/sessions with 'Authorization: Bearer TOKEN'\n",
+        shards.join(", ")
+    );
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
 
 async fn wait_for_shutdown_signal() {

@@ -42,7 +42,16 @@ fn every_refusal_has_its_status_code_and_is_counted() {
     let sdp = "application/sdp";
     let good = token("r1", "anna", Role::Citizen);
 
-    let cases: Vec<(&str, Option<String>, &str, String, u16, &str)> = vec![
+    // (what, token, content type, body, status, code)
+    type Case = (
+        &'static str,
+        Option<String>,
+        &'static str,
+        String,
+        u16,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         ("missing token", None, sdp, offer(), 401, "token_missing"),
         (
             "forged token",
@@ -219,7 +228,7 @@ fn trickle_ice_and_ice_restart_through_patch() {
     // A plain trickled candidate: 204.
     let cand = format!(
         "a=candidate:2 1 udp 2113929471 127.0.0.1 {} typ host\r\n",
-        a.local.port()
+        a.addr.port()
     );
     assert_eq!(patch(&cand, frag_ct).status().as_u16(), 204);
     // Wrong type and a bad candidate line: 415 and 400.

@@ -7,11 +7,12 @@ use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
-use str0m::change::SdpPendingOffer;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
+use str0m::config::DtlsCert;
 use str0m::media::{MediaKind, Mid};
 use str0m::net::Transmit;
-use str0m::{Event, Input, Output, Rtc};
+use str0m::{Candidate, Event, IceCreds, Input, Output, Rtc, RtcConfig};
 
 use crate::ids::{RoomId, SessionId, TrackId};
 use crate::signal::channel::{RosterEntry, ServerMessage};
@@ -254,6 +255,46 @@ impl Session {
             _ => None,
         })
     }
+}
+
+/// Why a session could not be set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetupError {
+    /// The offer cannot be answered (the reason from str0m).
+    Offer(String),
+    /// A host candidate address is unusable.
+    Candidate(String),
+}
+
+/// Build a session's `Rtc` (ICE lite, the shared DTLS certificate, Opus, VP8
+/// and H.264 only) with host candidates at `candidates`, and answer the offer.
+/// Returns the `Rtc`, the answer and our ICE ufrag. This costs milliseconds of
+/// CPU, so callers run it off the shard threads.
+pub fn answer_offer(
+    cert: DtlsCert,
+    candidates: &[SocketAddr],
+    offer: SdpOffer,
+    now: Instant,
+) -> Result<(Rtc, SdpAnswer, String), SetupError> {
+    let creds = IceCreds::new();
+    let ufrag = creds.ufrag.clone();
+    let mut rtc = RtcConfig::new()
+        .set_ice_lite(true)
+        .set_dtls_cert(cert)
+        .set_local_ice_credentials(creds)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_vp8(true)
+        .enable_h264(true)
+        .build(now);
+    for addr in candidates {
+        let c = Candidate::host(*addr, "udp").map_err(|e| SetupError::Candidate(e.to_string()))?;
+        rtc.add_local_candidate(c);
+    }
+    let answer = catch_unwind(AssertUnwindSafe(|| rtc.sdp_api().accept_offer(offer)))
+        .map_err(|_| SetupError::Offer("the offer made the WebRTC stack fail".into()))?
+        .map_err(|e| SetupError::Offer(e.to_string()))?;
+    Ok((rtc, answer, ufrag))
 }
 
 /// str0m panicked inside a session.

@@ -15,9 +15,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::change::SdpOffer;
 use str0m::config::DtlsCert;
-use str0m::{Candidate, IceCreds, RtcConfig};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{sdpfrag, ApiError};
@@ -25,6 +24,7 @@ use crate::config::Config;
 use crate::ids::{RoomId, SessionId};
 use crate::metrics::Metrics;
 use crate::registry::{AdmitError, Registry};
+use crate::shard::session::{answer_offer, SetupError};
 use crate::shard::{Command, LeaveReason, NewSession, SessionKind, Trickle};
 use crate::token::{Claims, TokenError, Verifier};
 
@@ -198,12 +198,25 @@ async fn admit(
     // Off the async workers: building an Rtc and accepting the offer is CPU work.
     let cert = st.cert.clone();
     let candidates = link.candidates.clone();
-    let built = tokio::task::spawn_blocking(move || build_rtc(cert, &candidates, offer)).await;
+    let built =
+        tokio::task::spawn_blocking(move || answer_offer(cert, &candidates, offer, Instant::now()))
+            .await;
     let (rtc, answer, ufrag) = match built {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
             st.registry.release(session);
-            return Err(e);
+            return Err(match e {
+                SetupError::Offer(why) => ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_sdp",
+                    format!("the SDP offer cannot be answered: {why}"),
+                ),
+                SetupError::Candidate(why) => ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("bad host candidate: {why}"),
+                ),
+            });
         }
         Err(_) => {
             st.registry.release(session);
@@ -326,44 +339,6 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
             format!("the body is over {} KiB", MAX_BODY / 1024),
         )
     })
-}
-
-/// Build a session's `Rtc` and answer the offer (CPU work, run off the shards).
-fn build_rtc(
-    cert: DtlsCert,
-    candidates: &[SocketAddr],
-    offer: SdpOffer,
-) -> Result<(str0m::Rtc, SdpAnswer, String), ApiError> {
-    let creds = IceCreds::new();
-    let ufrag = creds.ufrag.clone();
-    // Opus, VP8 and H.264 (with RTX) only: what browsers and the counter use.
-    let mut rtc = RtcConfig::new()
-        .set_ice_lite(true)
-        .set_dtls_cert(cert)
-        .set_local_ice_credentials(creds)
-        .clear_codecs()
-        .enable_opus(true, false)
-        .enable_vp8(true)
-        .enable_h264(true)
-        .build(Instant::now());
-    for addr in candidates {
-        let c = Candidate::host(*addr, "udp").map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("bad host candidate: {e}"),
-            )
-        })?;
-        rtc.add_local_candidate(c);
-    }
-    let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_sdp",
-            format!("the SDP offer cannot be answered: {e}"),
-        )
-    })?;
-    Ok((rtc, answer, ufrag))
 }
 
 async fn delete_session(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {

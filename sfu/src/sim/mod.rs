@@ -1,0 +1,383 @@
+//! A deterministic simulator: the sans-IO shard core and N synthetic peers on
+//! one virtual clock, joined by in-memory links with latency and seeded loss.
+//! No sockets and no sleeps: a minute of call runs in about a second.
+//!
+//! Addresses are plain values here (loopback numbers); nothing touches the
+//! network. This is the home of protocol tests; link models (jitter, bursts,
+//! rate limits) grow here.
+
+pub mod peer;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use str0m::config::DtlsCert;
+use str0m::format::Codec;
+
+pub use peer::{check_frame, make_frame, Join, Peer, Received};
+
+use crate::ids::{RoomId, SessionId, ShardId};
+use crate::metrics::{Metrics, ShardMetrics};
+use crate::shard::session::answer_offer;
+use crate::shard::{
+    Command, LeaveReason, NewSession, SessionKind, ShardConfig, ShardCore, ShardEvent, ShardInput,
+    ShardOutput,
+};
+use crate::token::{unix_now, Claims, Loa, Role};
+
+/// One direction of a peer's link to the SFU.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Link {
+    /// One-way delay.
+    pub latency: Duration,
+    /// Probability that a datagram is lost.
+    pub loss: f64,
+    /// Cut: nothing passes.
+    pub down: bool,
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct InFlight {
+    at: Instant,
+    seq: u64,
+    from: SocketAddr,
+    to: SocketAddr,
+    data: Vec<u8>,
+}
+
+/// The simulator.
+pub struct Sim {
+    /// Virtual now.
+    pub now: Instant,
+    /// The shard under test.
+    pub shard: ShardCore,
+    /// The shard's (virtual) address.
+    pub shard_addr: SocketAddr,
+    /// The peers, in join order.
+    pub peers: Vec<Peer>,
+    /// Each peer's session id.
+    pub sessions: Vec<SessionId>,
+    /// Each peer's uplink (peer to SFU) and downlink.
+    pub links: Vec<(Link, Link)>,
+    /// Events the shard reported.
+    pub events: Vec<ShardEvent>,
+    /// Metrics of the shard.
+    pub metrics: Metrics,
+    cert: DtlsCert,
+    net: BinaryHeap<Reverse<InFlight>>,
+    seq: u64,
+    rng: StdRng,
+    step: Duration,
+}
+
+impl Sim {
+    /// A simulator with one shard, seeded randomness and the given shard config.
+    pub fn new(seed: u64, config: ShardConfig) -> Sim {
+        crate::server::install_crypto();
+        let metrics = Metrics::new();
+        let shard_metrics: ShardMetrics = metrics.shard(ShardId(0));
+        let cert = str0m::crypto::from_feature_flags()
+            .dtls_provider
+            .generate_certificate()
+            .expect("aws-lc-rs generates certificates"); // cannot fail with the built-in provider
+        Sim {
+            now: Instant::now(),
+            shard: ShardCore::new(ShardId(0), config, shard_metrics),
+            shard_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 5000),
+            peers: Vec::new(),
+            sessions: Vec::new(),
+            links: Vec::new(),
+            events: Vec::new(),
+            metrics,
+            cert,
+            net: BinaryHeap::new(),
+            seq: 0,
+            rng: StdRng::seed_from_u64(seed),
+            step: Duration::from_millis(1),
+        }
+    }
+
+    /// Claims for a simulated participant.
+    pub fn claims(room: &str, sub: &str, role: Role) -> Claims {
+        Claims {
+            room: room.into(),
+            sub: sub.into(),
+            name: Some(sub.into()),
+            role,
+            can_publish: None,
+            can_subscribe: None,
+            loa: Some(Loa::Midden),
+            exp: unix_now() + 3600,
+            nbf: None,
+        }
+    }
+
+    /// Add a peer to `room`; returns its index. Links start at 10 ms, no loss.
+    pub fn join(&mut self, room: &str, claims: Claims, join: Join) -> usize {
+        let i = self.peers.len();
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, i as u8 + 1)), 6000);
+        let (mut peer, offer) =
+            Peer::new(&claims.sub, i as u32 + 1, join, Codec::Vp8, addr, self.now);
+        let (rtc, answer, ufrag) =
+            answer_offer(self.cert.clone(), &[self.shard_addr], offer, self.now)
+                .expect("the simulator's offers are valid");
+        peer.accept_answer(answer).expect("the answer applies");
+        let id = SessionId::random();
+        let kind = match join {
+            Join::Api | Join::ApiViewer => SessionKind::Api,
+            Join::Whip => SessionKind::Whip,
+            Join::Whep => SessionKind::Whep,
+        };
+        let new = NewSession {
+            id,
+            room: RoomId::parse(room).expect("valid room name"),
+            kind,
+            claims,
+            rtc,
+            ufrag,
+            remote_ufrag: None,
+            offer_received: self.now,
+        };
+        self.shard
+            .handle_input(ShardInput::Command(self.now, Command::Add(Box::new(new))));
+        self.peers.push(peer);
+        self.sessions.push(id);
+        let link = Link {
+            latency: Duration::from_millis(10),
+            ..Link::default()
+        };
+        self.links.push((link, link));
+        self.collect();
+        i
+    }
+
+    /// End a peer's session from the server side.
+    pub fn remove(&mut self, peer: usize, reason: LeaveReason) {
+        let session = self.sessions[peer];
+        self.shard.handle_input(ShardInput::Command(
+            self.now,
+            Command::Remove { session, reason },
+        ));
+        self.collect();
+    }
+
+    fn send(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>, link: Link) {
+        if link.down || (link.loss > 0.0 && self.rng.random_bool(link.loss.min(1.0))) {
+            return;
+        }
+        self.seq += 1;
+        self.net.push(Reverse(InFlight {
+            at: self.now + link.latency,
+            seq: self.seq,
+            from,
+            to,
+            data,
+        }));
+    }
+
+    fn peer_index(&self, addr: SocketAddr) -> Option<usize> {
+        self.peers.iter().position(|p| p.addr == addr)
+    }
+
+    /// Move every output of the shard and the peers onto the links.
+    fn collect(&mut self) {
+        loop {
+            match self.shard.poll_output() {
+                ShardOutput::Transmit(t) => {
+                    let link = self
+                        .peer_index(t.destination)
+                        .map(|i| self.links[i].1)
+                        .unwrap_or_default();
+                    self.send(t.source, t.destination, t.contents.to_vec(), link);
+                }
+                ShardOutput::Event(e) => self.events.push(e),
+                ShardOutput::Timeout(_) => break,
+            }
+        }
+        let mut out = Vec::new();
+        for i in 0..self.peers.len() {
+            self.peers[i].poll(&mut out);
+            let up = self.links[i].0;
+            for t in out.drain(..) {
+                self.send(t.source, t.destination, t.contents.to_vec(), up);
+            }
+        }
+    }
+
+    /// Advance virtual time by one step (1 ms).
+    pub fn tick(&mut self) {
+        self.now += self.step;
+        let now = self.now;
+        while self.net.peek().is_some_and(|Reverse(p)| p.at <= now) {
+            let Some(Reverse(p)) = self.net.pop() else {
+                break;
+            };
+            if p.to == self.shard_addr {
+                self.shard.handle_input(ShardInput::Datagram {
+                    now,
+                    source: p.from,
+                    destination: p.to,
+                    data: &p.data,
+                });
+            } else if let Some(i) = self.peer_index(p.to) {
+                self.peers[i].handle_datagram(now, p.from, &p.data);
+            }
+        }
+        self.shard.handle_input(ShardInput::Timeout(now));
+        for p in &mut self.peers {
+            p.tick(now);
+        }
+        self.collect();
+    }
+
+    /// Run until `done` holds or `limit` of virtual time passes; true if it held.
+    pub fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        let end = self.now + limit;
+        while self.now < end {
+            self.tick();
+            if done(self) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Run for `d` of virtual time.
+    pub fn run_for(&mut self, d: Duration) {
+        self.run_until(d, |_| false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use str0m::media::MediaKind;
+
+    fn sim() -> Sim {
+        Sim::new(7, ShardConfig::default())
+    }
+
+    #[test]
+    fn routing_one_to_one_in_virtual_time() {
+        let mut s = sim();
+        let a = s.join("r", Sim::claims("r", "a", Role::Citizen), Join::Api);
+        let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
+        let (ta, tb) = (s.peers[a].tag, s.peers[b].tag);
+        let ok = s.run_until(Duration::from_secs(10), |s| {
+            s.peers[a].frames_from(tb, MediaKind::Video) >= 60
+                && s.peers[b].frames_from(ta, MediaKind::Video) >= 60
+                && s.peers[a].frames_from(tb, MediaKind::Audio) >= 100
+        });
+        assert!(ok);
+        assert_eq!(s.peers[a].corrupt() + s.peers[b].corrupt(), 0);
+        // Nobody receives their own media.
+        assert_eq!(s.peers[a].frames_from(ta, MediaKind::Video), 0);
+        assert!(s
+            .events
+            .iter()
+            .any(|e| matches!(e, ShardEvent::SessionConnected { .. })));
+    }
+
+    #[test]
+    fn rooms_are_isolated() {
+        let mut s = sim();
+        let a = s.join("r1", Sim::claims("r1", "a", Role::Citizen), Join::Api);
+        let b = s.join("r1", Sim::claims("r1", "b", Role::Official), Join::Api);
+        let c = s.join("r2", Sim::claims("r2", "c", Role::Citizen), Join::Api);
+        let d = s.join("r2", Sim::claims("r2", "d", Role::Official), Join::Api);
+        s.run_for(Duration::from_secs(5));
+        let tags: Vec<u32> = s.peers.iter().map(|p| p.tag).collect();
+        assert!(s.peers[a].frames_from(tags[b], MediaKind::Video) > 50);
+        assert!(s.peers[c].frames_from(tags[d], MediaKind::Video) > 50);
+        for (x, y) in [(a, c), (a, d), (b, c), (c, a), (d, b)] {
+            assert_eq!(s.peers[x].frames_from(tags[y], MediaKind::Video), 0);
+            assert_eq!(s.peers[x].frames_from(tags[y], MediaKind::Audio), 0);
+        }
+        assert_eq!(s.shard.room_count(), 2);
+    }
+
+    #[test]
+    fn a_new_subscriber_triggers_a_keyframe_request_to_the_publisher() {
+        let mut s = sim();
+        let a = s.join("r", Sim::claims("r", "a", Role::Citizen), Join::Api);
+        s.run_for(Duration::from_secs(2));
+        let before = s.peers[a].keyframe_requests;
+        let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
+        let ta = s.peers[a].tag;
+        assert!(s.run_until(Duration::from_secs(5), |s| {
+            s.peers[b].frames_from(ta, MediaKind::Video) > 0
+        }));
+        assert!(s.peers[a].keyframe_requests > before);
+    }
+
+    #[test]
+    fn observers_receive_but_never_publish() {
+        let mut s = sim();
+        let a = s.join("r", Sim::claims("r", "a", Role::Official), Join::Api);
+        // An observer whose client sends media anyway.
+        let o = s.join("r", Sim::claims("r", "o", Role::Observer), Join::Api);
+        let (ta, to) = (s.peers[a].tag, s.peers[o].tag);
+        s.run_for(Duration::from_secs(4));
+        assert!(s.peers[o].frames_from(ta, MediaKind::Video) > 50);
+        assert_eq!(s.peers[a].frames_from(to, MediaKind::Video), 0);
+        assert_eq!(s.peers[a].frames_from(to, MediaKind::Audio), 0);
+    }
+
+    #[test]
+    fn a_lost_peer_is_closed_after_the_reconnect_grace_and_the_room_after_its_own() {
+        let config = ShardConfig {
+            reconnect_grace: Duration::from_secs(5),
+            empty_grace: Duration::from_secs(2),
+            ..ShardConfig::default()
+        };
+        let mut s = Sim::new(3, config);
+        let a = s.join("r", Sim::claims("r", "a", Role::Citizen), Join::Api);
+        let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
+        s.run_for(Duration::from_secs(2));
+        s.links[b].0.down = true;
+        s.links[b].1.down = true;
+        let closed = s.run_until(Duration::from_secs(30), |s| {
+            s.events.iter().any(|e| {
+                matches!(
+                    e,
+                    ShardEvent::SessionClosed {
+                        reason: LeaveReason::Disconnected,
+                        ..
+                    }
+                )
+            })
+        });
+        assert!(closed, "events: {:?}", s.events);
+        assert_eq!(s.shard.session_count(), 1);
+        assert!(s.run_until(Duration::from_secs(5), |s| !s.peers[a]
+            .messages_of("participant-left")
+            .is_empty()));
+        s.remove(a, LeaveReason::Removed);
+        assert_eq!(s.shard.session_count(), 0);
+        assert!(s.run_until(Duration::from_secs(3), |s| s.shard.room_count() == 0));
+        assert!(s
+            .events
+            .iter()
+            .any(|e| matches!(e, ShardEvent::RoomClosed { .. })));
+    }
+
+    #[test]
+    fn media_survives_five_percent_loss() {
+        let mut s = sim();
+        let a = s.join("r", Sim::claims("r", "a", Role::Citizen), Join::Api);
+        let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
+        s.run_for(Duration::from_secs(1));
+        s.links[a].0.loss = 0.05;
+        s.links[b].1.loss = 0.05;
+        let ta = s.peers[a].tag;
+        s.run_for(Duration::from_secs(10));
+        // NACK/RTX repairs most losses: well over 80% of 300 frames arrive intact.
+        let got = s.peers[b].frames_from(ta, MediaKind::Video);
+        assert!(got > 280, "video frames through 5% loss each way: {got}");
+        assert_eq!(s.peers[b].corrupt(), 0);
+    }
+}

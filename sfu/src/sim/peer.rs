@@ -1,0 +1,392 @@
+//! A synthetic participant: a str0m client with no socket of its own.
+//!
+//! It publishes synthetic frames whose bytes carry a frame number, the
+//! publisher's tag and a checkable filler, so a receiver can tell that every
+//! forwarded frame arrived intact and from whom. It answers the server's
+//! offers on the `balie` data channel as the web client does. The tests drive
+//! it over real UDP or inside [`super::Sim`]; the load generator will reuse it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::format::Codec;
+use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
+use str0m::net::{Protocol, Receive, Transmit};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig, RtcError};
+
+/// How a peer joins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Join {
+    /// Our API: audio + video out, data channel, receives via renegotiation.
+    Api,
+    /// Our API, receive only (no media of its own), with the data channel.
+    ApiViewer,
+    /// WHIP: audio + video out, nothing else.
+    Whip,
+    /// WHEP: one recvonly audio and one recvonly video m-line.
+    Whep,
+}
+
+impl Join {
+    /// The HTTP path for joining `room` this way.
+    pub fn path(&self, room: &str) -> String {
+        match self {
+            Join::Api | Join::ApiViewer => format!("/v1/rooms/{room}/sessions"),
+            Join::Whip => format!("/whip/{room}"),
+            Join::Whep => format!("/whep/{room}"),
+        }
+    }
+}
+
+/// Frames received on one m-line.
+#[derive(Debug, Default, Clone)]
+pub struct Received {
+    /// Audio or video.
+    pub kind: Option<MediaKind>,
+    /// Frames received.
+    pub frames: u64,
+    /// Frames whose bytes were not what was sent.
+    pub corrupt: u64,
+    /// Publisher tags seen.
+    pub tags: Vec<u32>,
+    /// When the last frame came.
+    pub last_at: Option<Instant>,
+}
+
+/// A synthetic participant.
+pub struct Peer {
+    /// A name for messages.
+    pub name: String,
+    /// The tag stamped into every frame it publishes.
+    pub tag: u32,
+    /// The client's `Rtc`.
+    pub rtc: Rtc,
+    /// Its (possibly virtual) address.
+    pub addr: SocketAddr,
+    /// The `balie` data channel once open.
+    pub channel: Option<ChannelId>,
+    /// The m-line it publishes audio on.
+    pub audio_mid: Option<Mid>,
+    /// The m-line it publishes video on.
+    pub video_mid: Option<Mid>,
+    /// The video codec it publishes.
+    pub video_codec: Codec,
+    /// ICE + DTLS connected.
+    pub connected: bool,
+    /// What arrived, by m-line.
+    pub received: HashMap<Mid, Received>,
+    /// Data channel messages received.
+    pub messages: Vec<Value>,
+    /// Server offers answered.
+    pub offers_answered: usize,
+    /// Keyframe requests received.
+    pub keyframe_requests: u64,
+    /// The Rtc is no longer alive.
+    pub closed: bool,
+    pending: Option<SdpPendingOffer>,
+    frame_no: u32,
+    audio_no: u32,
+    next_video: Instant,
+    next_audio: Instant,
+    force_keyframe: bool,
+}
+
+impl Peer {
+    /// A peer at `addr` and its offer.
+    pub fn new(
+        name: &str,
+        tag: u32,
+        join: Join,
+        video: Codec,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> (Peer, SdpOffer) {
+        let mut cfg = RtcConfig::new().clear_codecs().enable_opus(true, false);
+        cfg = match video {
+            Codec::H264 => cfg.enable_h264(true),
+            _ => cfg.enable_vp8(true),
+        };
+        let mut rtc = cfg.build(now);
+        // A host candidate always parses.
+        if let Ok(c) = Candidate::host(addr, "udp") {
+            rtc.add_local_candidate(c);
+        }
+        let mut api = rtc.sdp_api();
+        let (mut audio_mid, mut video_mid) = (None, None);
+        match join {
+            Join::Api | Join::Whip => {
+                audio_mid =
+                    Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
+                video_mid =
+                    Some(api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
+            }
+            Join::Whep => {
+                api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+                api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+            }
+            Join::ApiViewer => {}
+        }
+        if matches!(join, Join::Api | Join::ApiViewer) {
+            api.add_channel("balie".into());
+        }
+        // There is always a change above (media or channel), so apply() yields an offer.
+        let (offer, pending) = api.apply().expect("an offer with at least one change");
+        let peer = Peer {
+            name: name.into(),
+            tag,
+            rtc,
+            addr,
+            channel: None,
+            audio_mid,
+            video_mid,
+            video_codec: video,
+            connected: false,
+            received: HashMap::new(),
+            messages: Vec::new(),
+            offers_answered: 0,
+            keyframe_requests: 0,
+            closed: false,
+            pending: Some(pending),
+            frame_no: 0,
+            audio_no: 0,
+            next_video: now,
+            next_audio: now,
+            force_keyframe: true,
+        };
+        (peer, offer)
+    }
+
+    /// Apply the server's answer to our first offer.
+    pub fn accept_answer(&mut self, answer: SdpAnswer) -> Result<(), RtcError> {
+        match self.pending.take() {
+            Some(p) => self.rtc.sdp_api().accept_answer(p, answer),
+            None => Ok(()),
+        }
+    }
+
+    /// A datagram arrived.
+    pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
+        let Ok(contents) = data.try_into() else {
+            return;
+        };
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: self.addr,
+                contents,
+            },
+        );
+        let _ = self.rtc.handle_input(input);
+    }
+
+    /// Let time pass: timers, and the media due by `now`.
+    pub fn tick(&mut self, now: Instant) {
+        let _ = self.rtc.handle_input(Input::Timeout(now));
+        if self.connected {
+            self.send_media(now);
+        }
+    }
+
+    /// Drain output: transmits into `out`, events handled here. Returns the
+    /// next timeout.
+    pub fn poll(&mut self, out: &mut Vec<Transmit>) -> Option<Instant> {
+        loop {
+            if !self.rtc.is_alive() {
+                self.closed = true;
+                return None;
+            }
+            match self.rtc.poll_output() {
+                Ok(Output::Transmit(t)) => out.push(t),
+                Ok(Output::Timeout(t)) => return Some(t),
+                Ok(Output::Event(e)) => self.on_event(e),
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn on_event(&mut self, e: Event) {
+        match e {
+            Event::Connected => self.connected = true,
+            Event::ChannelOpen(id, label) if label == "balie" => self.channel = Some(id),
+            Event::ChannelData(d) => {
+                let Ok(v) = serde_json::from_slice::<Value>(&d.data) else {
+                    return;
+                };
+                if v["type"] == "offer" {
+                    let sdp = v["sdp"].as_str().unwrap_or("");
+                    if let Ok(offer) = SdpOffer::from_sdp_string(sdp) {
+                        if let Ok(answer) = self.rtc.sdp_api().accept_offer(offer) {
+                            let msg = serde_json::json!({"type": "answer", "sdp": answer.to_sdp_string()});
+                            self.send_json(&msg);
+                            self.offers_answered += 1;
+                        }
+                    }
+                }
+                self.messages.push(v);
+            }
+            Event::MediaAdded(m) => {
+                self.received.entry(m.mid).or_default().kind = Some(m.kind);
+            }
+            Event::MediaData(d) => {
+                let kind = self.rtc.media(d.mid).map(|m| m.kind());
+                let r = self.received.entry(d.mid).or_default();
+                if r.kind.is_none() {
+                    r.kind = kind;
+                }
+                r.frames += 1;
+                r.last_at = Some(d.network_time);
+                match check_frame(&d.data) {
+                    Some(tag) => {
+                        if !r.tags.contains(&tag) {
+                            r.tags.push(tag);
+                        }
+                    }
+                    None => r.corrupt += 1,
+                }
+            }
+            Event::KeyframeRequest(_) => {
+                self.keyframe_requests += 1;
+                self.force_keyframe = true;
+            }
+            _ => {}
+        }
+    }
+
+    /// Send a JSON message on the data channel.
+    pub fn send_json(&mut self, v: &Value) {
+        self.send_raw(v.to_string().as_bytes());
+    }
+
+    /// Send raw bytes on the data channel.
+    pub fn send_raw(&mut self, data: &[u8]) {
+        if let Some(mut ch) = self.channel.and_then(|id| self.rtc.channel(id)) {
+            let _ = ch.write(false, data);
+        }
+    }
+
+    fn write(&mut self, mid: Mid, codec: Codec, now: Instant, rtp: MediaTime, data: Vec<u8>) {
+        if let Some(w) = self.rtc.writer(mid) {
+            let pt = w
+                .payload_params()
+                .find(|p| p.spec().codec == codec)
+                .map(|p| p.pt());
+            if let Some(pt) = pt {
+                let _ = w.write(pt, now, rtp, data);
+            }
+        }
+    }
+
+    fn send_media(&mut self, now: Instant) {
+        if let Some(mid) = self.audio_mid {
+            while self.next_audio <= now {
+                self.next_audio += Duration::from_millis(20);
+                self.audio_no += 1;
+                let data = make_frame(self.tag, self.audio_no, 60, None);
+                let rtp = MediaTime::new(self.audio_no as u64 * 960, Frequency::FORTY_EIGHT_KHZ);
+                self.write(mid, Codec::Opus, now, rtp, data);
+            }
+        }
+        if let Some(mid) = self.video_mid {
+            while self.next_video <= now {
+                self.next_video += Duration::from_millis(33);
+                self.frame_no += 1;
+                let key = self.force_keyframe || self.frame_no % 60 == 1;
+                self.force_keyframe = false;
+                let size = 800 + (self.frame_no as usize * 397) % 4000;
+                let codec = self.video_codec;
+                let data = make_frame(self.tag, self.frame_no, size, Some((key, codec)));
+                let rtp = MediaTime::new(self.frame_no as u64 * 3000, Frequency::NINETY_KHZ);
+                self.write(mid, codec, now, rtp, data);
+            }
+        }
+    }
+
+    /// Frames received from the publisher with `tag`, by kind.
+    pub fn frames_from(&self, tag: u32, kind: MediaKind) -> u64 {
+        self.received
+            .values()
+            .filter(|r| r.kind == Some(kind) && r.tags.contains(&tag))
+            .map(|r| r.frames)
+            .sum()
+    }
+
+    /// Frames that did not arrive intact.
+    pub fn corrupt(&self) -> u64 {
+        self.received.values().map(|r| r.corrupt).sum()
+    }
+
+    /// Data channel messages of one type.
+    pub fn messages_of(&self, ty: &str) -> Vec<&Value> {
+        self.messages.iter().filter(|m| m["type"] == ty).collect()
+    }
+}
+
+// Frame layout after the codec header: magic, tag u32, frame u32, len u32, filler.
+const VP8_KEY: [u8; 10] = [0x10, 0x02, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0xe0, 0x01];
+const VP8_DELTA: [u8; 3] = [0x11, 0x02, 0x00];
+const H264_IDR: [u8; 5] = [0, 0, 0, 1, 0x65];
+const H264_NON_IDR: [u8; 5] = [0, 0, 0, 1, 0x41];
+const MAGIC: [u8; 4] = *b"BLIE";
+
+fn filler(tag: u32, frame: u32, i: usize) -> u8 {
+    // Never 0, so H.264 emulation prevention never applies.
+    ((tag as usize * 31 + frame as usize * 7 + i * 13) % 250 + 1) as u8
+}
+
+/// A synthetic frame of about `size` bytes; `video` gives (keyframe, codec).
+pub fn make_frame(tag: u32, frame: u32, size: usize, video: Option<(bool, Codec)>) -> Vec<u8> {
+    let mut v = match video {
+        Some((true, Codec::H264)) => H264_IDR.to_vec(),
+        Some((false, Codec::H264)) => H264_NON_IDR.to_vec(),
+        Some((true, _)) => VP8_KEY.to_vec(),
+        Some((false, _)) => VP8_DELTA.to_vec(),
+        None => Vec::new(),
+    };
+    v.extend_from_slice(&MAGIC);
+    v.extend_from_slice(&tag.to_be_bytes());
+    v.extend_from_slice(&frame.to_be_bytes());
+    let body = size.saturating_sub(v.len() + 4);
+    v.extend_from_slice(&(body as u32).to_be_bytes());
+    v.extend((0..body).map(|i| filler(tag, frame, i)));
+    v
+}
+
+/// The publisher tag of an intact frame; `None` if any byte is off.
+pub fn check_frame(data: &[u8]) -> Option<u32> {
+    let at = data.windows(4).position(|w| w == MAGIC)?;
+    let rest = &data[at + 4..];
+    let word = |i: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(rest.get(i..i + 4)?.try_into().ok()?))
+    };
+    let (tag, frame, body) = (word(0)?, word(4)?, word(8)? as usize);
+    let fill = rest.get(12..)?;
+    (fill.len() == body
+        && fill
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == filler(tag, frame, i)))
+    .then_some(tag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_check_and_detect_damage() {
+        let f = make_frame(7, 3, 1500, Some((true, Codec::Vp8)));
+        assert_eq!(f.len(), 1500);
+        assert_eq!(check_frame(&f), Some(7));
+        let mut bad = f.clone();
+        bad[700] ^= 1;
+        assert_eq!(check_frame(&bad), None);
+        assert_eq!(check_frame(&f[..1000]), None);
+        assert_eq!(check_frame(b"nothing"), None);
+    }
+}
