@@ -163,6 +163,8 @@ fn serve(config: Config) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // Installed before anything is announced, so an early SIGTERM drains too.
+        let shutdown = shutdown_signal();
         let drain_timeout = config.drain.timeout;
         let server = match Server::start(config).await {
             Ok(s) => s,
@@ -172,7 +174,7 @@ fn serve(config: Config) -> ExitCode {
             }
         };
         print_banner(&server);
-        wait_for_shutdown_signal().await;
+        shutdown.await;
         tracing::info!("shutdown signal: draining");
         server.drain(drain_timeout).await;
         tracing::info!("drained; bye");
@@ -199,17 +201,22 @@ fn print_banner(server: &Server) {
     let _ = out.flush();
 }
 
-async fn wait_for_shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is
+/// called, before the returned future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let term = signal(SignalKind::terminate());
+    async move {
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

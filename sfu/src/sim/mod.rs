@@ -128,7 +128,7 @@ impl Sim {
         peer.accept_answer(answer).expect("the answer applies");
         let id = SessionId::random();
         let kind = match join {
-            Join::Api | Join::ApiViewer => SessionKind::Api,
+            Join::Api | Join::ApiSimulcast | Join::ApiViewer => SessionKind::Api,
             Join::Whip => SessionKind::Whip,
             Join::Whep => SessionKind::Whep,
         };
@@ -312,6 +312,32 @@ mod tests {
             s.peers[b].frames_from(ta, MediaKind::Video) > 0
         }));
         assert!(s.peers[a].keyframe_requests > before);
+    }
+
+    #[test]
+    fn a_simulcast_publisher_is_forwarded_on_the_configured_layer_only() {
+        for (layer, want) in [("h", vec!["h"]), ("q", vec!["q"]), ("x", vec!["q"])] {
+            let config = ShardConfig {
+                simulcast_layer: layer.into(),
+                ..ShardConfig::default()
+            };
+            let mut s = Sim::new(5, config);
+            let a = s.join(
+                "r",
+                Sim::claims("r", "a", Role::Citizen),
+                Join::ApiSimulcast,
+            );
+            let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
+            let ta = s.peers[a].tag;
+            s.run_for(Duration::from_secs(5));
+            assert!(
+                s.peers[b].frames_from(ta, MediaKind::Video) > 100,
+                "layer {layer}"
+            );
+            // A missing layer ("x") falls back to the first the publisher offers.
+            assert_eq!(s.peers[b].layers_from(ta), want, "configured {layer}");
+            assert_eq!(s.peers[b].corrupt(), 0);
+        }
     }
 
     #[test]

@@ -14,7 +14,9 @@ use serde_json::Value;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
-use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
+use str0m::media::{
+    Direction, Frequency, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer,
+};
 use str0m::net::{Protocol, Receive, Transmit};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig, RtcError};
 
@@ -23,6 +25,8 @@ use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig, RtcError};
 pub enum Join {
     /// Our API: audio + video out, data channel, receives via renegotiation.
     Api,
+    /// As `Api`, with the video in three simulcast layers (rids q, h, f).
+    ApiSimulcast,
     /// Our API, receive only (no media of its own), with the data channel.
     ApiViewer,
     /// WHIP: audio + video out, nothing else.
@@ -35,7 +39,9 @@ impl Join {
     /// The HTTP path for joining `room` this way.
     pub fn path(&self, room: &str) -> String {
         match self {
-            Join::Api | Join::ApiViewer => format!("/v1/rooms/{room}/sessions"),
+            Join::Api | Join::ApiSimulcast | Join::ApiViewer => {
+                format!("/v1/rooms/{room}/sessions")
+            }
             Join::Whip => format!("/whip/{room}"),
             Join::Whep => format!("/whep/{room}"),
         }
@@ -75,6 +81,8 @@ pub struct Peer {
     pub video_mid: Option<Mid>,
     /// The video codec it publishes.
     pub video_codec: Codec,
+    /// Publishes video as simulcast layers q, h, f.
+    pub simulcast: bool,
     /// ICE + DTLS connected.
     pub connected: bool,
     /// What arrived, by m-line.
@@ -118,11 +126,23 @@ impl Peer {
         let mut api = rtc.sdp_api();
         let (mut audio_mid, mut video_mid) = (None, None);
         match join {
-            Join::Api | Join::Whip => {
+            Join::Api | Join::ApiSimulcast | Join::Whip => {
                 audio_mid =
                     Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
-                video_mid =
-                    Some(api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
+                let simulcast = (join == Join::ApiSimulcast).then(|| {
+                    let mut s = Simulcast::new();
+                    for rid in LAYERS {
+                        s.add_send_layer(SimulcastLayer::new(rid));
+                    }
+                    s
+                });
+                video_mid = Some(api.add_media(
+                    MediaKind::Video,
+                    Direction::SendOnly,
+                    None,
+                    None,
+                    simulcast,
+                ));
             }
             Join::Whep => {
                 api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
@@ -130,7 +150,7 @@ impl Peer {
             }
             Join::ApiViewer => {}
         }
-        if matches!(join, Join::Api | Join::ApiViewer) {
+        if matches!(join, Join::Api | Join::ApiSimulcast | Join::ApiViewer) {
             api.add_channel("balie".into());
         }
         // There is always a change above (media or channel), so apply() yields an offer.
@@ -144,6 +164,7 @@ impl Peer {
             audio_mid,
             video_mid,
             video_codec: video,
+            simulcast: join == Join::ApiSimulcast,
             connected: false,
             received: HashMap::new(),
             messages: Vec::new(),
@@ -270,8 +291,19 @@ impl Peer {
         }
     }
 
-    fn write(&mut self, mid: Mid, codec: Codec, now: Instant, rtp: MediaTime, data: Vec<u8>) {
-        if let Some(w) = self.rtc.writer(mid) {
+    fn write(
+        &mut self,
+        mid: Mid,
+        rid: Option<Rid>,
+        codec: Codec,
+        now: Instant,
+        rtp: MediaTime,
+        data: Vec<u8>,
+    ) {
+        if let Some(mut w) = self.rtc.writer(mid) {
+            if let Some(rid) = rid {
+                w = w.rid(rid);
+            }
             let pt = w
                 .payload_params()
                 .find(|p| p.spec().codec == codec)
@@ -289,7 +321,7 @@ impl Peer {
                 self.audio_no += 1;
                 let data = make_frame(self.tag, self.audio_no, 60, None);
                 let rtp = MediaTime::new(self.audio_no as u64 * 960, Frequency::FORTY_EIGHT_KHZ);
-                self.write(mid, Codec::Opus, now, rtp, data);
+                self.write(mid, None, Codec::Opus, now, rtp, data);
             }
         }
         if let Some(mid) = self.video_mid {
@@ -300,20 +332,49 @@ impl Peer {
                 self.force_keyframe = false;
                 let size = 800 + (self.frame_no as usize * 397) % 4000;
                 let codec = self.video_codec;
-                let data = make_frame(self.tag, self.frame_no, size, Some((key, codec)));
                 let rtp = MediaTime::new(self.frame_no as u64 * 3000, Frequency::NINETY_KHZ);
-                self.write(mid, codec, now, rtp, data);
+                if self.simulcast {
+                    // Layer i (q, h, f) carries tag | (i + 1) << 24 and a quarter,
+                    // half and all of the size.
+                    for (i, rid) in LAYERS.iter().enumerate() {
+                        let tag = self.tag | ((i as u32 + 1) << 24);
+                        let data = make_frame(
+                            tag,
+                            self.frame_no,
+                            size * (i + 1) / 4 + 200,
+                            Some((key, codec)),
+                        );
+                        self.write(mid, Some(Rid::from(*rid)), codec, now, rtp, data);
+                    }
+                } else {
+                    let data = make_frame(self.tag, self.frame_no, size, Some((key, codec)));
+                    self.write(mid, None, codec, now, rtp, data);
+                }
             }
         }
     }
 
-    /// Frames received from the publisher with `tag`, by kind.
+    /// Frames received from the publisher with `tag` (any simulcast layer), by kind.
     pub fn frames_from(&self, tag: u32, kind: MediaKind) -> u64 {
         self.received
             .values()
-            .filter(|r| r.kind == Some(kind) && r.tags.contains(&tag))
+            .filter(|r| r.kind == Some(kind) && r.tags.iter().any(|t| t & 0x00ff_ffff == tag))
             .map(|r| r.frames)
             .sum()
+    }
+
+    /// The simulcast layers (rids) received from the publisher with `tag`.
+    pub fn layers_from(&self, tag: u32) -> Vec<&'static str> {
+        let mut layers: Vec<&'static str> = self
+            .received
+            .values()
+            .flat_map(|r| r.tags.iter())
+            .filter(|t| *t & 0x00ff_ffff == tag && *t >> 24 > 0)
+            .filter_map(|t| LAYERS.get((*t >> 24) as usize - 1).copied())
+            .collect();
+        layers.sort_unstable();
+        layers.dedup();
+        layers
     }
 
     /// Frames that did not arrive intact.
@@ -326,6 +387,9 @@ impl Peer {
         self.messages.iter().filter(|m| m["type"] == ty).collect()
     }
 }
+
+/// The simulcast layers a simulcast peer sends, lowest first.
+pub const LAYERS: [&str; 3] = ["q", "h", "f"];
 
 // Frame layout after the codec header: magic, tag u32, frame u32, len u32, filler.
 const VP8_KEY: [u8; 10] = [0x10, 0x02, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0xe0, 0x01];
