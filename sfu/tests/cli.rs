@@ -23,7 +23,14 @@ fn help_documents_every_flag() {
     let out = sfu().arg("--help").output().expect("runs");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--config", "--http", "--advertise", "--log-format", "--log", "token"] {
+    for flag in [
+        "--config",
+        "--http",
+        "--advertise",
+        "--log-format",
+        "--log",
+        "token",
+    ] {
         assert!(text.contains(flag), "--help mentions {flag}:\n{text}");
     }
     let out = sfu().args(["token", "--help"]).output().expect("runs");
@@ -37,12 +44,27 @@ fn help_documents_every_flag() {
 fn token_command_signs_with_the_dev_secret() {
     let out = sfu()
         .args([
-            "token", "--room", "demo", "--identity", "anna", "--role", "citizen", "--loa",
-            "substantieel", "--name", "Anna", "--ttl", "10m",
+            "token",
+            "--room",
+            "demo",
+            "--identity",
+            "anna",
+            "--role",
+            "citizen",
+            "--loa",
+            "substantieel",
+            "--name",
+            "Anna",
+            "--ttl",
+            "10m",
         ])
         .output()
         .expect("runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).expect("utf8");
     let dev = balie_sfu::Config::parse(DEV_CONFIG, "dev").expect("dev config");
     let claims = Verifier::new(&dev.auth)
@@ -56,7 +78,15 @@ fn token_command_signs_with_the_dev_secret() {
 
     // Bad role: a clear error.
     let out = sfu()
-        .args(["token", "--room", "demo", "--identity", "a", "--role", "king"])
+        .args([
+            "token",
+            "--room",
+            "demo",
+            "--identity",
+            "a",
+            "--role",
+            "king",
+        ])
         .output()
         .expect("runs");
     assert!(!out.status.success());
@@ -77,7 +107,15 @@ fn token_command_refuses_without_a_dev_secret() {
     let out = sfu()
         .arg("--config")
         .arg(&cfg)
-        .args(["token", "--room", "demo", "--identity", "a", "--role", "official"])
+        .args([
+            "token",
+            "--room",
+            "demo",
+            "--identity",
+            "a",
+            "--role",
+            "official",
+        ])
         .output()
         .expect("runs");
     assert_eq!(out.status.code(), Some(2));
@@ -90,7 +128,10 @@ fn a_bad_config_is_refused_with_its_reason() {
     let out = sfu().arg("--config").arg(&cfg).output().expect("runs");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.toml") && err.contains("max_participants"), "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("max_participants"),
+        "{err}"
+    );
     let out = sfu()
         .args(["--config", "/nonexistent/balie.toml"])
         .output()
@@ -115,7 +156,10 @@ fn json_logs_are_json() {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
     let stderr = child.stderr.take().expect("stderr");
-    let lines: Vec<String> = BufReader::new(stderr).lines().map_while(Result::ok).collect();
+    let lines: Vec<String> = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .collect();
     let status = child.wait().expect("exits");
     assert!(status.success());
     assert!(!lines.is_empty());

@@ -67,6 +67,10 @@ pub struct Sim {
     pub events: Vec<ShardEvent>,
     /// Metrics of the shard.
     pub metrics: Metrics,
+    /// Wall time spent inside the shard core (single-threaded: its CPU time).
+    pub shard_busy: Duration,
+    /// Datagrams the shard core sent.
+    pub shard_sent: u64,
     cert: DtlsCert,
     net: BinaryHeap<Reverse<InFlight>>,
     seq: u64,
@@ -93,6 +97,8 @@ impl Sim {
             links: Vec::new(),
             events: Vec::new(),
             metrics,
+            shard_busy: Duration::ZERO,
+            shard_sent: 0,
             cert,
             net: BinaryHeap::new(),
             seq: 0,
@@ -186,8 +192,12 @@ impl Sim {
     /// Move every output of the shard and the peers onto the links.
     fn collect(&mut self) {
         loop {
-            match self.shard.poll_output() {
+            let t0 = Instant::now();
+            let output = self.shard.poll_output();
+            self.shard_busy += t0.elapsed();
+            match output {
                 ShardOutput::Transmit(t) => {
+                    self.shard_sent += 1;
                     let link = self
                         .peer_index(t.destination)
                         .map(|i| self.links[i].1)
@@ -217,17 +227,21 @@ impl Sim {
                 break;
             };
             if p.to == self.shard_addr {
+                let t0 = Instant::now();
                 self.shard.handle_input(ShardInput::Datagram {
                     now,
                     source: p.from,
                     destination: p.to,
                     data: &p.data,
                 });
+                self.shard_busy += t0.elapsed();
             } else if let Some(i) = self.peer_index(p.to) {
                 self.peers[i].handle_datagram(now, p.from, &p.data);
             }
         }
+        let t0 = Instant::now();
         self.shard.handle_input(ShardInput::Timeout(now));
+        self.shard_busy += t0.elapsed();
         for p in &mut self.peers {
             p.tick(now);
         }
