@@ -21,7 +21,7 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use balie_sfu::config::DEV_CONFIG;
-use balie_sfu::shard::session::answer_offer;
+use balie_sfu::shard::session::{answer_offer, SessionSetup};
 use balie_sfu::shard::ShardConfig;
 use balie_sfu::sim::{Join, Peer, Sim};
 use balie_sfu::token::{make_dev_token, DevTokenRequest, Role};
@@ -99,10 +99,7 @@ fn sim(calls: usize, seconds: u64) {
 
 fn setup(n: usize) {
     balie_sfu::server::install_crypto();
-    let cert = str0m::crypto::from_feature_flags()
-        .dtls_provider
-        .generate_certificate()
-        .expect("certificate");
+    let setup = SessionSetup::new(400).expect("certificate");
     let addr = "127.0.0.1:5000".parse().expect("addr");
     let offers: Vec<_> = (0..n)
         .map(|i| Peer::new("x", i as u32, Join::Api, Codec::Vp8, addr, Instant::now()).1)
@@ -110,7 +107,7 @@ fn setup(n: usize) {
     let cpu0 = thread_cpu();
     let t0 = Instant::now();
     for offer in offers {
-        let _ = answer_offer(cert.clone(), &[addr], offer, Instant::now()).expect("answers");
+        let _ = answer_offer(&setup, &[addr], offer, Instant::now()).expect("answers");
     }
     let wall = t0.elapsed();
     let cpu = thread_cpu() - cpu0;
@@ -217,7 +214,6 @@ fn udp(url: &str, pid: u32, calls: usize, seconds: u64) {
     };
     drive(&mut peers, Duration::from_secs(3));
     let connected = peers.iter().filter(|p| p.peer.connected).count();
-    let rss = proc_rss(pid);
     let (cpu0, out0, in0) = (
         proc_cpu(pid),
         metric(&http, url, "balie_udp_packets_total{direction=\"out\""),
@@ -226,6 +222,8 @@ fn udp(url: &str, pid: u32, calls: usize, seconds: u64) {
     let load0 = thread_cpu();
     drive(&mut peers, Duration::from_secs(seconds));
     let load_cpu = thread_cpu() - load0;
+    // Steady state: the retransmission buffers have filled by now.
+    let rss = proc_rss(pid);
     let cpu = proc_cpu(pid) - cpu0;
     let pkts_out = metric(&http, url, "balie_udp_packets_total{direction=\"out\"") - out0;
     let pkts_in = metric(&http, url, "balie_udp_packets_total{direction=\"in\"") - in0;

@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::ids::ShardId;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::shard::session::SessionSetup;
 use crate::shard::{self, Command, LeaveReason, ShardConfig, ShardEvent, ShardHandle};
 use crate::signal::http::ShardLink;
 use crate::signal::{router, AppState};
@@ -45,10 +46,8 @@ impl Server {
         let config = Arc::new(config);
         let metrics = Metrics::new();
         let verifier = Verifier::new(&config.auth)?;
-        let cert = str0m::crypto::from_feature_flags()
-            .dtls_provider
-            .generate_certificate()
-            .ok_or_else(|| Error::Rtc("cannot generate the DTLS certificate".into()))?;
+        let setup = SessionSetup::new(config.media.send_buffer_video)
+            .map_err(|_| Error::Rtc("cannot generate the DTLS certificate".into()))?;
 
         let count = config.shard_count();
         let shard_config = ShardConfig {
@@ -93,7 +92,7 @@ impl Server {
             shards: links,
             metrics,
             draining: Arc::new(AtomicBool::new(false)),
-            cert,
+            setup,
         });
 
         // Shards report closed sessions and rooms back to the registry.

@@ -264,6 +264,32 @@ pub enum SetupError {
     Offer(String),
     /// A host candidate address is unusable.
     Candidate(String),
+    /// No DTLS certificate could be generated.
+    Certificate,
+}
+
+/// What every session of a node is built with.
+#[derive(Clone)]
+pub struct SessionSetup {
+    /// The DTLS certificate shared by every session (generating one per
+    /// session would cost more than the rest of the setup).
+    pub cert: DtlsCert,
+    /// Packets of outgoing video kept for retransmission (str0m's default is 1000).
+    pub send_buffer_video: usize,
+}
+
+impl SessionSetup {
+    /// A fresh certificate and the given buffer size.
+    pub fn new(send_buffer_video: usize) -> Result<SessionSetup, SetupError> {
+        let cert = str0m::crypto::from_feature_flags()
+            .dtls_provider
+            .generate_certificate()
+            .ok_or(SetupError::Certificate)?;
+        Ok(SessionSetup {
+            cert,
+            send_buffer_video,
+        })
+    }
 }
 
 /// Build a session's `Rtc` (ICE lite, the shared DTLS certificate, Opus, VP8
@@ -271,7 +297,7 @@ pub enum SetupError {
 /// Returns the `Rtc`, the answer and our ICE ufrag. This costs milliseconds of
 /// CPU, so callers run it off the shard threads.
 pub fn answer_offer(
-    cert: DtlsCert,
+    setup: &SessionSetup,
     candidates: &[SocketAddr],
     offer: SdpOffer,
     now: Instant,
@@ -280,7 +306,8 @@ pub fn answer_offer(
     let ufrag = creds.ufrag.clone();
     let mut rtc = RtcConfig::new()
         .set_ice_lite(true)
-        .set_dtls_cert(cert)
+        .set_dtls_cert(setup.cert.clone())
+        .set_send_buffer_video(setup.send_buffer_video.max(64))
         .set_local_ice_credentials(creds)
         .clear_codecs()
         .enable_opus(true, false)

@@ -16,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use str0m::change::SdpOffer;
-use str0m::config::DtlsCert;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{sdpfrag, ApiError};
@@ -24,7 +23,7 @@ use crate::config::Config;
 use crate::ids::{RoomId, SessionId};
 use crate::metrics::Metrics;
 use crate::registry::{AdmitError, Registry};
-use crate::shard::session::{answer_offer, SetupError};
+use crate::shard::session::{answer_offer, SessionSetup, SetupError};
 use crate::shard::{Command, LeaveReason, NewSession, SessionKind, Trickle};
 use crate::token::{Claims, TokenError, Verifier};
 
@@ -54,9 +53,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Set on SIGTERM.
     pub draining: Arc<AtomicBool>,
-    /// The DTLS certificate shared by every session (generating one per
-    /// session would cost far more than the rest of session setup).
-    pub cert: DtlsCert,
+    /// What sessions are built with (the shared DTLS certificate and buffers).
+    pub setup: SessionSetup,
 }
 
 /// The HTTP router.
@@ -196,11 +194,12 @@ async fn admit(
     let link = &st.shards[shard.0];
 
     // Off the async workers: building an Rtc and accepting the offer is CPU work.
-    let cert = st.cert.clone();
+    let setup = st.setup.clone();
     let candidates = link.candidates.clone();
-    let built =
-        tokio::task::spawn_blocking(move || answer_offer(cert, &candidates, offer, Instant::now()))
-            .await;
+    let built = tokio::task::spawn_blocking(move || {
+        answer_offer(&setup, &candidates, offer, Instant::now())
+    })
+    .await;
     let (rtc, answer, ufrag) = match built {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
@@ -215,6 +214,11 @@ async fn admit(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
                     format!("bad host candidate: {why}"),
+                ),
+                SetupError::Certificate => ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "no DTLS certificate",
                 ),
             });
         }

@@ -15,14 +15,13 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use str0m::config::DtlsCert;
 use str0m::format::Codec;
 
 pub use peer::{check_frame, make_frame, Join, Peer, Received};
 
 use crate::ids::{RoomId, SessionId, ShardId};
 use crate::metrics::{Metrics, ShardMetrics};
-use crate::shard::session::answer_offer;
+use crate::shard::session::{answer_offer, SessionSetup};
 use crate::shard::{
     Command, LeaveReason, NewSession, SessionKind, ShardConfig, ShardCore, ShardEvent, ShardInput,
     ShardOutput,
@@ -71,7 +70,7 @@ pub struct Sim {
     pub shard_busy: Duration,
     /// Datagrams the shard core sent.
     pub shard_sent: u64,
-    cert: DtlsCert,
+    setup: SessionSetup,
     net: BinaryHeap<Reverse<InFlight>>,
     seq: u64,
     rng: StdRng,
@@ -84,10 +83,8 @@ impl Sim {
         crate::server::install_crypto();
         let metrics = Metrics::new();
         let shard_metrics: ShardMetrics = metrics.shard(ShardId(0));
-        let cert = str0m::crypto::from_feature_flags()
-            .dtls_provider
-            .generate_certificate()
-            .expect("aws-lc-rs generates certificates"); // cannot fail with the built-in provider
+        // Cannot fail with the built-in aws-lc-rs provider.
+        let setup = SessionSetup::new(400).expect("aws-lc-rs generates certificates");
         Sim {
             now: Instant::now(),
             shard: ShardCore::new(ShardId(0), config, shard_metrics),
@@ -99,7 +96,7 @@ impl Sim {
             metrics,
             shard_busy: Duration::ZERO,
             shard_sent: 0,
-            cert,
+            setup,
             net: BinaryHeap::new(),
             seq: 0,
             rng: StdRng::seed_from_u64(seed),
@@ -128,9 +125,8 @@ impl Sim {
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, i as u8 + 1)), 6000);
         let (mut peer, offer) =
             Peer::new(&claims.sub, i as u32 + 1, join, Codec::Vp8, addr, self.now);
-        let (rtc, answer, ufrag) =
-            answer_offer(self.cert.clone(), &[self.shard_addr], offer, self.now)
-                .expect("the simulator's offers are valid");
+        let (rtc, answer, ufrag) = answer_offer(&self.setup, &[self.shard_addr], offer, self.now)
+            .expect("the simulator's offers are valid");
         peer.accept_answer(answer).expect("the answer applies");
         let id = SessionId::random();
         let kind = match join {
