@@ -163,8 +163,8 @@ pub enum ShardOutput {
     Timeout(Instant),
 }
 
-/// Messages kept for a session whose data channel is not open yet; past this
-/// the session is closed (a client that never opens its channel).
+/// Messages kept for a session whose data channel cannot take them (its send
+/// buffer is full); past this the session is closed (a stuck client).
 const MAX_OUTBOX: usize = 512;
 
 /// The shard core.
@@ -443,7 +443,7 @@ impl ShardCore {
         };
         self.sessions.insert(sid, sess);
         self.metrics.sessions.inc();
-        self.broadcast(&room_id, Some(sid), &joined);
+        self.broadcast(now, &room_id, Some(sid), &joined);
         // The first drive emits MediaAdded for every m-line of the offer, so
         // the session's receive slots and published tracks are known after it.
         self.drive(now, sid);
@@ -505,6 +505,7 @@ impl ShardCore {
             self.unpublish(now, &room_id, track);
         }
         self.broadcast(
+            now,
             &room_id,
             None,
             &ServerMessage::ParticipantLeft {
@@ -567,18 +568,12 @@ impl ShardCore {
             return;
         };
         let mut events = std::mem::take(&mut self.scratch);
-        let before = self.transmits.len();
         let outcome = sess.drive(&mut self.transmits, &mut events);
-        let _ = before;
-        match outcome {
-            Drive::Timeout(t) => {
-                if sess.deadline != Some(t) {
-                    sess.deadline = Some(t);
-                    self.timers.schedule(t, TimerKey::Session(sid));
-                }
+        if let Drive::Timeout(t) = outcome {
+            if sess.deadline != Some(t) {
+                sess.deadline = Some(t);
+                self.timers.schedule(t, TimerKey::Session(sid));
             }
-            Drive::Dead => {}
-            Drive::Panicked => {}
         }
         for e in events.drain(..) {
             self.handle_event(now, sid, e);
@@ -887,6 +882,7 @@ impl ShardCore {
         }
         let track_id = track.id;
         let kind = track.kind;
+        let mut failed = Vec::new();
         for &other in &room.sessions {
             if other == sid {
                 continue;
@@ -917,14 +913,12 @@ impl ShardCore {
                     // Codec not negotiated with this subscriber.
                     tracing::debug!(session = %other.short(), %mid, "no matching payload type");
                 }
-                Err(_) => {
-                    self.metrics.err_rtc_panic.inc();
-                    self.dirty.push(other);
-                    if let Some(s) = self.sessions.get_mut(&other) {
-                        s.rtc.disconnect();
-                    }
-                }
+                Err(_) => failed.push(other),
             }
+        }
+        for other in failed {
+            self.metrics.err_rtc_panic.inc();
+            self.close(now, other, LeaveReason::Failed);
         }
         if kind == MediaKind::Video && !data.contiguous {
             self.request_keyframe(now, &room_id, track_id, KeyframeRequestKind::Fir);
@@ -989,8 +983,16 @@ impl ShardCore {
             .collect()
     }
 
-    /// Send a message to every API session of a room, except `skip`.
-    fn broadcast(&mut self, room: &RoomId, skip: Option<SessionId>, msg: &ServerMessage) {
+    /// Send a message to every API session of a room, except `skip`. A
+    /// session whose outbox overflows (its channel never opened or is stuck)
+    /// is closed.
+    fn broadcast(
+        &mut self,
+        now: Instant,
+        room: &RoomId,
+        skip: Option<SessionId>,
+        msg: &ServerMessage,
+    ) {
         let json = msg.to_json();
         let mut overflow = Vec::new();
         for sid in self.room_sessions(room) {
@@ -1000,7 +1002,9 @@ impl ShardCore {
             let Some(sess) = self.sessions.get_mut(&sid) else {
                 continue;
             };
-            if sess.kind != SessionKind::Api {
+            // Without an open channel there is nothing to queue for: the
+            // `welcome` sent when it opens carries the whole roster.
+            if sess.channel.is_none() {
                 continue;
             }
             sess.outbox.push_back(json.clone());
@@ -1012,13 +1016,9 @@ impl ShardCore {
                 self.dirty.push(sid);
             }
         }
-        let _ = overflow.iter().map(|_| ()).count();
         for sid in overflow {
-            // Deferred: closing here could recurse into another broadcast.
-            if let Some(s) = self.sessions.get_mut(&sid) {
-                s.outbox.clear();
-                s.rtc.disconnect();
-            }
+            tracing::info!(session = %sid.short(), "in-call messages overflowed: closing");
+            self.close(now, sid, LeaveReason::Failed);
         }
     }
 

@@ -13,7 +13,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use str0m::change::SdpOffer;
 use tokio::sync::{mpsc, oneshot};
@@ -60,9 +60,9 @@ pub struct AppState {
 /// The HTTP router.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/v1/rooms/{room}/sessions", post(post_session))
-        .route("/whip/{room}", post(post_whip))
-        .route("/whep/{room}", post(post_whep))
+        .route("/v1/rooms/{room}/sessions", new_session(SessionKind::Api))
+        .route("/whip/{room}", new_session(SessionKind::Whip))
+        .route("/whep/{room}", new_session(SessionKind::Whep))
         .route(
             "/v1/sessions/{id}",
             axum::routing::delete(delete_session).patch(patch_session),
@@ -71,6 +71,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// `POST` creating a session of one kind.
+fn new_session(kind: SessionKind) -> MethodRouter<Arc<AppState>> {
+    post(
+        move |State(st): State<Arc<AppState>>,
+              Path(room): Path<String>,
+              headers: HeaderMap,
+              body: Body| async move { create(&st, &room, kind, &headers, body).await },
+    )
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
@@ -90,33 +100,6 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         st.metrics.render(),
     )
         .into_response()
-}
-
-async fn post_session(
-    State(st): State<Arc<AppState>>,
-    Path(room): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    create(&st, &room, SessionKind::Api, &headers, body).await
-}
-
-async fn post_whip(
-    State(st): State<Arc<AppState>>,
-    Path(room): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    create(&st, &room, SessionKind::Whip, &headers, body).await
-}
-
-async fn post_whep(
-    State(st): State<Arc<AppState>>,
-    Path(room): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    create(&st, &room, SessionKind::Whep, &headers, body).await
 }
 
 /// Count and answer an error.
