@@ -13,6 +13,7 @@ use str0m::media::MediaKind;
 
 struct Sfu {
     child: Child,
+    log: std::path::PathBuf,
     url: String,
     http: reqwest::blocking::Client,
 }
@@ -31,11 +32,13 @@ impl Sfu {
             ),
         )
         .expect("write config");
+        let log = dir.join("sfu.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_balie-sfu"))
             .arg("--config")
             .arg(&config)
+            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("balie-sfu starts");
         let stdout = child.stdout.take().expect("stdout");
@@ -50,6 +53,7 @@ impl Sfu {
             .to_string();
         Sfu {
             child,
+            log,
             url,
             http: reqwest::blocking::Client::new(),
         }
@@ -145,6 +149,23 @@ fn sigterm_keeps_running_calls_refuses_new_ones_and_exits_when_they_end() {
     }
     run_until(&mut clients, Duration::from_millis(500), |_| false);
     assert_eq!(sfu.wait_exit(Duration::from_secs(5)), Some(0));
+
+    // Privacy: the info-level log has the calls' life cycle with pseudonyms,
+    // but no display names, tokens or IP addresses.
+    let log = std::fs::read_to_string(&sfu.log).expect("log");
+    assert!(
+        log.contains("session added") && log.contains("sub=anna"),
+        "{log}"
+    );
+    assert!(log.contains("session closed"));
+    let anna_token = token("drain", "anna", Role::Citizen);
+    let signature = anna_token.rsplit('.').next().expect("jwt");
+    for secret in ["Name of anna", "Name of bram", signature, "127.0.0.1"] {
+        assert!(
+            !log.contains(secret),
+            "the log must not contain {secret:?}:\n{log}"
+        );
+    }
 }
 
 #[test]
