@@ -362,10 +362,9 @@ impl ShardCore {
                             && r.empty_since
                                 .is_some_and(|t| t + self.config.empty_grace <= now)
                     });
-                    if expired {
-                        self.rooms.remove(&room);
+                    if let Some(r) = expired.then(|| self.rooms.remove(&room)).flatten() {
                         self.metrics.rooms.dec();
-                        tracing::info!(room = %room, shard = %self.id, "room closed");
+                        tracing::info!(parent: &r.span, "room closed");
                         self.events.push_back(ShardEvent::RoomClosed { room });
                     }
                 }
@@ -399,20 +398,21 @@ impl ShardCore {
     fn add_session(&mut self, now: Instant, new: NewSession) {
         let sid = new.id;
         let room_id = new.room.clone();
-        let span = tracing::info_span!("session", room = %room_id, session = %sid.short());
-        let _g = span.enter();
+        let shard = self.id;
+        let room = self.rooms.entry(room_id.clone()).or_insert_with(|| {
+            self.metrics.rooms.inc();
+            let room = Room::new(room_id.clone(), shard);
+            tracing::info!(parent: &room.span, "room opened");
+            room
+        });
+        let span = tracing::info_span!(parent: &room.span, "session", session = %sid.short());
         tracing::info!(
+            parent: &span,
             kind = new.kind.as_str(),
             role = new.claims.role.as_str(),
             sub = %new.claims.sub,
-            shard = %self.id,
             "session added"
         );
-        let room = self.rooms.entry(room_id.clone()).or_insert_with(|| {
-            self.metrics.rooms.inc();
-            tracing::info!(shard = %self.id, "room opened");
-            Room::new(room_id.clone())
-        });
         room.empty_since = None;
         room.sessions.push(sid);
         self.by_ufrag.insert(new.ufrag.clone(), sid);
@@ -437,6 +437,7 @@ impl ShardCore {
             deadline: None,
             disconnected_since: None,
             outbox: VecDeque::new(),
+            span,
         };
         let joined = ServerMessage::ParticipantJoined {
             participant: sess.roster_entry(),
@@ -455,7 +456,7 @@ impl ShardCore {
         let Some(mut sess) = self.sessions.remove(&sid) else {
             return;
         };
-        tracing::info!(room = %sess.room, session = %sid.short(), reason = reason.as_str(), "session closed");
+        tracing::info!(parent: &sess.span, reason = reason.as_str(), "session closed");
         self.metrics.sessions.dec();
         self.by_ufrag.remove(&sess.ufrag);
         for a in &sess.addrs {
@@ -530,7 +531,7 @@ impl ShardCore {
             .remote
             .filter(|r| sess.remote_ufrag.as_deref() != Some(r.ufrag.as_str()));
         if let Some(r) = &restart {
-            tracing::info!(session = %t.session.short(), "ice restart");
+            tracing::info!(parent: &sess.span, "ice restart");
             sess.remote_ufrag = Some(r.ufrag.clone());
         }
         let result = catch_unwind(AssertUnwindSafe(|| {
@@ -625,7 +626,7 @@ impl ShardCore {
                 if let Some(sess) = self.sessions.get_mut(&sid) {
                     if state == IceConnectionState::Disconnected {
                         if sess.disconnected_since.is_none() {
-                            tracing::info!(session = %sid.short(), "ice disconnected");
+                            tracing::info!(parent: &sess.span, "ice disconnected");
                             sess.disconnected_since = Some(now);
                             self.timers.schedule(
                                 now + self.config.reconnect_grace,
@@ -688,7 +689,7 @@ impl ShardCore {
         let latency = now.saturating_duration_since(sess.offer_received);
         self.metrics.join_latency.observe(latency.as_secs_f64());
         self.metrics.joins_connected.inc();
-        tracing::info!(session = %sid.short(), join_ms = latency.as_millis() as u64, "connected");
+        tracing::info!(parent: &sess.span, join_ms = latency.as_millis() as u64, "connected");
         self.events
             .push_back(ShardEvent::SessionConnected { session: sid });
         let receiving: Vec<TrackId> = sess
@@ -707,10 +708,10 @@ impl ShardCore {
     // ---- tracks ----------------------------------------------------------------
 
     fn on_media_added(&mut self, now: Instant, sid: SessionId, m: MediaAdded) {
-        tracing::debug!(session = %sid.short(), mid = %m.mid, kind = ?m.kind, dir = ?m.direction, "media added");
         let Some(sess) = self.sessions.get_mut(&sid) else {
             return;
         };
+        tracing::debug!(parent: &sess.span, mid = %m.mid, kind = ?m.kind, dir = ?m.direction, "media added");
         // MediaAdded also fires for m-lines we added ourselves.
         if sess.track_on_mid(m.mid).is_some() {
             return;
@@ -907,11 +908,11 @@ impl ShardCore {
                     }
                 }
                 Ok(Some(Err(e))) => {
-                    tracing::debug!(session = %other.short(), "write failed: {e}");
+                    tracing::debug!(parent: &sub.span, "write failed: {e}");
                 }
                 Ok(None) => {
                     // Codec not negotiated with this subscriber.
-                    tracing::debug!(session = %other.short(), %mid, "no matching payload type");
+                    tracing::debug!(parent: &sub.span, %mid, "no matching payload type");
                 }
                 Err(_) => failed.push(other),
             }

@@ -36,16 +36,20 @@ pub struct Room {
     pub tracks: Vec<Track>,
     /// Since when the room has been empty.
     pub empty_since: Option<Instant>,
+    /// The room's log span; its sessions' spans are its children.
+    pub span: tracing::Span,
 }
 
 impl Room {
-    /// A new, empty room.
-    pub fn new(id: RoomId) -> Room {
+    /// A new, empty room on `shard`.
+    pub fn new(id: RoomId, shard: crate::ids::ShardId) -> Room {
+        let span = tracing::info_span!("room", room = %id, shard = %shard);
         Room {
             id,
             sessions: Vec::new(),
             tracks: Vec::new(),
             empty_since: None,
+            span,
         }
     }
 

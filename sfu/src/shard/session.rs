@@ -135,8 +135,10 @@ pub struct Session {
     pub deadline: Option<Instant>,
     /// Since when ICE has been disconnected.
     pub disconnected_since: Option<Instant>,
-    /// Messages to send once the data channel is open.
+    /// Messages waiting for room in the data channel.
     pub outbox: VecDeque<String>,
+    /// The session's log span (a child of its room's).
+    pub span: tracing::Span,
 }
 
 /// What driving a session's `Rtc` produced.
@@ -181,7 +183,7 @@ impl Session {
         match catch_unwind(AssertUnwindSafe(|| self.rtc.handle_input(input))) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
-                tracing::debug!(session = %self.id.short(), "rtc input error: {e}");
+                tracing::debug!(parent: &self.span, "rtc input error: {e}");
                 Ok(())
             }
             Err(_) => Err(Panicked),
@@ -203,7 +205,7 @@ impl Session {
                 Ok(Err(e)) => {
                     // Not every error is fatal (e.g. NoSenderSource after writing
                     // rid-less media into a simulcast m-line); a run of them is.
-                    tracing::debug!(session = %self.id.short(), "rtc poll error: {e}");
+                    tracing::debug!(parent: &self.span, "rtc poll error: {e}");
                     errors += 1;
                     if errors >= MAX_POLL_ERRORS {
                         self.rtc.disconnect();
