@@ -74,7 +74,7 @@ fn sim(calls: usize, seconds: u64) {
     let mut s = Sim::new(1, ShardConfig::default());
     for c in 0..calls {
         let room = format!("r{c}");
-        s.join(&room, Sim::claims(&room, "a", Role::Citizen), Join::Api);
+        s.join(&room, Sim::claims(&room, "a", Role::Interpreter), Join::Api);
         s.join(&room, Sim::claims(&room, "b", Role::Official), Join::Api);
     }
     // Warm up: connect, negotiate, reach steady state.
@@ -159,7 +159,7 @@ fn udp(url: &str, pid: u32, calls: usize, seconds: u64) {
     let mut peers: Vec<UdpPeer> = Vec::new();
     let t0 = Instant::now();
     for c in 0..calls {
-        for (who, role) in [("a", Role::Citizen), ("b", Role::Official)] {
+        for (who, role) in [("a", Role::Interpreter), ("b", Role::Official)] {
             let room = format!("load{c}");
             let token = make_dev_token(
                 &config.auth,

@@ -14,6 +14,27 @@ fn one_to_one_call_both_sides_receive_audio_and_video_intact() {
     let mut a = Client::join(&srv, "counter-1", "anna", Role::Citizen, Join::Api);
     let mut b = Client::join(&srv, "counter-1", "bram", Role::Official, Join::Api);
     let (ta, tb) = (a.tag, b.tag);
+
+    // The citizen waits: both channels open, nothing flows either way.
+    assert!(run_until(
+        &mut [&mut a, &mut b],
+        Duration::from_secs(10),
+        |c| { !c[0].messages_of("welcome").is_empty() && !c[1].messages_of("welcome").is_empty() }
+    ));
+    common::run_for(&mut [&mut a, &mut b], Duration::from_millis(1500));
+    assert_eq!(a.messages_of("welcome")[0]["you"]["state"], "waiting");
+    assert_eq!(
+        a.frames_from(tb, MediaKind::Video) + a.frames_from(tb, MediaKind::Audio),
+        0
+    );
+    assert_eq!(
+        b.frames_from(ta, MediaKind::Video) + b.frames_from(ta, MediaKind::Audio),
+        0
+    );
+
+    // The official admits the citizen.
+    let id = a.id();
+    b.send_json(&serde_json::json!({"type": "admit", "id": id}));
     let ok = run_until(&mut [&mut a, &mut b], Duration::from_secs(15), |c| {
         c[0].frames_from(tb, MediaKind::Video) >= 30
             && c[1].frames_from(ta, MediaKind::Video) >= 30
@@ -29,6 +50,11 @@ fn one_to_one_call_both_sides_receive_audio_and_video_intact() {
         b.frames_from(ta, MediaKind::Audio)
     );
     assert_eq!(a.corrupt() + b.corrupt(), 0, "every frame arrives intact");
+    // The citizen was told.
+    let updated = a.messages_of("participant-updated");
+    assert!(updated
+        .iter()
+        .any(|m| m["participant"]["id"] == id.as_str() && m["participant"]["state"] == "admitted"));
     // In-call signalling: both got a welcome, and a learnt of b (in its
     // welcome roster or by a participant-joined, whichever came first).
     assert_eq!(a.messages_of("welcome").len(), 1);
@@ -65,7 +91,13 @@ fn four_person_room_everyone_receives_everyone() {
         .map(|(i, r)| Client::join(&srv, "room-4", &format!("p{i}"), *r, Join::Api))
         .collect();
     let tags: Vec<u32> = cs.iter().map(|c| c.tag).collect();
+    // The second official admits the citizen once its channel is open.
+    let citizen = cs[0].id();
     let mut refs: Vec<&mut Client> = cs.iter_mut().collect();
+    assert!(run_until(&mut refs, Duration::from_secs(10), |c| c[3]
+        .channel
+        .is_some()));
+    refs[3].send_json(&serde_json::json!({"type": "admit", "id": citizen}));
     let ok = run_until(&mut refs, Duration::from_secs(20), |c| {
         c.iter().all(|me| {
             tags.iter().filter(|t| **t != me.tag).all(|t| {
@@ -98,7 +130,7 @@ fn four_person_room_everyone_receives_everyone() {
 #[test]
 fn h264_is_forwarded_intact() {
     let srv = TestServer::start(|_| {});
-    let t1 = common::token("h264", "a", Role::Citizen);
+    let t1 = common::token("h264", "a", Role::Interpreter);
     let t2 = common::token("h264", "b", Role::Official);
     let mut a = Client::join_with(
         &srv,
@@ -134,7 +166,7 @@ fn h264_is_forwarded_intact() {
 #[test]
 fn leave_and_rejoin() {
     let srv = TestServer::start(|_| {});
-    let mut a = Client::join(&srv, "rejoin", "anna", Role::Citizen, Join::Api);
+    let mut a = Client::join(&srv, "rejoin", "anna", Role::Interpreter, Join::Api);
     let mut b = Client::join(&srv, "rejoin", "bram", Role::Official, Join::Api);
     let tb = b.tag;
     assert!(run_until(
@@ -196,7 +228,7 @@ fn whip_publisher_reaches_whep_viewer_and_api_participant() {
     let srv = TestServer::start(|_| {});
     let mut publisher = Client::join(&srv, "broadcast", "cam", Role::Official, Join::Whip);
     let mut viewer = Client::join(&srv, "broadcast", "viewer", Role::Observer, Join::Whep);
-    let mut member = Client::join(&srv, "broadcast", "member", Role::Citizen, Join::ApiViewer);
+    let mut member = Client::join(&srv, "broadcast", "member", Role::Observer, Join::ApiViewer);
     let tp = publisher.tag;
     let ok = run_until(
         &mut [&mut publisher, &mut viewer, &mut member],
@@ -227,7 +259,7 @@ fn ten_thousand_garbage_datagrams_leave_the_call_undisturbed() {
     use rand::Rng;
     let srv = TestServer::start(|c| c.media.shards = 1);
     let shard = srv.server().shard_addrs[0];
-    let mut a = Client::join(&srv, "garbage", "anna", Role::Citizen, Join::Api);
+    let mut a = Client::join(&srv, "garbage", "anna", Role::Interpreter, Join::Api);
     let mut b = Client::join(&srv, "garbage", "bram", Role::Official, Join::Api);
     let (ta, tb) = (a.tag, b.tag);
     assert!(run_until(

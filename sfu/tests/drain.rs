@@ -98,7 +98,7 @@ impl Drop for Sfu {
 #[test]
 fn sigterm_keeps_running_calls_refuses_new_ones_and_exits_when_they_end() {
     let mut sfu = Sfu::start("60s");
-    let mut a = sfu.join("anna", Role::Citizen);
+    let mut a = sfu.join("anna", Role::Interpreter);
     let mut b = sfu.join("bram", Role::Official);
     let tb = b.tag;
     assert!(run_until(
@@ -158,7 +158,7 @@ fn sigterm_keeps_running_calls_refuses_new_ones_and_exits_when_they_end() {
         "{log}"
     );
     assert!(log.contains("session closed"));
-    let anna_token = token("drain", "anna", Role::Citizen);
+    let anna_token = token("drain", "anna", Role::Interpreter);
     let signature = anna_token.rsplit('.').next().expect("jwt");
     for secret in ["Name of anna", "Name of bram", signature, "127.0.0.1"] {
         assert!(

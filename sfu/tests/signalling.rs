@@ -260,7 +260,7 @@ fn trickle_ice_and_ice_restart_through_patch() {
 #[test]
 fn bad_channel_messages_get_an_error_and_are_counted() {
     let srv = TestServer::start(|_| {});
-    let mut a = Client::join(&srv, "chan", "anna", Role::Citizen, Join::Api);
+    let mut a = Client::join(&srv, "chan", "anna", Role::Interpreter, Join::Api);
     let mut b = Client::join(&srv, "chan", "bram", Role::Official, Join::Api);
     // Wait until a has answered the server's offer for b's tracks: the
     // channel is ordered, so that answer lands before the messages below.

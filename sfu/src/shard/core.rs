@@ -30,7 +30,7 @@ use super::timers::{TimerKey, TimerQueue};
 use crate::ids::{RoomId, SessionId, ShardId, TrackId};
 use crate::metrics::ShardMetrics;
 use crate::signal::channel::{ClientMessage, ServerMessage, TrackInfo, CHANNEL_LABEL};
-use crate::token::Claims;
+use crate::token::{Claims, Role};
 
 /// Per-shard settings taken from the config.
 #[derive(Debug, Clone)]
@@ -416,6 +416,7 @@ impl ShardCore {
         room.empty_since = None;
         room.sessions.push(sid);
         self.by_ufrag.insert(new.ufrag.clone(), sid);
+        let admitted = new.claims.role != Role::Citizen;
         let sess = Session {
             id: sid,
             room: room_id.clone(),
@@ -437,6 +438,7 @@ impl ShardCore {
             deadline: None,
             disconnected_since: None,
             outbox: VecDeque::new(),
+            admitted,
             span,
         };
         let joined = ServerMessage::ParticipantJoined {
@@ -802,10 +804,17 @@ impl ShardCore {
     /// Let `sub` receive `track`: on a free slot if it has one, else through a
     /// server offer (sessions with in-call signalling only).
     fn offer_track(&mut self, now: Instant, sub: SessionId, track: &Track) {
+        // The waiting room: nothing flows from or to a participant not admitted.
+        if !self.sessions.get(&track.owner).is_some_and(|o| o.admitted) {
+            return;
+        }
         let Some(sess) = self.sessions.get_mut(&sub) else {
             return;
         };
-        if !sess.subscribes() || sess.tracks_out.iter().any(|t| t.track == track.id) {
+        if !sess.admitted
+            || !sess.subscribes()
+            || sess.tracks_out.iter().any(|t| t.track == track.id)
+        {
             return;
         }
         if let Some(i) = sess.free_slots.iter().position(|(_, k)| *k == track.kind) {
@@ -839,25 +848,135 @@ impl ShardCore {
 
     /// A published track is gone: free the m-lines that carried it.
     fn unpublish(&mut self, now: Instant, room_id: &RoomId, track: TrackId) {
-        let members = self.room_sessions(room_id);
-        for sid in members {
-            let Some(sess) = self.sessions.get_mut(&sid) else {
-                continue;
-            };
-            let Some(i) = sess.tracks_out.iter().position(|t| t.track == track) else {
-                continue;
-            };
-            let out = sess.tracks_out.remove(i);
-            match out.state {
-                OutState::ToOpen => {}
-                OutState::Open(mid) if out.on_slot => {
-                    sess.free_slots.push((mid, out.kind));
-                    // A WHEP-style viewer moves on to another publisher's track.
-                    self.assign_existing_tracks(now, sid);
+        for sid in self.room_sessions(room_id) {
+            self.withdraw(now, sid, track);
+        }
+    }
+
+    /// Stop sending `track` to `sid`: a slot goes free (and takes another
+    /// track if there is one), a server-added m-line is stopped at the next offer.
+    fn withdraw(&mut self, now: Instant, sid: SessionId, track: TrackId) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let Some(i) = sess.tracks_out.iter().position(|t| t.track == track) else {
+            return;
+        };
+        let out = sess.tracks_out.remove(i);
+        match out.state {
+            OutState::ToOpen => {}
+            OutState::Open(mid) if out.on_slot => {
+                sess.free_slots.push((mid, out.kind));
+                // A WHEP-style viewer moves on to another publisher's track.
+                self.assign_existing_tracks(now, sid);
+            }
+            OutState::Open(mid) | OutState::Negotiating(mid) => {
+                sess.to_stop.push(mid);
+                self.renegotiate.insert(sid);
+            }
+        }
+    }
+
+    // ---- the waiting room ----------------------------------------------------------
+
+    /// Let a waiting participant into the call: its tracks go to the others
+    /// and theirs to it.
+    fn admit(&mut self, now: Instant, sid: SessionId) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        if sess.admitted {
+            return;
+        }
+        sess.admitted = true;
+        tracing::info!(parent: &sess.span, "admitted");
+        let room_id = sess.room.clone();
+        let mine: Vec<Track> = self
+            .rooms
+            .get(&room_id)
+            .map(|r| {
+                r.tracks
+                    .iter()
+                    .filter(|t| t.owner == sid)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for other in self.room_sessions(&room_id) {
+            if other != sid {
+                for t in &mine {
+                    self.offer_track(now, other, t);
                 }
-                OutState::Open(mid) | OutState::Negotiating(mid) => {
-                    sess.to_stop.push(mid);
-                    self.renegotiate.insert(sid);
+            }
+        }
+        self.assign_existing_tracks(now, sid);
+        self.announce_state(now, sid);
+    }
+
+    /// Send a participant back to the waiting room: nothing flows to or from it.
+    fn hold(&mut self, now: Instant, sid: SessionId) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        if !sess.admitted {
+            return;
+        }
+        sess.admitted = false;
+        tracing::info!(parent: &sess.span, "held");
+        let room_id = sess.room.clone();
+        let receiving: Vec<TrackId> = sess.tracks_out.iter().map(|t| t.track).collect();
+        let mine: Vec<TrackId> = sess.tracks_in.iter().map(|(_, t)| *t).collect();
+        for t in receiving {
+            self.withdraw(now, sid, t);
+        }
+        for other in self.room_sessions(&room_id) {
+            for t in &mine {
+                self.withdraw(now, other, *t);
+            }
+        }
+        self.announce_state(now, sid);
+    }
+
+    /// Tell the room (the participant included) about a changed state.
+    fn announce_state(&mut self, now: Instant, sid: SessionId) {
+        let Some(sess) = self.sessions.get(&sid) else {
+            return;
+        };
+        let room = sess.room.clone();
+        let msg = ServerMessage::ParticipantUpdated {
+            participant: sess.roster_entry(),
+        };
+        self.broadcast(now, &room, None, &msg);
+    }
+
+    /// An admit, hold, remove or unmute request from `from` about `target`.
+    fn moderate(&mut self, now: Instant, from: SessionId, action: Moderation, target: &str) {
+        let Some(sess) = self.sessions.get(&from) else {
+            return;
+        };
+        if sess.claims.role != Role::Official {
+            return self.reply_error(
+                from,
+                "not_allowed",
+                "only an official may admit, hold or remove participants".into(),
+            );
+        }
+        let room = sess.room.clone();
+        let found = SessionId::parse(target)
+            .filter(|t| self.sessions.get(t).is_some_and(|s| s.room == room) && *t != from);
+        let Some(target) = found else {
+            return self.reply_error(from, "not_found", "no such participant in this room".into());
+        };
+        match action {
+            Moderation::Admit => self.admit(now, target),
+            Moderation::Hold => self.hold(now, target),
+            Moderation::Remove => self.close(now, target, LeaveReason::Removed),
+            Moderation::RequestUnmute => {
+                if let Some(t) = self.sessions.get_mut(&target) {
+                    t.send(&ServerMessage::UnmuteRequested {
+                        by: from.to_string(),
+                    });
+                    self.mark_dirty(target);
                 }
             }
         }
@@ -1047,6 +1166,12 @@ impl ShardCore {
             ClientMessage::Leave => self.close(now, sid, LeaveReason::Left),
             ClientMessage::Answer { sdp } => self.on_answer(now, sid, &sdp),
             ClientMessage::Offer { sdp } => self.on_client_offer(sid, &sdp),
+            ClientMessage::Admit { id } => self.moderate(now, sid, Moderation::Admit, &id),
+            ClientMessage::Hold { id } => self.moderate(now, sid, Moderation::Hold, &id),
+            ClientMessage::Remove { id } => self.moderate(now, sid, Moderation::Remove, &id),
+            ClientMessage::RequestUnmute { id } => {
+                self.moderate(now, sid, Moderation::RequestUnmute, &id)
+            }
         }
     }
 
@@ -1192,6 +1317,15 @@ impl ShardCore {
             }
         }
     }
+}
+
+/// What an official can do to another participant.
+#[derive(Debug, Clone, Copy)]
+enum Moderation {
+    Admit,
+    Hold,
+    Remove,
+    RequestUnmute,
 }
 
 /// Undo the bookkeeping of a server offer that will not be answered.

@@ -15,7 +15,7 @@ use str0m::net::Transmit;
 use str0m::{Candidate, Event, IceCreds, Input, Output, Rtc, RtcConfig};
 
 use crate::ids::{RoomId, SessionId, TrackId};
-use crate::signal::channel::{RosterEntry, ServerMessage};
+use crate::signal::channel::{ParticipantState, RosterEntry, ServerMessage};
 use crate::token::Claims;
 
 /// How the session was created, which decides what it may do.
@@ -137,6 +137,9 @@ pub struct Session {
     pub disconnected_since: Option<Instant>,
     /// Messages waiting for room in the data channel.
     pub outbox: VecDeque<String>,
+    /// Let into the call. Citizens start in the waiting room (`false`) until
+    /// an official admits them; nothing flows to or from them until then.
+    pub admitted: bool,
     /// The session's log span (a child of its room's).
     pub span: tracing::Span,
 }
@@ -164,6 +167,11 @@ impl Session {
             role: self.claims.role,
             loa: self.claims.loa,
             publisher: self.claims.may_publish() && self.kind != SessionKind::Whep,
+            state: if self.admitted {
+                ParticipantState::Admitted
+            } else {
+                ParticipantState::Waiting
+            },
         }
     }
 

@@ -29,6 +29,18 @@ pub struct RosterEntry {
     pub loa: Option<Loa>,
     /// Whether the participant may publish.
     pub publisher: bool,
+    /// In the waiting room or in the call.
+    pub state: ParticipantState,
+}
+
+/// Where a participant is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParticipantState {
+    /// In the waiting room: no media flows to or from them.
+    Waiting,
+    /// In the call.
+    Admitted,
 }
 
 /// What one of our send m-lines carries.
@@ -57,6 +69,17 @@ pub enum ServerMessage {
     ParticipantJoined {
         /// The newcomer.
         participant: RosterEntry,
+    },
+    /// A participant's state changed (admitted, held); also sent to that participant.
+    ParticipantUpdated {
+        /// The participant as they are now.
+        participant: RosterEntry,
+    },
+    /// An official asks you to switch your microphone on (the client asks the
+    /// person; nothing is switched remotely).
+    UnmuteRequested {
+        /// The official's participant id.
+        by: String,
     },
     /// Someone left the room.
     ParticipantLeft {
@@ -113,6 +136,26 @@ pub enum ClientMessage {
     },
     /// Leave the call now.
     Leave,
+    /// Officials only: let a waiting participant into the call.
+    Admit {
+        /// The participant id.
+        id: String,
+    },
+    /// Officials only: send a participant back to the waiting room.
+    Hold {
+        /// The participant id.
+        id: String,
+    },
+    /// Officials only: end a participant's session.
+    Remove {
+        /// The participant id.
+        id: String,
+    },
+    /// Officials only: ask a participant to switch their microphone on.
+    RequestUnmute {
+        /// The participant id.
+        id: String,
+    },
 }
 
 impl ClientMessage {

@@ -274,7 +274,7 @@ mod tests {
     #[test]
     fn routing_one_to_one_in_virtual_time() {
         let mut s = sim();
-        let a = s.join("r", Sim::claims("r", "a", Role::Citizen), Join::Api);
+        let a = s.join("r", Sim::claims("r", "a", Role::Interpreter), Join::Api);
         let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
         let (ta, tb) = (s.peers[a].tag, s.peers[b].tag);
         let ok = s.run_until(Duration::from_secs(10), |s| {
@@ -295,9 +295,9 @@ mod tests {
     #[test]
     fn rooms_are_isolated() {
         let mut s = sim();
-        let a = s.join("r1", Sim::claims("r1", "a", Role::Citizen), Join::Api);
+        let a = s.join("r1", Sim::claims("r1", "a", Role::Interpreter), Join::Api);
         let b = s.join("r1", Sim::claims("r1", "b", Role::Official), Join::Api);
-        let c = s.join("r2", Sim::claims("r2", "c", Role::Citizen), Join::Api);
+        let c = s.join("r2", Sim::claims("r2", "c", Role::Interpreter), Join::Api);
         let d = s.join("r2", Sim::claims("r2", "d", Role::Official), Join::Api);
         s.run_for(Duration::from_secs(5));
         let tags: Vec<u32> = s.peers.iter().map(|p| p.tag).collect();
@@ -313,7 +313,7 @@ mod tests {
     #[test]
     fn a_new_subscriber_triggers_a_keyframe_request_to_the_publisher() {
         let mut s = sim();
-        let a = s.join("r", Sim::claims("r", "a", Role::Citizen), Join::Api);
+        let a = s.join("r", Sim::claims("r", "a", Role::Interpreter), Join::Api);
         s.run_for(Duration::from_secs(2));
         let before = s.peers[a].keyframe_requests;
         let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
@@ -334,7 +334,7 @@ mod tests {
             let mut s = Sim::new(5, config);
             let a = s.join(
                 "r",
-                Sim::claims("r", "a", Role::Citizen),
+                Sim::claims("r", "a", Role::Interpreter),
                 Join::ApiSimulcast,
             );
             let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
@@ -348,6 +348,102 @@ mod tests {
             assert_eq!(s.peers[b].layers_from(ta), want, "configured {layer}");
             assert_eq!(s.peers[b].corrupt(), 0);
         }
+    }
+
+    /// Frames `to` got from `from`, audio and video together.
+    fn got(s: &Sim, to: usize, from: usize) -> u64 {
+        let tag = s.peers[from].tag;
+        s.peers[to].frames_from(tag, MediaKind::Video)
+            + s.peers[to].frames_from(tag, MediaKind::Audio)
+    }
+
+    #[test]
+    fn the_waiting_room_admit_hold_and_remove() {
+        let mut s = sim();
+        let c = s.join("r", Sim::claims("r", "c", Role::Citizen), Join::Api);
+        let o = s.join("r", Sim::claims("r", "o", Role::Official), Join::Api);
+        let i = s.join("r", Sim::claims("r", "i", Role::Interpreter), Join::Api);
+        s.run_for(Duration::from_secs(3));
+        // Nothing flows to or from the waiting citizen; the others talk.
+        assert_eq!(
+            got(&s, c, o) + got(&s, o, c) + got(&s, i, c) + got(&s, c, i),
+            0
+        );
+        assert!(got(&s, o, i) > 100 && got(&s, i, o) > 100);
+        let cid = s.sessions[c].to_string();
+
+        // Only officials may admit: the interpreter and the citizen are refused.
+        s.peers[i].send_json(&serde_json::json!({"type": "admit", "id": cid}));
+        s.peers[c].send_json(&serde_json::json!({"type": "admit", "id": cid}));
+        s.peers[o].send_json(&serde_json::json!({"type": "admit", "id": "0".repeat(32)}));
+        s.run_for(Duration::from_secs(1));
+        assert_eq!(s.peers[i].messages_of("error")[0]["code"], "not_allowed");
+        assert_eq!(s.peers[c].messages_of("error")[0]["code"], "not_allowed");
+        assert_eq!(s.peers[o].messages_of("error")[0]["code"], "not_found");
+        assert_eq!(got(&s, c, o) + got(&s, o, c), 0);
+
+        // Admitted: media flows both ways within 2 s.
+        s.peers[o].send_json(&serde_json::json!({"type": "admit", "id": cid}));
+        assert!(s.run_until(Duration::from_secs(2), |s| got(s, c, o) > 0
+            && got(s, o, c) > 0
+            && got(s, i, c) > 0));
+        s.run_for(Duration::from_secs(1));
+        let updates = s.peers[c].messages_of("participant-updated");
+        assert_eq!(
+            updates.last().map(|m| m["participant"]["state"].clone()),
+            Some("admitted".into())
+        );
+
+        // Held: it stops both ways (after frames in flight).
+        s.peers[o].send_json(&serde_json::json!({"type": "hold", "id": cid}));
+        s.run_for(Duration::from_millis(500));
+        let (to_c, from_c) = (got(&s, c, o), got(&s, o, c));
+        s.run_for(Duration::from_secs(2));
+        assert_eq!(
+            (got(&s, c, o), got(&s, o, c)),
+            (to_c, from_c),
+            "nothing flows after hold"
+        );
+        assert_eq!(
+            s.peers[o]
+                .messages_of("participant-updated")
+                .last()
+                .map(|m| m["participant"]["state"].clone()),
+            Some("waiting".into())
+        );
+
+        // A request to unmute reaches the citizen; then the official removes them.
+        s.peers[o].send_json(&serde_json::json!({"type": "request-unmute", "id": cid}));
+        s.run_for(Duration::from_millis(300));
+        assert_eq!(s.peers[c].messages_of("unmute-requested").len(), 1);
+        s.peers[o].send_json(&serde_json::json!({"type": "remove", "id": cid}));
+        assert!(s.run_until(Duration::from_secs(2), |s| s.events.iter().any(
+            |e| matches!(
+                e,
+                ShardEvent::SessionClosed {
+                    reason: LeaveReason::Removed,
+                    ..
+                }
+            )
+        )));
+        s.run_for(Duration::from_millis(200));
+        assert_eq!(s.peers[c].messages_of("bye")[0]["reason"], "removed");
+        assert_eq!(s.shard.session_count(), 2);
+    }
+
+    #[test]
+    fn a_whep_viewer_never_sees_a_waiting_citizen() {
+        let mut s = sim();
+        let c = s.join("r", Sim::claims("r", "c", Role::Citizen), Join::Api);
+        let v = s.join("r", Sim::claims("r", "v", Role::Observer), Join::Whep);
+        s.run_for(Duration::from_secs(3));
+        assert_eq!(got(&s, v, c), 0);
+        // An official who publishes nothing (so the viewer's slots stay free).
+        let o = s.join("r", Sim::claims("r", "o", Role::Official), Join::ApiViewer);
+        s.run_for(Duration::from_secs(1));
+        let cid = s.sessions[c].to_string();
+        s.peers[o].send_json(&serde_json::json!({"type": "admit", "id": cid}));
+        assert!(s.run_until(Duration::from_secs(3), |s| got(s, v, c) > 0));
     }
 
     #[test]
@@ -371,7 +467,7 @@ mod tests {
             ..ShardConfig::default()
         };
         let mut s = Sim::new(3, config);
-        let a = s.join("r", Sim::claims("r", "a", Role::Citizen), Join::Api);
+        let a = s.join("r", Sim::claims("r", "a", Role::Interpreter), Join::Api);
         let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
         s.run_for(Duration::from_secs(2));
         s.links[b].0.down = true;
@@ -404,7 +500,7 @@ mod tests {
     #[test]
     fn media_survives_five_percent_loss() {
         let mut s = sim();
-        let a = s.join("r", Sim::claims("r", "a", Role::Citizen), Join::Api);
+        let a = s.join("r", Sim::claims("r", "a", Role::Interpreter), Join::Api);
         let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
         s.run_for(Duration::from_secs(1));
         s.links[a].0.loss = 0.05;

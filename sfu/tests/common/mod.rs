@@ -194,6 +194,12 @@ impl Client {
         c
     }
 
+    /// The participant id (the session id at the end of the Location URL).
+    pub fn id(&self) -> String {
+        let loc = self.location.as_deref().unwrap_or("");
+        loc.rsplit('/').next().unwrap_or("").to_string()
+    }
+
     /// One step: read the socket, drive timers and media, send output.
     pub fn step(&mut self) {
         if self.peer.closed {
