@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::token::Loa;
 
 /// The embedded development config (`configs/dev.toml`).
 pub const DEV_CONFIG: &str = include_str!("../../configs/dev.toml");
@@ -69,6 +70,10 @@ pub struct RoomsConfig {
     /// Least time between two keyframe requests to one publisher track. Default 500 ms.
     #[serde(with = "humantime_serde")]
     pub keyframe_request_interval: Duration,
+    /// The lowest DigiD level (`basis`, `midden`, `substantieel`, `hoog`) a
+    /// citizen needs to join; an official's token (`min_loa` claim) may set
+    /// it per room. Default: none.
+    pub min_loa: Option<Loa>,
 }
 
 /// How tokens are verified.
@@ -123,6 +128,7 @@ impl Default for RoomsConfig {
             simulcast_layer: "h".into(),
             reconnect_grace: Duration::from_secs(30),
             keyframe_request_interval: Duration::from_millis(500),
+            min_loa: None,
         }
     }
 }

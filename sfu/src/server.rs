@@ -84,7 +84,11 @@ impl Server {
             });
             shards.push(handle);
         }
-        let registry = Arc::new(Registry::new(count, config.rooms.max_participants));
+        let registry = Arc::new(Registry::new(
+            count,
+            config.rooms.max_participants,
+            config.rooms.min_loa,
+        ));
         let state = Arc::new(AppState {
             config: config.clone(),
             verifier,

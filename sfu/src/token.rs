@@ -71,6 +71,16 @@ pub enum Loa {
 }
 
 impl Loa {
+    /// The level as DigiD names it to people ("DigiD Substantieel").
+    pub fn label(&self) -> &'static str {
+        match self {
+            Loa::Basis => "DigiD Basis",
+            Loa::Midden => "DigiD Midden",
+            Loa::Substantieel => "DigiD Substantieel",
+            Loa::Hoog => "DigiD Hoog",
+        }
+    }
+
     /// Parse a level name.
     pub fn parse(s: &str) -> Option<Loa> {
         match s {
@@ -109,6 +119,10 @@ pub struct Claims {
     /// Not before, seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
+    /// Officials only: the lowest DigiD level a citizen needs to join this
+    /// room (the room policy from the municipality's portal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_loa: Option<Loa>,
 }
 
 impl Claims {
@@ -302,6 +316,7 @@ pub fn make_dev_token(config: &AuthConfig, req: &DevTokenRequest) -> Result<Stri
         loa: req.loa,
         exp: unix_now() + req.ttl.as_secs(),
         nbf: None,
+        min_loa: None,
     };
     sign_hs256(&config.hs256_secret, &claims)
 }
@@ -336,6 +351,7 @@ mod tests {
             loa: Some(Loa::Substantieel),
             exp: (unix_now() as i64 + exp_in) as u64,
             nbf: None,
+            min_loa: None,
         }
     }
 

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use balie_sfu::token::{sign_hs256, unix_now, Role};
+use balie_sfu::token::{sign_hs256, unix_now, Loa, Role};
 use common::{claims, run_until, token, Client, Join, TestServer};
 use serde_json::Value;
 
@@ -37,7 +37,10 @@ fn offer() -> String {
 
 #[test]
 fn every_refusal_has_its_status_code_and_is_counted() {
-    let srv = TestServer::start(|c| c.rooms.max_participants = 2);
+    let srv = TestServer::start(|c| {
+        c.rooms.max_participants = 2;
+        c.rooms.min_loa = Some(Loa::Midden);
+    });
     let path = "/v1/rooms/r1/sessions";
     let sdp = "application/sdp";
     let good = token("r1", "anna", Role::Citizen);
@@ -139,6 +142,20 @@ fn every_refusal_has_its_status_code_and_is_counted() {
             "{what} counted"
         );
     }
+    // The reason names both levels in words people know.
+    let mut low = claims("r1", "a", Role::Citizen);
+    low.loa = Some(Loa::Basis);
+    let (_, body) = post(
+        &srv,
+        path,
+        Some(&sign_hs256(common::SECRET, &low).expect("signs")),
+        sdp,
+        offer(),
+    );
+    assert_eq!(
+        body["error"],
+        "this counter needs DigiD Midden or higher; you logged in with DigiD Basis"
+    );
     // The parser's reason reaches the client.
     let (_, body) = post(&srv, path, Some(&good), sdp, "v=0\r\nnonsense".into());
     assert!(

@@ -164,16 +164,28 @@ async fn admit(
     let remote_ufrag = sdpfrag::ice_ufrag(&sdp);
 
     let session = SessionId::random();
-    let shard = st.registry.admit(&room, session).map_err(|e| match e {
-        AdmitError::RoomFull => ApiError::new(
-            StatusCode::CONFLICT,
-            "room_full",
-            format!(
-                "the room already has {} participants",
-                st.config.rooms.max_participants
+    let shard = st
+        .registry
+        .admit(&room, session, &claims)
+        .map_err(|e| match e {
+            AdmitError::RoomFull => ApiError::new(
+                StatusCode::CONFLICT,
+                "room_full",
+                format!(
+                    "the room already has {} participants",
+                    st.config.rooms.max_participants
+                ),
             ),
-        ),
-    })?;
+            AdmitError::LoaTooLow { required, has } => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "loa_too_low",
+                format!(
+                    "this counter needs {} or higher; you logged in with {}",
+                    required.label(),
+                    has.map(|l| l.label()).unwrap_or("no DigiD level")
+                ),
+            ),
+        })?;
     let link = &st.shards[shard.0];
 
     // Off the async workers: building an Rtc and accepting the offer is CPU work.

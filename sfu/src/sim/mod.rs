@@ -116,6 +116,7 @@ impl Sim {
             loa: Some(Loa::Midden),
             exp: unix_now() + 3600,
             nbf: None,
+            min_loa: None,
         }
     }
 

@@ -98,6 +98,7 @@ pub fn claims(room: &str, identity: &str, role: Role) -> Claims {
         loa: Some(Loa::Substantieel),
         exp: unix_now() + 3600,
         nbf: None,
+        min_loa: None,
     }
 }
 
