@@ -4,6 +4,7 @@
 pub mod channel;
 pub mod http;
 pub mod sdpfrag;
+pub mod web;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

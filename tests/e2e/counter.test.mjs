@@ -1,0 +1,137 @@
+// The counter in a real browser: headless Chromium with a fake camera and
+// microphone, through balie-sfu on loopback.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import AxeBuilder from '@axe-core/playwright';
+import { startSfu, token, launch, newPage, inbound, until } from './harness.mjs';
+
+let sfu;
+let browser;
+
+before(async () => {
+  sfu = await startSfu('min_loa = "midden"');
+  browser = await launch();
+});
+
+after(async () => {
+  await browser?.close();
+  await sfu?.stop();
+});
+
+const citizen = (room, extra = {}) => token({ room, sub: 'c-1', name: 'Anna de Vries', role: 'citizen', loa: 'substantieel', ...extra });
+const official = (room, extra = {}) => token({ room, sub: 'o-1', name: 'Bram Jansen', role: 'official', loa: 'midden', ...extra });
+
+async function axe(page, view) {
+  const result = await new AxeBuilder({ page }).withTags(['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']).analyze();
+  const bad = result.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical');
+  const others = result.violations.length - bad.length;
+  console.log(`axe ${view}: ${bad.length} serious/critical, ${others} other violations${others ? ': ' + result.violations.filter((v) => !bad.includes(v)).map((v) => v.id).join(', ') : ''}`);
+  assert.deepEqual(bad.map((v) => `${v.id}: ${v.help}`), [], `${view}: serious or critical accessibility violations`);
+}
+
+test('citizen waits, official admits, both see and hear each other, citizen leaves', async () => {
+  const room = 'e2e-call';
+  const c = await newPage(browser);
+  const o = await newPage(browser);
+  await c.goto(`${sfu.url}/join?token=${citizen(room)}`);
+  await axe(c, 'prejoin');
+  await c.getByRole('button', { name: 'Start het gesprek' }).click();
+  await c.getByRole('heading', { name: 'Even geduld' }).waitFor();
+  await axe(c, 'waiting');
+
+  await o.goto(`${sfu.url}/join?token=${official(room)}`);
+  await o.getByRole('button', { name: 'Start het gesprek' }).click();
+  await o.locator('#view-call').waitFor();
+  // The official sees who waits, with the DigiD level as verified.
+  const person = o.locator('#people li', { hasText: 'Anna de Vries' });
+  await person.waitFor();
+  assert.match(await person.innerText(), /DigiD Substantieel/);
+  assert.match(await person.innerText(), /wacht/);
+  await axe(o, 'official in call');
+
+  // Nothing flows while the citizen waits.
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal((await inbound(c)).framesDecoded, 0, 'a waiting citizen receives no video');
+
+  await person.getByRole('button', { name: /Binnenlaten/ }).click();
+  await c.locator('#view-call').waitFor();
+  await axe(c, 'citizen in call');
+
+  // Each receives the other's video (framesDecoded rising) and audio.
+  for (const [page, who] of [[c, 'citizen'], [o, 'official']]) {
+    const first = await until(async () => {
+      const s = await inbound(page);
+      return s.framesDecoded > 10 && s.audioPackets > 20 ? s : null;
+    }, 20000, `${who} receives video and audio`);
+    const later = await until(async () => {
+      const s = await inbound(page);
+      return s.framesDecoded > first.framesDecoded + 10 && s.audioPackets > first.audioPackets + 20 ? s : null;
+    }, 10000, `${who} keeps receiving`);
+    console.log(`${who}: framesDecoded ${later.framesDecoded}, audio packets ${later.audioPackets}, width ${later.frameWidth}`);
+  }
+
+  await c.getByRole('button', { name: 'Gesprek verlaten' }).click();
+  await c.getByRole('heading', { name: 'Het gesprek is afgelopen' }).waitFor();
+  await axe(c, 'ended');
+  await until(async () => (await o.locator('#people li', { hasText: 'Anna de Vries' }).count()) === 0, 10000, 'the official sees the citizen leave');
+  await c.context().close();
+  await o.context().close();
+});
+
+test('a citizen below the room\'s DigiD level is refused and told why', async () => {
+  const c = await newPage(browser);
+  await c.goto(`${sfu.url}/join?token=${citizen('e2e-loa', { loa: 'basis' })}`);
+  await c.getByRole('button', { name: 'Start het gesprek' }).click();
+  await c.getByRole('heading', { name: 'Het gesprek is afgelopen' }).waitFor();
+  const text = await c.locator('#ended-text').innerText();
+  assert.match(text, /hoger DigiD-niveau/);
+  assert.match(text, /DigiD Midden/);
+  await c.context().close();
+});
+
+test('keyboard only: a citizen joins, toggles microphone and camera, and leaves', async () => {
+  const room = 'e2e-keys';
+  const c = await newPage(browser, { width: 360, height: 740 });
+  const o = await newPage(browser);
+  await c.goto(`${sfu.url}/join?token=${citizen(room)}`);
+  const focused = () => c.evaluate(() => document.activeElement?.id || document.activeElement?.textContent?.trim());
+  // Tab to the start button and press Enter.
+  for (let i = 0; i < 6 && (await focused()) !== 'start'; i++) await c.keyboard.press('Tab');
+  assert.equal(await focused(), 'start');
+  await c.keyboard.press('Enter');
+  await c.getByRole('heading', { name: 'Even geduld' }).waitFor();
+
+  await o.goto(`${sfu.url}/join?token=${official(room)}`);
+  await o.getByRole('button', { name: 'Start het gesprek' }).click();
+  await o.locator('#people li', { hasText: 'Anna de Vries' }).getByRole('button', { name: /Binnenlaten/ }).click();
+  await c.locator('#view-call').waitFor();
+
+  for (const [id, key] of [['mic', 'Space'], ['cam', 'Space'], ['leave', 'Enter']]) {
+    for (let i = 0; i < 12 && (await focused()) !== id; i++) await c.keyboard.press('Tab');
+    assert.equal(await focused(), id, `Tab reaches ${id}`);
+    if (id !== 'leave') assert.equal(await c.locator(`#${id}`).getAttribute('aria-pressed'), 'true');
+    await c.keyboard.press(key);
+    if (id !== 'leave') assert.equal(await c.locator(`#${id}`).getAttribute('aria-pressed'), 'false', `${id} toggled off`);
+  }
+  await c.getByRole('heading', { name: 'Het gesprek is afgelopen' }).waitFor();
+  await c.context().close();
+  await o.context().close();
+});
+
+test('the start page: no token explains what to do; in development it makes a link', async () => {
+  const p = await newPage(browser, { width: 360, height: 740 });
+  await p.goto(`${sfu.url}/`);
+  await p.getByRole('heading', { name: 'Welkom bij de digitale balie' }).waitFor();
+  await p.locator('#dev-form').waitFor();
+  await axe(p, 'start');
+  await p.getByLabel('Naam').fill('Test Persoon');
+  await p.getByLabel('Rol').selectOption('official');
+  await p.getByRole('button', { name: 'Maak link en ga naar binnen' }).click();
+  await p.getByRole('heading', { name: 'Klaar voor uw gesprek?' }).waitFor();
+  assert.match(p.url(), /\/join\?token=/);
+  // English is one click away.
+  await p.getByRole('button', { name: 'English' }).click();
+  await p.getByRole('heading', { name: 'Ready for your conversation?' }).waitFor();
+  await p.context().close();
+});
