@@ -329,7 +329,7 @@ function renderPeople() {
       if (p.state === 'waiting') button('action.admit', 'admit', 'nl-button--primary');
       else button('action.hold', 'hold', 'nl-button--secondary');
       if (p.state !== 'waiting') button('action.unmute', 'request-unmute', 'nl-button--secondary');
-      button('action.remove', 'remove', 'nl-button--negative');
+      button('action.remove', 'remove', 'nl-button--secondary nl-button--negative');
       li.append(actions);
     }
     list.append(li);
