@@ -23,6 +23,9 @@ const state = {
   location: null,       // session URL
   ended: false,
   restartUntil: 0,
+  // How long the client tries ICE restarts after losing the connection.
+  reconnectWindowMs: 30_000,
+  restarting: false,
 };
 
 // ---- views and announcements -------------------------------------------------
@@ -362,17 +365,36 @@ function leave(silent = false) {
 function onIceState() {
   const s = state.pc?.iceConnectionState;
   if (s === 'disconnected' || s === 'failed') {
-    if (!state.restartUntil) state.restartUntil = Date.now() + 30_000;
+    if (!state.restartUntil) state.restartUntil = Date.now() + state.reconnectWindowMs;
     setQuality('reconnecting');
-    restartIce();
+    announce(t('quality.reconnecting'));
+    reconnect();
   } else if (s === 'connected' || s === 'completed') {
     state.restartUntil = 0;
   }
 }
 
-async function restartIce() {
-  if (state.ended || !state.pc || !state.location) return;
-  if (Date.now() > state.restartUntil) return end('ended.lost', true);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Try ICE restarts until the connection is back or the window has passed. */
+async function reconnect() {
+  if (state.restarting) return;
+  state.restarting = true;
+  try {
+    while (!state.ended && state.restartUntil) {
+      const s = state.pc?.iceConnectionState;
+      if (s === 'connected' || s === 'completed') break;
+      if (Date.now() > state.restartUntil) { end('ended.lost', true); break; }
+      if ((await iceRestart()) === 'gone') { end('ended.lost', true); break; }
+      await sleep(2000);
+    }
+  } finally {
+    state.restarting = false;
+  }
+}
+
+/** One ICE restart through PATCH on the session URL (as WHIP does). */
+async function iceRestart() {
   try {
     const offer = await state.pc.createOffer({ iceRestart: true });
     await state.pc.setLocalDescription(offer);
@@ -383,23 +405,26 @@ async function restartIce() {
       method: 'PATCH',
       headers: { 'Content-Type': 'application/trickle-ice-sdpfrag' },
       body: frag,
+      signal: AbortSignal.timeout(3000),
     });
-    if (resp.status === 200) {
-      const answerFrag = await resp.text();
-      const ufrag = /a=ice-ufrag:(\S+)/.exec(answerFrag)?.[1];
-      const pwd = /a=ice-pwd:(\S+)/.exec(answerFrag)?.[1];
-      const answer = state.remoteAnswer
-        .replace(/a=ice-ufrag:\S+/g, `a=ice-ufrag:${ufrag}`)
-        .replace(/a=ice-pwd:\S+/g, `a=ice-pwd:${pwd}`);
-      await state.pc.setRemoteDescription({ type: 'answer', sdp: answer });
-      state.remoteAnswer = answer;
-      return;
-    }
-    if (resp.status === 404) return end('ended.lost', true);
+    if (resp.status === 404) return 'gone';
+    if (resp.status !== 200) return 'retry';
+    const answerFrag = await resp.text();
+    const ufrag = /a=ice-ufrag:(\S+)/.exec(answerFrag)?.[1];
+    const pwd = /a=ice-pwd:(\S+)/.exec(answerFrag)?.[1];
+    const answer = state.remoteAnswer
+      .replace(/a=ice-ufrag:\S+/g, `a=ice-ufrag:${ufrag}`)
+      .replace(/a=ice-pwd:\S+/g, `a=ice-pwd:${pwd}`);
+    await state.pc.setRemoteDescription({ type: 'answer', sdp: answer });
+    state.remoteAnswer = answer;
+    return 'sent';
   } catch {
-    // The network is down: try again below.
+    // The network (or the server) is unreachable: the caller tries again.
+    if (state.pc?.signalingState === 'have-local-offer') {
+      await state.pc.setLocalDescription({ type: 'rollback' }).catch(() => {});
+    }
+    return 'retry';
   }
-  setTimeout(() => { if (state.pc?.iceConnectionState !== 'connected') restartIce(); }, 3000);
 }
 
 function setQuality(q) {

@@ -309,3 +309,89 @@ fn bad_channel_messages_get_an_error_and_are_counted() {
         |c| { c[0].frames_from(tb, str0m::media::MediaKind::Video) > before + 20 }
     ));
 }
+
+#[test]
+fn the_web_client_is_served_with_safe_headers_and_dev_tokens_only_in_dev() {
+    let srv = TestServer::start(|c| c.dev = false);
+    let get = |p: &str| {
+        srv.http
+            .get(format!("{}{}", srv.url, p))
+            .send()
+            .expect("http")
+    };
+    let page = get("/join?token=abc");
+    assert_eq!(page.status().as_u16(), 200);
+    assert_eq!(
+        page.headers()["referrer-policy"],
+        "no-referrer",
+        "the token never leaks"
+    );
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    assert!(page.headers()["content-security-policy"]
+        .to_str()
+        .expect("ascii")
+        .contains("default-src 'self'"));
+    assert!(page.text().expect("html").contains("/assets/app.js"));
+    for asset in [
+        "app.js",
+        "i18n.js",
+        "theme.css",
+        "vendor/nl-design-system/button.css",
+    ] {
+        let r = get(&format!("/assets/{asset}"));
+        assert_eq!(r.status().as_u16(), 200, "{asset}");
+        assert!(r.text().expect("text").len() > 100);
+    }
+    assert_eq!(get("/assets/../Cargo.toml").status().as_u16(), 404);
+    assert_eq!(get("/assets/nope.js").status().as_u16(), 404);
+    let info: Value = get("/v1/info").json().expect("json");
+    assert_eq!(info["dev"], false);
+    let r = srv
+        .http
+        .post(format!("{}/dev/token", srv.url))
+        .body(r#"{"room":"r","name":"n","role":"citizen","loa":null}"#)
+        .send()
+        .expect("http");
+    assert_eq!(
+        r.status().as_u16(),
+        404,
+        "no development tokens outside dev"
+    );
+
+    // With dev = true the same request makes a token that joins.
+    let dev = TestServer::start(|c| c.dev = true);
+    let r = dev
+        .http
+        .post(format!("{}/dev/token", dev.url))
+        .body(r#"{"room":"r","name":"Anna","role":"citizen","loa":"midden"}"#)
+        .send()
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 200);
+    let t: Value = r.json().expect("json");
+    let claims = balie_sfu::token::Verifier::new(&balie_sfu::config::AuthConfig {
+        hs256_secret: common::SECRET.into(),
+        jwks_file: Default::default(),
+    })
+    .expect("verifier")
+    .verify(t["token"].as_str().expect("token"))
+    .expect("valid");
+    assert_eq!(
+        (claims.role, claims.loa),
+        (Role::Citizen, Some(Loa::Midden))
+    );
+    assert!(claims.sub.starts_with("dev-"), "a pseudonym, not the name");
+    for bad in [
+        r#"{"room":"a/b","name":"n","role":"citizen"}"#,
+        r#"{"room":"r","name":"n","role":"king"}"#,
+        r#"{"room":"r","name":"n","role":"citizen","loa":"super"}"#,
+        "not json",
+    ] {
+        let r = dev
+            .http
+            .post(format!("{}/dev/token", dev.url))
+            .body(bad)
+            .send()
+            .expect("http");
+        assert_eq!(r.status().as_u16(), 400, "{bad}");
+    }
+}

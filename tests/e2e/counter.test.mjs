@@ -10,7 +10,7 @@ let sfu;
 let browser;
 
 before(async () => {
-  sfu = await startSfu('min_loa = "midden"');
+  sfu = await startSfu('min_loa = "midden"\nmax_participants = 2');
   browser = await launch();
 });
 
@@ -134,4 +134,92 @@ test('the start page: no token explains what to do; in development it makes a li
   await p.getByRole('button', { name: 'English' }).click();
   await p.getByRole('heading', { name: 'Ready for your conversation?' }).waitFor();
   await p.context().close();
+});
+
+test('what people see when things go wrong, in plain words', async () => {
+  const expectEnd = async (page, pattern, what) => {
+    await page.getByRole('heading', { name: 'Het gesprek is afgelopen' }).waitFor();
+    assert.match(await page.locator('#ended-text').innerText(), pattern, what);
+  };
+  // An expired link: said before anything else happens.
+  const p1 = await newPage(browser);
+  await p1.goto(`${sfu.url}/join?token=${citizen('e2e-err', { exp: Math.floor(Date.now() / 1000) - 60 })}`);
+  await expectEnd(p1, /link is verlopen/, 'expired token');
+  await p1.context().close();
+
+  // Camera or microphone denied, and no camera at all.
+  for (const [name, pattern] of [['NotAllowedError', /geen toestemming/], ['NotFoundError', /geen camera of microfoon/]]) {
+    const p = await newPage(browser);
+    await p.addInitScript((n) => {
+      navigator.mediaDevices.getUserMedia = async () => { throw new DOMException('test', n); };
+    }, name);
+    await p.goto(`${sfu.url}/join?token=${official('e2e-err')}`);
+    await p.getByRole('button', { name: 'Start het gesprek' }).click();
+    await expectEnd(p, pattern, name);
+    assert.equal(await p.locator('#again').isVisible(), true, 'a retry button is offered');
+    await p.context().close();
+  }
+
+  // A full room (max_participants = 2 in this server's config).
+  const room = 'e2e-full';
+  const pages = [];
+  for (const who of ['a', 'b']) {
+    const p = await newPage(browser);
+    await p.goto(`${sfu.url}/join?token=${official(room, { sub: who })}`);
+    await p.getByRole('button', { name: 'Start het gesprek' }).click();
+    await p.locator('#view-call').waitFor();
+    pages.push(p);
+  }
+  const third = await newPage(browser);
+  await third.goto(`${sfu.url}/join?token=${citizen(room)}`);
+  await third.getByRole('button', { name: 'Start het gesprek' }).click();
+  await expectEnd(third, /balie is vol/, 'room full');
+  for (const p of [...pages, third]) await p.context().close();
+});
+
+test('connection lost: the client retries with ICE restarts, then says so clearly', async () => {
+  const own = await startSfu();
+  const p = await newPage(browser);
+  try {
+    await p.goto(`${own.url}/join?token=${official('e2e-lost')}`);
+    await p.getByRole('button', { name: 'Start het gesprek' }).click();
+    await p.locator('#view-call').waitFor();
+    await until(() => p.evaluate(() => window.balie.state.pc?.iceConnectionState === 'connected'), 10000, 'connected');
+    await p.evaluate(() => { window.balie.state.reconnectWindowMs = 8000; });
+    own.pause();
+    await until(async () => (await p.locator('#quality').getAttribute('data-quality')) === 'reconnecting', 20000, 'the page shows it reconnects');
+    await p.getByRole('heading', { name: 'Het gesprek is afgelopen' }).waitFor({ timeout: 30000 });
+    assert.match(await p.locator('#ended-text').innerText(), /verbinding is verbroken/);
+  } finally {
+    own.resume();
+    await p.context().close();
+    await own.stop();
+  }
+});
+
+test('a short outage: the ICE restart brings the call back', async () => {
+  const own = await startSfu();
+  const room = 'e2e-restart';
+  const o = await newPage(browser);
+  const i = await newPage(browser);
+  try {
+    for (const [p, who] of [[o, 'o'], [i, 'i']]) {
+      await p.goto(`${own.url}/join?token=${official(room, { sub: who, role: who === 'o' ? 'official' : 'interpreter' })}`);
+      await p.getByRole('button', { name: 'Start het gesprek' }).click();
+      await p.locator('#view-call').waitFor();
+    }
+    await until(async () => (await inbound(o)).framesDecoded > 10, 20000, 'video flows');
+    own.pause();
+    await until(async () => (await o.locator('#quality').getAttribute('data-quality')) === 'reconnecting', 20000, 'the page notices');
+    own.resume();
+    const before = (await inbound(o)).framesDecoded;
+    await until(async () => (await inbound(o)).framesDecoded > before + 30, 30000, 'video flows again');
+    assert.equal(await o.locator('#view-call').isVisible(), true, 'still in the call');
+    assert.match(own.log(), /ice restart/, 'the client restarted ICE through PATCH');
+  } finally {
+    own.resume();
+    await o.context().close();
+    await i.context().close();
+    await own.stop();
+  }
 });

@@ -41,6 +41,9 @@ export async function startSfu(extraRooms = '') {
   return {
     url,
     log: () => log,
+    /** Freeze the server (SIGSTOP), as if the network were gone. */
+    pause() { proc.kill('SIGSTOP'); },
+    resume() { proc.kill('SIGCONT'); },
     async stop() {
       proc.kill('SIGTERM');
       await new Promise((r) => proc.on('exit', r));
