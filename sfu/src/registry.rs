@@ -164,16 +164,8 @@ mod tests {
 
     fn who(role: Role, loa: Option<Loa>) -> Claims {
         Claims {
-            room: "x".into(),
-            sub: "s".into(),
-            name: None,
-            role,
-            can_publish: None,
-            can_subscribe: None,
             loa,
-            exp: 0,
-            nbf: None,
-            min_loa: None,
+            ..Claims::new("x", "s", role)
         }
     }
 

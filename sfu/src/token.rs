@@ -126,6 +126,23 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// Claims valid for an hour from now, with no display name, no DigiD
+    /// level and the role's default rights.
+    pub fn new(room: &str, sub: &str, role: Role) -> Claims {
+        Claims {
+            room: room.into(),
+            sub: sub.into(),
+            name: None,
+            role,
+            can_publish: None,
+            can_subscribe: None,
+            loa: None,
+            exp: unix_now() + 3600,
+            nbf: None,
+            min_loa: None,
+        }
+    }
+
     /// Whether this participant may publish media.
     pub fn may_publish(&self) -> bool {
         self.can_publish.unwrap_or(self.role != Role::Observer)
@@ -307,16 +324,10 @@ pub fn make_dev_token(config: &AuthConfig, req: &DevTokenRequest) -> Result<Stri
         ));
     }
     let claims = Claims {
-        room: req.room.to_string(),
-        sub: req.identity.clone(),
         name: req.name.clone(),
-        role: req.role,
-        can_publish: None,
-        can_subscribe: None,
         loa: req.loa,
         exp: unix_now() + req.ttl.as_secs(),
-        nbf: None,
-        min_loa: None,
+        ..Claims::new(req.room.as_str(), &req.identity, req.role)
     };
     sign_hs256(&config.hs256_secret, &claims)
 }
@@ -342,16 +353,10 @@ mod tests {
 
     fn claims(exp_in: i64) -> Claims {
         Claims {
-            room: "r1".into(),
-            sub: "pseudo-1".into(),
             name: Some("Anna".into()),
-            role: Role::Citizen,
-            can_publish: None,
-            can_subscribe: None,
             loa: Some(Loa::Substantieel),
             exp: (unix_now() as i64 + exp_in) as u64,
-            nbf: None,
-            min_loa: None,
+            ..Claims::new("r1", "pseudo-1", Role::Citizen)
         }
     }
 

@@ -26,7 +26,7 @@ use crate::shard::{
     Command, LeaveReason, NewSession, SessionKind, ShardConfig, ShardCore, ShardEvent, ShardInput,
     ShardOutput,
 };
-use crate::token::{unix_now, Claims, Loa, Role};
+use crate::token::{Claims, Loa, Role};
 
 /// One direction of a peer's link to the SFU.
 #[derive(Debug, Clone, Copy, Default)]
@@ -107,16 +107,9 @@ impl Sim {
     /// Claims for a simulated participant.
     pub fn claims(room: &str, sub: &str, role: Role) -> Claims {
         Claims {
-            room: room.into(),
-            sub: sub.into(),
             name: Some(sub.into()),
-            role,
-            can_publish: None,
-            can_subscribe: None,
             loa: Some(Loa::Midden),
-            exp: unix_now() + 3600,
-            nbf: None,
-            min_loa: None,
+            ..Claims::new(room, sub, role)
         }
     }
 

@@ -10,7 +10,7 @@ use balie_sfu::config::Config;
 use balie_sfu::server::install_crypto;
 pub use balie_sfu::sim::Join;
 use balie_sfu::sim::Peer;
-use balie_sfu::token::{sign_hs256, unix_now, Claims, Loa, Role};
+use balie_sfu::token::{sign_hs256, Claims, Loa, Role};
 use balie_sfu::Server;
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::Codec;
@@ -89,16 +89,9 @@ impl Drop for TestServer {
 
 pub fn claims(room: &str, identity: &str, role: Role) -> Claims {
     Claims {
-        room: room.into(),
-        sub: identity.into(),
         name: Some(format!("Name of {identity}")),
-        role,
-        can_publish: None,
-        can_subscribe: None,
         loa: Some(Loa::Substantieel),
-        exp: unix_now() + 3600,
-        nbf: None,
-        min_loa: None,
+        ..Claims::new(room, identity, role)
     }
 }
 
