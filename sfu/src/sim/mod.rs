@@ -28,15 +28,53 @@ use crate::shard::{
 };
 use crate::token::{Claims, Loa, Role};
 
-/// One direction of a peer's link to the SFU.
+/// One direction of a peer's link to the SFU: a netem-like model.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Link {
     /// One-way delay.
     pub latency: Duration,
-    /// Probability that a datagram is lost.
+    /// Extra delay, uniform in `0..jitter`, per datagram (datagrams may reorder).
+    pub jitter: Duration,
+    /// Probability that a datagram is lost (independently).
     pub loss: f64,
+    /// Bursty loss (Gilbert-Elliott): in a burst every datagram is lost.
+    pub burst: Option<Burst>,
+    /// Bottleneck rate in bits per second; datagrams queue behind it.
+    pub rate: Option<u64>,
+    /// The bottleneck's queue, as delay: a datagram that would wait longer is
+    /// dropped (drop-tail). Zero means 200 ms.
+    pub queue: Duration,
     /// Cut: nothing passes.
     pub down: bool,
+}
+
+/// Gilbert-Elliott bursty loss: per datagram, the chance to enter a burst
+/// and, inside one, the chance to leave it. Mean burst length is `1 / leave`
+/// datagrams; the long-run loss rate is `enter / (enter + leave)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Burst {
+    /// Chance per datagram to start a burst.
+    pub enter: f64,
+    /// Chance per datagram to end a burst.
+    pub leave: f64,
+}
+
+impl Burst {
+    /// A burst model with the given long-run loss rate and mean burst length
+    /// (in datagrams).
+    pub fn new(loss: f64, mean_len: f64) -> Burst {
+        let leave = 1.0 / mean_len.max(1.0);
+        let enter = loss * leave / (1.0 - loss).max(1e-9);
+        Burst { enter, leave }
+    }
+}
+
+/// What a link remembers between datagrams.
+#[derive(Debug, Clone, Copy, Default)]
+struct LinkState {
+    /// When the bottleneck is free again.
+    busy_until: Option<Instant>,
+    in_burst: bool,
 }
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -62,6 +100,7 @@ pub struct Sim {
     pub sessions: Vec<SessionId>,
     /// Each peer's uplink (peer to SFU) and downlink.
     pub links: Vec<(Link, Link)>,
+    link_state: Vec<(LinkState, LinkState)>,
     /// Events the shard reported.
     pub events: Vec<ShardEvent>,
     /// Metrics of the shard.
@@ -92,6 +131,7 @@ impl Sim {
             peers: Vec::new(),
             sessions: Vec::new(),
             links: Vec::new(),
+            link_state: Vec::new(),
             events: Vec::new(),
             metrics,
             shard_busy: Duration::ZERO,
@@ -147,6 +187,7 @@ impl Sim {
             ..Link::default()
         };
         self.links.push((link, link));
+        self.link_state.push(Default::default());
         self.collect();
         i
     }
@@ -161,13 +202,52 @@ impl Sim {
         self.collect();
     }
 
-    fn send(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>, link: Link) {
-        if link.down || (link.loss > 0.0 && self.rng.random_bool(link.loss.min(1.0))) {
+    /// Put a datagram on peer `i`'s link, `up` (to the SFU) or down.
+    fn send(&mut self, i: usize, up: bool, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
+        let (link, state) = if up {
+            (self.links[i].0, &mut self.link_state[i].0)
+        } else {
+            (self.links[i].1, &mut self.link_state[i].1)
+        };
+        if link.down {
             return;
         }
+        if let Some(b) = link.burst {
+            let flip = if state.in_burst { b.leave } else { b.enter };
+            if self.rng.random_bool(flip.clamp(0.0, 1.0)) {
+                state.in_burst = !state.in_burst;
+            }
+            if state.in_burst {
+                return;
+            }
+        }
+        if link.loss > 0.0 && self.rng.random_bool(link.loss.min(1.0)) {
+            return;
+        }
+        let mut depart = self.now;
+        if let Some(rate) = link.rate {
+            let start = state.busy_until.map_or(self.now, |b| b.max(self.now));
+            let queue = if link.queue.is_zero() {
+                Duration::from_millis(200)
+            } else {
+                link.queue
+            };
+            if start > self.now + queue {
+                return; // drop-tail
+            }
+            let wire =
+                Duration::from_secs_f64((data.len() as f64 + 28.0) * 8.0 / rate.max(1) as f64);
+            depart = start + wire;
+            state.busy_until = Some(depart);
+        }
+        let jitter = if link.jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            self.rng.random_range(Duration::ZERO..link.jitter)
+        };
         self.seq += 1;
         self.net.push(Reverse(InFlight {
-            at: self.now + link.latency,
+            at: depart + link.latency + jitter,
             seq: self.seq,
             from,
             to,
@@ -188,11 +268,9 @@ impl Sim {
             match output {
                 ShardOutput::Transmit(t) => {
                     self.shard_sent += 1;
-                    let link = self
-                        .peer_index(t.destination)
-                        .map(|i| self.links[i].1)
-                        .unwrap_or_default();
-                    self.send(t.source, t.destination, t.contents.to_vec(), link);
+                    if let Some(i) = self.peer_index(t.destination) {
+                        self.send(i, false, t.source, t.destination, t.contents.to_vec());
+                    }
                 }
                 ShardOutput::Event(e) => self.events.push(e),
                 ShardOutput::Timeout(_) => break,
@@ -201,9 +279,8 @@ impl Sim {
         let mut out = Vec::new();
         for i in 0..self.peers.len() {
             self.peers[i].poll(&mut out);
-            let up = self.links[i].0;
             for t in out.drain(..) {
-                self.send(t.source, t.destination, t.contents.to_vec(), up);
+                self.send(i, true, t.source, t.destination, t.contents.to_vec());
             }
         }
     }
@@ -489,6 +566,42 @@ mod tests {
             .events
             .iter()
             .any(|e| matches!(e, ShardEvent::RoomClosed { .. })));
+    }
+
+    #[test]
+    fn the_link_model_limits_rate_and_loses_in_bursts() {
+        // A peer whose downlink is 200 kbit/s receives at most about that.
+        let mut s = sim();
+        let a = s.join("r", Sim::claims("r", "a", Role::Interpreter), Join::Api);
+        let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
+        s.run_for(Duration::from_secs(2));
+        s.links[b].1.rate = Some(200_000);
+        let ta = s.peers[a].tag;
+        let before = s.peers[b].frames_from(ta, MediaKind::Video);
+        s.run_for(Duration::from_secs(5));
+        let got = s.peers[b].frames_from(ta, MediaKind::Video) - before;
+        // The publisher sends about 30 frames/s of ~2.8 kB (~700 kbit/s): at
+        // 200 kbit/s well under half of them can arrive.
+        assert!(got < 75, "frames through a 200 kbit/s link in 5 s: {got}");
+
+        // Gilbert-Elliott: the long-run loss matches, in bursts.
+        let mut rng = StdRng::seed_from_u64(9);
+        let model = Burst::new(0.05, 4.0);
+        let (mut lost, mut bursts, mut in_burst) = (0u32, 0u32, false);
+        for _ in 0..100_000 {
+            let flip = if in_burst { model.leave } else { model.enter };
+            if rng.random_bool(flip) {
+                in_burst = !in_burst;
+                if in_burst {
+                    bursts += 1;
+                }
+            }
+            lost += in_burst as u32;
+        }
+        let rate = lost as f64 / 100_000.0;
+        let mean = lost as f64 / bursts as f64;
+        assert!((0.04..0.06).contains(&rate), "loss rate {rate}");
+        assert!((3.0..5.0).contains(&mean), "mean burst {mean}");
     }
 
     #[test]
