@@ -8,6 +8,7 @@
 
 pub mod core;
 pub mod driver;
+pub mod layers;
 pub mod room;
 pub mod session;
 pub mod timers;
