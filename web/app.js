@@ -19,7 +19,7 @@ const state = {
   people: new Map(),    // id -> roster entry
   midToPeer: new Map(), // mid -> participant id
   remoteStreams: new Map(), // participant id -> MediaStream
-  remoteAnswer: null,   // last remote SDP, for ICE restarts
+  dtlsSetup: 'passive', // the server's DTLS role from its first answer
   location: null,       // session URL
   ended: false,
   restartUntil: 0,
@@ -166,7 +166,7 @@ async function join() {
   }
   state.location = resp.headers.get('Location');
   const sdp = await resp.text();
-  state.remoteAnswer = sdp;
+  state.dtlsSetup = /a=setup:(\w+)/.exec(sdp)?.[1] ?? 'passive';
   await pc.setRemoteDescription({ type: 'answer', sdp });
   window.addEventListener('pagehide', () => leave(true));
   startQualityMonitor();
@@ -218,7 +218,6 @@ async function onMessage(msg) {
       for (const tr of msg.tracks) state.midToPeer.set(tr.mid, tr.participant);
       await state.pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
       await state.pc.setLocalDescription(await state.pc.createAnswer());
-      state.remoteAnswer = state.pc.remoteDescription.sdp;
       send({ type: 'answer', sdp: state.pc.localDescription.sdp });
       break;
     case 'answer':
@@ -412,11 +411,14 @@ async function iceRestart() {
     const answerFrag = await resp.text();
     const ufrag = /a=ice-ufrag:(\S+)/.exec(answerFrag)?.[1];
     const pwd = /a=ice-pwd:(\S+)/.exec(answerFrag)?.[1];
-    const answer = state.remoteAnswer
+    // The answer is the session as it stands (the latest remote description,
+    // which may be a server offer) with the new credentials and the DTLS role
+    // fixed by the first answer.
+    const answer = state.pc.currentRemoteDescription.sdp
       .replace(/a=ice-ufrag:\S+/g, `a=ice-ufrag:${ufrag}`)
-      .replace(/a=ice-pwd:\S+/g, `a=ice-pwd:${pwd}`);
+      .replace(/a=ice-pwd:\S+/g, `a=ice-pwd:${pwd}`)
+      .replace(/a=setup:actpass/g, `a=setup:${state.dtlsSetup}`);
     await state.pc.setRemoteDescription({ type: 'answer', sdp: answer });
-    state.remoteAnswer = answer;
     return 'sent';
   } catch {
     // The network (or the server) is unreachable: the caller tries again.

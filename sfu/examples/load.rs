@@ -99,7 +99,7 @@ fn sim(calls: usize, seconds: u64) {
 
 fn setup(n: usize) {
     balie_sfu::server::install_crypto();
-    let setup = SessionSetup::new(400).expect("certificate");
+    let setup = SessionSetup::new(400, true).expect("certificate");
     let addr = "127.0.0.1:5000".parse().expect("addr");
     let offers: Vec<_> = (0..n)
         .map(|i| Peer::new("x", i as u32, Join::Api, Codec::Vp8, addr, Instant::now()).1)

@@ -61,8 +61,12 @@ pub struct RoomsConfig {
     /// An empty room is kept this long before it is closed. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub empty_grace: Duration,
-    /// The simulcast layer (rid) forwarded from simulcast publishers. Default `h`.
+    /// The simulcast layer (rid) forwarded from simulcast publishers when
+    /// `adaptive_layers` is off. Default `h`.
     pub simulcast_layer: String,
+    /// Choose each subscriber's simulcast layer from its bandwidth estimate.
+    /// Default true.
+    pub adaptive_layers: bool,
     /// A session whose ICE connection was lost is kept this long for an ICE
     /// restart before it is closed. Default 30 s.
     #[serde(with = "humantime_serde")]
@@ -126,6 +130,7 @@ impl Default for RoomsConfig {
             max_participants: 8,
             empty_grace: Duration::from_secs(5),
             simulcast_layer: "h".into(),
+            adaptive_layers: true,
             reconnect_grace: Duration::from_secs(30),
             keyframe_request_interval: Duration::from_millis(500),
             min_loa: None,

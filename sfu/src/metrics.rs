@@ -28,6 +28,9 @@ pub struct Metrics {
     errors: IntCounterVec,
     http_errors: IntCounterVec,
     channel_messages: IntCounterVec,
+    layer_switches: IntCounterVec,
+    layer_switches_done: IntCounterVec,
+    bwe_estimate: HistogramVec,
     draining: IntGauge,
 }
 
@@ -68,6 +71,22 @@ pub struct ShardMetrics {
     pub channel_bad: IntCounter,
     /// Data channel messages received and handled.
     pub channel_ok: IntCounter,
+    /// Simulcast layer switches carried out (on the new layer's keyframe).
+    pub layer_switches_done: IntCounter,
+    /// Bandwidth estimates of subscriber links, bit/s.
+    pub bwe_estimate: prometheus::Histogram,
+    layer_switches: IntCounterVec,
+    shard: String,
+}
+
+impl ShardMetrics {
+    /// A layer switch was decided (`direction` up, down or start; `cause`
+    /// from `shard::layers::Cause`). Rare: resolved on use.
+    pub fn layer_switch(&self, direction: &str, cause: &str) {
+        self.layer_switches
+            .with_label_values(&[self.shard.as_str(), direction, cause])
+            .inc();
+    }
 }
 
 impl Metrics {
@@ -147,6 +166,33 @@ impl Metrics {
                 &["shard", "result"],
             )
             .expect("valid metric"),
+            layer_switches: IntCounterVec::new(
+                Opts::new(
+                    "layer_switch_decisions_total",
+                    "Simulcast layer changes decided for subscribers, by direction and cause.",
+                ),
+                &["shard", "direction", "cause"],
+            )
+            .expect("valid metric"),
+            layer_switches_done: IntCounterVec::new(
+                Opts::new(
+                    "layer_switches_total",
+                    "Simulcast layer switches carried out (on the new layer's keyframe).",
+                ),
+                shard,
+            )
+            .expect("valid metric"),
+            bwe_estimate: HistogramVec::new(
+                HistogramOpts::new(
+                    "bwe_estimate_bps",
+                    "Bandwidth estimates of subscriber links (bit/s).",
+                )
+                .buckets(vec![
+                    100e3, 200e3, 300e3, 500e3, 750e3, 1e6, 1.5e6, 2e6, 3e6, 5e6, 10e6,
+                ]),
+                &["shard"],
+            )
+            .expect("valid metric"),
             draining: IntGauge::new("draining", "1 while the node drains after SIGTERM.")
                 .expect("valid metric"),
             registry,
@@ -166,6 +212,9 @@ impl Metrics {
             Box::new(m.errors.clone()),
             Box::new(m.http_errors.clone()),
             Box::new(m.channel_messages.clone()),
+            Box::new(m.layer_switches.clone()),
+            Box::new(m.layer_switches_done.clone()),
+            Box::new(m.bwe_estimate.clone()),
             Box::new(m.draining.clone()),
         ] {
             r.register(c).expect("metric names are unique");
@@ -195,6 +244,10 @@ impl Metrics {
             err_sdp: self.errors.with_label_values(&[s, "renegotiation"]),
             channel_bad: self.channel_messages.with_label_values(&[s, "refused"]),
             channel_ok: self.channel_messages.with_label_values(&[s, "ok"]),
+            layer_switches_done: self.layer_switches_done.with_label_values(&[s]),
+            bwe_estimate: self.bwe_estimate.with_label_values(&[s]),
+            layer_switches: self.layer_switches.clone(),
+            shard: s.to_string(),
         }
     }
 

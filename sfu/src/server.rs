@@ -46,7 +46,7 @@ impl Server {
         let config = Arc::new(config);
         let metrics = Metrics::new();
         let verifier = Verifier::new(&config.auth)?;
-        let setup = SessionSetup::new(config.media.send_buffer_video)
+        let setup = SessionSetup::new(config.media.send_buffer_video, config.rooms.adaptive_layers)
             .map_err(|_| Error::Rtc("cannot generate the DTLS certificate".into()))?;
 
         let count = config.shard_count();
@@ -55,6 +55,7 @@ impl Server {
             reconnect_grace: config.rooms.reconnect_grace,
             keyframe_request_interval: config.rooms.keyframe_request_interval,
             empty_grace: config.rooms.empty_grace,
+            adaptive_layers: config.rooms.adaptive_layers,
         };
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
         let mut shards = Vec::with_capacity(count);

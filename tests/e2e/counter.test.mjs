@@ -213,7 +213,16 @@ test('a short outage: the ICE restart brings the call back', async () => {
     await until(async () => (await o.locator('#quality').getAttribute('data-quality')) === 'reconnecting', 20000, 'the page notices');
     own.resume();
     const before = (await inbound(o)).framesDecoded;
-    await until(async () => (await inbound(o)).framesDecoded > before + 30, 30000, 'video flows again');
+    try {
+      await until(async () => (await inbound(o)).framesDecoded > before + 30, 30000, 'video flows again');
+    } catch (e) {
+      const m = await (await fetch(`${own.url}/metrics`)).text();
+      console.log(m.split('\n').filter((l) => /layer|keyframe|bwe_estimate_bps_(sum|count)|frames_forwarded/.test(l)).join('\n'));
+      console.log(JSON.stringify(await inbound(o)), JSON.stringify(await inbound(i)));
+      console.log(own.log().split('\n').slice(-15).join('\n'));
+      console.log(await o.evaluate(() => `${document.body.dataset.view} ${window.balie.state.pc?.iceConnectionState} ${document.getElementById('ended-text').textContent}`));
+      throw e;
+    }
     assert.equal(await o.locator('#view-call').isVisible(), true, 'still in the call');
     assert.match(own.log(), /ice restart/, 'the client restarted ICE through PATCH');
   } finally {

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::channel::ChannelData;
 use str0m::ice::StunMessage;
@@ -43,6 +44,9 @@ pub struct ShardConfig {
     pub keyframe_request_interval: Duration,
     /// How long an empty room is kept.
     pub empty_grace: Duration,
+    /// Choose each subscriber's simulcast layer from its bandwidth estimate
+    /// (else everyone gets `simulcast_layer`).
+    pub adaptive_layers: bool,
 }
 
 impl Default for ShardConfig {
@@ -52,6 +56,7 @@ impl Default for ShardConfig {
             reconnect_grace: Duration::from_secs(30),
             keyframe_request_interval: Duration::from_millis(500),
             empty_grace: Duration::from_secs(5),
+            adaptive_layers: true,
         }
     }
 }
@@ -163,6 +168,13 @@ pub enum ShardOutput {
     Timeout(Instant),
 }
 
+/// How often a subscriber's simulcast layer is reconsidered.
+const DECIDE_EVERY: Duration = Duration::from_millis(200);
+
+/// Bandwidth kept for each audio track a subscriber receives (Opus at
+/// 32 kbit/s plus packet overhead) before video layers are chosen.
+pub const AUDIO_BUDGET: u64 = 48_000;
+
 /// Messages kept for a session whose data channel cannot take them (its send
 /// buffer is full); past this the session is closed (a stuck client).
 const MAX_OUTBOX: usize = 512;
@@ -224,6 +236,11 @@ impl ShardCore {
     /// Rooms on this shard (empty ones in their grace period included).
     pub fn room_count(&self) -> usize {
         self.rooms.len()
+    }
+
+    /// The latest bandwidth estimate towards a session's peer (bit/s).
+    pub fn estimate(&self, session: SessionId) -> Option<u64> {
+        self.sessions.get(&session).and_then(|s| s.estimate)
     }
 
     /// The participants of a room, in join order.
@@ -439,6 +456,7 @@ impl ShardCore {
             disconnected_since: None,
             outbox: VecDeque::new(),
             admitted,
+            estimate: None,
             span,
         };
         let joined = ServerMessage::ParticipantJoined {
@@ -679,6 +697,12 @@ impl ShardCore {
                 }
             }
             Event::Closed => self.close(now, sid, LeaveReason::Left),
+            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
+                if let Some(sess) = self.sessions.get_mut(&sid) {
+                    sess.estimate = Some(estimate.as_u64());
+                    self.metrics.bwe_estimate.observe(estimate.as_f64());
+                }
+            }
             _ => {}
         }
     }
@@ -702,7 +726,7 @@ impl ShardCore {
             .collect();
         let room = sess.room.clone();
         for t in receiving {
-            self.request_keyframe(now, &room, t, KeyframeRequestKind::Pli);
+            self.request_keyframe_for(now, sid, &room, t, KeyframeRequestKind::Pli);
         }
         self.renegotiate.insert(sid);
     }
@@ -761,7 +785,8 @@ impl ShardCore {
                     mid: m.mid,
                     kind: m.kind,
                     layer,
-                    last_keyframe_request: None,
+                    layers: Default::default(),
+                    keyframe_asked: Vec::new(),
                 };
                 let others: Vec<SessionId> = match self.rooms.get_mut(&room_id) {
                     Some(room) => {
@@ -819,29 +844,29 @@ impl ShardCore {
         }
         if let Some(i) = sess.free_slots.iter().position(|(_, k)| *k == track.kind) {
             let (mid, _) = sess.free_slots.remove(i);
-            sess.tracks_out.push(TrackOut {
-                track: track.id,
-                owner: track.owner,
-                kind: track.kind,
-                state: OutState::Open(mid),
-                on_slot: true,
-            });
+            sess.tracks_out.push(TrackOut::new(
+                track.id,
+                track.owner,
+                track.kind,
+                OutState::Open(mid),
+                true,
+            ));
             if sess.channel.is_some() {
                 let tracks = track_infos(sess);
                 sess.send(&ServerMessage::Tracks { tracks });
             }
             if sess.connected {
                 let room = sess.room.clone();
-                self.request_keyframe(now, &room, track.id, KeyframeRequestKind::Pli);
+                self.request_keyframe_for(now, sub, &room, track.id, KeyframeRequestKind::Pli);
             }
         } else if sess.kind == SessionKind::Api {
-            sess.tracks_out.push(TrackOut {
-                track: track.id,
-                owner: track.owner,
-                kind: track.kind,
-                state: OutState::ToOpen,
-                on_slot: false,
-            });
+            sess.tracks_out.push(TrackOut::new(
+                track.id,
+                track.owner,
+                track.kind,
+                OutState::ToOpen,
+                false,
+            ));
             self.renegotiate.insert(sub);
         }
     }
@@ -985,6 +1010,8 @@ impl ShardCore {
     // ---- forwarding --------------------------------------------------------------
 
     /// Write a publisher's frame into every subscriber that receives its track.
+    /// For a simulcast track each subscriber gets the layer chosen for it
+    /// (`shard::layers`), switching on a keyframe of the new layer.
     fn forward(&mut self, now: Instant, sid: SessionId, data: MediaData) {
         let Some(room_id) = self.sessions.get(&sid).map(|s| s.room.clone()) else {
             return;
@@ -992,17 +1019,28 @@ impl ShardCore {
         let Some(room) = self.rooms.get_mut(&room_id) else {
             return;
         };
-        let Some(track) = room.track_by_source(sid, data.mid) else {
+        // Field by field, so the track and the member list borrow apart.
+        let Some(track) = room
+            .tracks
+            .iter_mut()
+            .find(|t| t.owner == sid && t.mid == data.mid)
+        else {
             return; // not published (e.g. an observer sending media)
         };
-        if let Some(layer) = track.layer {
-            if data.rid.is_some() && data.rid != Some(layer) {
+        let adaptive = track.simulcast() && self.config.adaptive_layers;
+        if track.simulcast() {
+            if let Some(rid) = data.rid {
+                track.layers.on_frame(rid, data.data.len(), now);
+            }
+            if !adaptive && data.rid.is_some() && data.rid != track.layer {
                 return;
             }
         }
         let track_id = track.id;
         let kind = track.kind;
+        let keyframe = data.is_keyframe();
         let mut failed = Vec::new();
+        let mut asks: Vec<Option<Rid>> = Vec::new();
         for &other in &room.sessions {
             if other == sid {
                 continue;
@@ -1010,17 +1048,61 @@ impl ShardCore {
             let Some(sub) = self.sessions.get_mut(&other) else {
                 continue;
             };
-            let Some(mid) = sub.open_mid_for(track_id) else {
+            let budget = sub.video_budget();
+            let Some(out) = sub.tracks_out.iter_mut().find(|t| t.track == track_id) else {
                 continue;
             };
+            let OutState::Open(mid) = out.state else {
+                continue;
+            };
+            let mut switched = false;
+            if adaptive {
+                let Some(rid) = data.rid else { continue };
+                if out.decided_at.is_none_or(|t| now >= t + DECIDE_EVERY) {
+                    out.decided_at = Some(now);
+                    let active = track.layers.active(now);
+                    let before = out.choice.target.or(out.choice.current);
+                    if let Some(new) = out.choice.decide(now, budget, &active) {
+                        asks.push(Some(new));
+                        let pos = |r: Option<Rid>| {
+                            r.and_then(|r| active.iter().position(|(x, _)| *x == r))
+                        };
+                        let dir = match (pos(before), pos(Some(new))) {
+                            (Some(a), Some(b)) if b < a => "down",
+                            (Some(_), _) => "up",
+                            (None, _) => "start",
+                        };
+                        self.metrics.layer_switch(dir, out.choice.cause.as_str());
+                    }
+                    // Let the estimator probe towards the next layer up.
+                    if let Some(next) = out.choice.next_up(&active) {
+                        let current = active
+                            .iter()
+                            .find(|(r, _)| Some(*r) == out.choice.current)
+                            .map_or(0, |(_, b)| *b);
+                        let desired = (next as f64 * super::layers::HEADROOM) as u64 + AUDIO_BUDGET;
+                        sub.rtc
+                            .bwe()
+                            .set_bitrate(Bitrate::bps(current), Bitrate::bps(desired));
+                    }
+                }
+                let (pass, did_switch) = out.choice.admit_frame(rid, keyframe);
+                if !pass {
+                    continue;
+                }
+                if did_switch {
+                    self.metrics.layer_switches_done.inc();
+                }
+                switched = did_switch;
+            }
+            let rtp_time = out.map_time(data.time, data.network_time, switched);
             let written = catch_unwind(AssertUnwindSafe(|| {
                 let writer = sub.rtc.writer(mid)?;
                 let pt = writer.match_params(data.params)?;
-                Some(writer.write(pt, data.network_time, data.time, data.data.clone()))
+                Some(writer.write(pt, data.network_time, rtp_time, data.data.clone()))
             }));
             match written {
                 Ok(Some(Ok(()))) => {
-                    tracing::trace!(session = %other.short(), %mid, "wrote frame");
                     self.metrics.frames_forwarded.inc();
                     if !self.dirty.contains(&other) {
                         self.dirty.push(other);
@@ -1040,9 +1122,57 @@ impl ShardCore {
             self.metrics.err_rtc_panic.inc();
             self.close(now, other, LeaveReason::Failed);
         }
-        if kind == MediaKind::Video && !data.contiguous {
-            self.request_keyframe(now, &room_id, track_id, KeyframeRequestKind::Fir);
+        asks.dedup();
+        for rid in asks {
+            self.request_keyframe(now, &room_id, track_id, rid, KeyframeRequestKind::Fir);
         }
+        if kind == MediaKind::Video && !data.contiguous {
+            self.request_keyframe(now, &room_id, track_id, data.rid, KeyframeRequestKind::Fir);
+        }
+    }
+
+    /// The layer `sub` receives (or is about to) of `track`: what a keyframe
+    /// request on its behalf must ask for.
+    fn subscribed_rid(&self, sub: SessionId, room: &RoomId, track: TrackId) -> Option<Rid> {
+        let out = self
+            .sessions
+            .get(&sub)
+            .and_then(|s| s.tracks_out.iter().find(|t| t.track == track));
+        out.and_then(|o| o.choice.target.or(o.choice.current))
+            .or_else(|| {
+                self.rooms
+                    .get(room)
+                    .and_then(|r| r.tracks.iter().find(|t| t.id == track))
+                    .and_then(|t| {
+                        if self.config.adaptive_layers {
+                            None
+                        } else {
+                            t.layer
+                        }
+                    })
+            })
+    }
+
+    /// Ask for a keyframe on behalf of subscriber `sub`.
+    fn request_keyframe_for(
+        &mut self,
+        now: Instant,
+        sub: SessionId,
+        room: &RoomId,
+        track: TrackId,
+        kind: KeyframeRequestKind,
+    ) {
+        let simulcast = self
+            .rooms
+            .get(room)
+            .and_then(|r| r.tracks.iter().find(|t| t.id == track))
+            .is_some_and(|t| t.simulcast());
+        let rid = self.subscribed_rid(sub, room, track);
+        // A simulcast layer not chosen yet gets its keyframe request when it is.
+        if simulcast && rid.is_none() {
+            return;
+        }
+        self.request_keyframe(now, room, track, rid, kind);
     }
 
     fn route_keyframe_request(&mut self, now: Instant, sid: SessionId, req: KeyframeRequest) {
@@ -1053,15 +1183,17 @@ impl ShardCore {
             return;
         };
         let room = sess.room.clone();
-        self.request_keyframe(now, &room, track, req.kind);
+        self.request_keyframe_for(now, sid, &room, track, req.kind);
     }
 
-    /// Ask a track's publisher for a keyframe, at most once per interval.
+    /// Ask a track's publisher for a keyframe on layer `rid`, at most once
+    /// per interval and layer.
     fn request_keyframe(
         &mut self,
         now: Instant,
         room_id: &RoomId,
         track: TrackId,
+        rid: Option<Rid>,
         kind: KeyframeRequestKind,
     ) {
         let interval = self.config.keyframe_request_interval;
@@ -1071,13 +1203,12 @@ impl ShardCore {
         if t.kind != MediaKind::Video {
             return;
         }
-        if t.last_keyframe_request
-            .is_some_and(|last| now < last + interval)
-        {
-            return;
+        match t.keyframe_asked.iter_mut().find(|(r, _)| *r == rid) {
+            Some((_, last)) if now < *last + interval => return,
+            Some((_, last)) => *last = now,
+            None => t.keyframe_asked.push((rid, now)),
         }
-        t.last_keyframe_request = Some(now);
-        let (owner, mid, layer) = (t.owner, t.mid, t.layer);
+        let (owner, mid) = (t.owner, t.mid);
         let Some(publisher) = self.sessions.get_mut(&owner) else {
             return;
         };
@@ -1085,7 +1216,7 @@ impl ShardCore {
             publisher
                 .rtc
                 .writer(mid)
-                .map(|mut w| w.request_keyframe(layer, kind).is_ok())
+                .map(|mut w| w.request_keyframe(rid, kind).is_ok())
         }));
         if let Ok(Some(true)) = asked {
             self.metrics.keyframe_requests.inc();
@@ -1226,7 +1357,7 @@ impl ShardCore {
         }
         let room = sess.room.clone();
         for t in opened {
-            self.request_keyframe(now, &room, t, KeyframeRequestKind::Pli);
+            self.request_keyframe_for(now, sid, &room, t, KeyframeRequestKind::Pli);
         }
         // More changes may have queued while the offer was out.
         self.renegotiate.insert(sid);

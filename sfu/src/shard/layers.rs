@@ -130,6 +130,10 @@ pub struct LayerChoice {
     up_blocked_until: Option<Instant>,
     backoff: Duration,
     last_up: Option<Instant>,
+    /// Going down for lack of bandwidth: the current layer is no longer
+    /// forwarded while waiting for the lower layer's keyframe (a short
+    /// freeze beats queueing a layer the link cannot carry).
+    draining: bool,
 }
 
 impl Default for LayerChoice {
@@ -142,6 +146,7 @@ impl Default for LayerChoice {
             up_blocked_until: None,
             backoff: UP_HOLD,
             last_up: None,
+            draining: false,
         }
     }
 }
@@ -154,9 +159,13 @@ impl LayerChoice {
         if active.is_empty() {
             return None;
         }
-        let fits = |bitrate: u64| (bitrate as f64 * HEADROOM) as u64 <= budget;
-        // The highest layer that fits, at least the lowest.
-        let fit = active.iter().rposition(|(_, b)| fits(*b)).unwrap_or(0);
+        // Hysteresis: a layer is kept while it fits the budget, and the next
+        // one up is only taken with HEADROOM to spare.
+        let keep = active.iter().rposition(|(_, b)| *b <= budget).unwrap_or(0);
+        let up = active
+            .iter()
+            .rposition(|(_, b)| (*b as f64 * HEADROOM) as u64 <= budget)
+            .unwrap_or(0);
         let wanted = self.target.or(self.current);
         let cur = wanted.and_then(|r| active.iter().position(|(rid, _)| *rid == r));
         let next = match cur {
@@ -168,9 +177,9 @@ impl LayerChoice {
                     Cause::Start
                 };
                 self.above_since = None;
-                fit
+                up
             }
-            Some(c) if fit < c => {
+            Some(c) if keep < c => {
                 // Down at once. Going down soon after going up: back off.
                 if self
                     .last_up
@@ -182,9 +191,10 @@ impl LayerChoice {
                 self.last_up = None;
                 self.above_since = None;
                 self.cause = Cause::Bandwidth;
-                fit
+                self.draining = true;
+                keep
             }
-            Some(c) if fit > c => {
+            Some(c) if up > c => {
                 // Up one step, once the budget has held and no backoff runs.
                 let since = *self.above_since.get_or_insert(now);
                 let blocked = self.up_blocked_until.is_some_and(|t| now < t);
@@ -213,6 +223,9 @@ impl LayerChoice {
         if Some(rid) == wanted {
             return None;
         }
+        if next >= cur.unwrap_or(0) {
+            self.draining = false;
+        }
         self.target = Some(rid);
         Some(rid)
     }
@@ -223,12 +236,15 @@ impl LayerChoice {
         if self.target == Some(rid) && self.current != Some(rid) {
             if keyframe {
                 self.current = Some(rid);
+                self.draining = false;
                 return (true, true);
             }
-            // Keep forwarding the current layer until the target's keyframe.
             return (false, false);
         }
-        (self.current == Some(rid), false)
+        // Until the target's keyframe the current layer goes on, unless the
+        // link cannot carry it.
+        let pass = self.current == Some(rid) && !(self.draining && self.target != self.current);
+        (pass, false)
     }
 
     /// The bitrate the subscriber should be able to take next (for probing).
@@ -267,8 +283,8 @@ mod tests {
             c.decide(t0 + Duration::from_millis(100), 300_000, &layers()),
             Some(Rid::from("q"))
         );
-        // Until the keyframe on q, f is still forwarded.
-        assert_eq!(c.admit_frame(Rid::from("f"), false), (true, false));
+        // Going down for bandwidth: f stops at once; q starts at its keyframe.
+        assert_eq!(c.admit_frame(Rid::from("f"), false), (false, false));
         assert_eq!(c.admit_frame(Rid::from("q"), true), (true, true));
     }
 

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use str0m::media::{MediaKind, Mid, Rid};
 
+use super::layers::PublisherLayers;
 use crate::ids::{RoomId, SessionId, TrackId};
 
 /// A published track.
@@ -19,10 +20,20 @@ pub struct Track {
     pub mid: Mid,
     /// Audio or video.
     pub kind: MediaKind,
-    /// For a simulcast publisher, the layer that is forwarded; `None` otherwise.
+    /// For a simulcast publisher, the configured layer (forwarded when
+    /// adaptive layers are off); `None` for a single-layer publisher.
     pub layer: Option<Rid>,
-    /// Last keyframe request sent to the publisher for this track.
-    pub last_keyframe_request: Option<Instant>,
+    /// What a simulcast publisher sends right now, layer by layer.
+    pub layers: PublisherLayers,
+    /// Last keyframe request sent to the publisher, per layer.
+    pub keyframe_asked: Vec<(Option<Rid>, Instant)>,
+}
+
+impl Track {
+    /// Whether the publisher sends simulcast.
+    pub fn simulcast(&self) -> bool {
+        self.layer.is_some()
+    }
 }
 
 /// A room.

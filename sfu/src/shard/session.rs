@@ -10,10 +10,11 @@ use std::time::Instant;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::config::DtlsCert;
-use str0m::media::{MediaKind, Mid};
+use str0m::media::{MediaKind, MediaTime, Mid};
 use str0m::net::Transmit;
 use str0m::{Candidate, Event, IceCreds, Input, Output, Rtc, RtcConfig};
 
+use super::layers::LayerChoice;
 use crate::ids::{RoomId, SessionId, TrackId};
 use crate::signal::channel::{ParticipantState, RosterEntry, ServerMessage};
 use crate::token::Claims;
@@ -93,6 +94,55 @@ pub struct TrackOut {
     /// True when it rides on an m-line the client offered (WHEP style);
     /// false when the server added the m-line.
     pub on_slot: bool,
+    /// For a simulcast track: which layer this subscriber gets.
+    pub choice: LayerChoice,
+    /// When the layer was last decided.
+    pub decided_at: Option<Instant>,
+    /// Added to the publisher's RTP time, so a layer switch does not jump.
+    pub ts_offset: i64,
+    /// The last RTP time written, and when.
+    pub last_out: Option<(i64, Instant)>,
+}
+
+impl TrackOut {
+    /// A track out in `state`.
+    pub fn new(
+        track: TrackId,
+        owner: SessionId,
+        kind: MediaKind,
+        state: OutState,
+        on_slot: bool,
+    ) -> TrackOut {
+        TrackOut {
+            track,
+            owner,
+            kind,
+            state,
+            on_slot,
+            choice: LayerChoice::default(),
+            decided_at: None,
+            ts_offset: 0,
+            last_out: None,
+        }
+    }
+
+    /// The RTP time to write for a frame of the publisher's `time` at `wall`.
+    /// After a layer switch (`rebase`), the offset is chosen so the output
+    /// continues where it was, advanced by the wall-clock time in between.
+    pub fn map_time(&mut self, time: MediaTime, wall: Instant, rebase: bool) -> MediaTime {
+        let hz = time.frequency().get() as f64;
+        let input = time.numer() as i64;
+        if rebase {
+            if let Some((last, at)) = self.last_out {
+                let expected =
+                    last + (wall.saturating_duration_since(at).as_secs_f64() * hz) as i64;
+                self.ts_offset = expected - input;
+            }
+        }
+        let out = (input + self.ts_offset).max(0);
+        self.last_out = Some((out, wall));
+        MediaTime::new(out as u64, time.frequency())
+    }
 }
 
 /// A session inside a shard.
@@ -137,6 +187,8 @@ pub struct Session {
     pub disconnected_since: Option<Instant>,
     /// Messages waiting for room in the data channel.
     pub outbox: VecDeque<String>,
+    /// The latest bandwidth estimate for what we send to this peer (bit/s).
+    pub estimate: Option<u64>,
     /// Let into the call. Citizens start in the waiting room (`false`) until
     /// an official admits them; nothing flows to or from them until then.
     pub admitted: bool,
@@ -250,6 +302,24 @@ impl Session {
         }
     }
 
+    /// Bandwidth for each video track this session receives (bit/s): its
+    /// estimate (600 kbit/s until there is one) less audio, shared equally.
+    pub fn video_budget(&self) -> u64 {
+        let estimate = self.estimate.unwrap_or(INITIAL_ESTIMATE_KBPS * 1000);
+        let audio = self
+            .tracks_out
+            .iter()
+            .filter(|t| t.kind == MediaKind::Audio)
+            .count() as u64;
+        let video = self
+            .tracks_out
+            .iter()
+            .filter(|t| t.kind == MediaKind::Video)
+            .count()
+            .max(1) as u64;
+        estimate.saturating_sub(audio * super::core::AUDIO_BUDGET) / video
+    }
+
     /// The mid on which this session receives `track`, if it flows.
     pub fn open_mid_for(&self, track: TrackId) -> Option<Mid> {
         self.tracks_out.iter().find_map(|t| match t.state {
@@ -286,11 +356,13 @@ pub struct SessionSetup {
     pub cert: DtlsCert,
     /// Packets of outgoing video kept for retransmission (str0m's default is 1000).
     pub send_buffer_video: usize,
+    /// Estimate the bandwidth towards each peer (TWCC), for adaptive layers.
+    pub bwe: bool,
 }
 
 impl SessionSetup {
-    /// A fresh certificate and the given buffer size.
-    pub fn new(send_buffer_video: usize) -> Result<SessionSetup, SetupError> {
+    /// A fresh certificate, the given buffer size, and bandwidth estimation on or off.
+    pub fn new(send_buffer_video: usize, bwe: bool) -> Result<SessionSetup, SetupError> {
         let cert = str0m::crypto::from_feature_flags()
             .dtls_provider
             .generate_certificate()
@@ -298,9 +370,13 @@ impl SessionSetup {
         Ok(SessionSetup {
             cert,
             send_buffer_video,
+            bwe,
         })
     }
 }
+
+/// The bandwidth estimate a session starts from.
+pub const INITIAL_ESTIMATE_KBPS: u64 = 600;
 
 /// Build a session's `Rtc` (ICE lite, the shared DTLS certificate, Opus, VP8
 /// and H.264 only) with host candidates at `candidates`, and answer the offer.
@@ -314,7 +390,11 @@ pub fn answer_offer(
 ) -> Result<(Rtc, SdpAnswer, String), SetupError> {
     let creds = IceCreds::new();
     let ufrag = creds.ufrag.clone();
-    let mut rtc = RtcConfig::new()
+    let mut config = RtcConfig::new();
+    if setup.bwe {
+        config = config.enable_bwe(Some(str0m::bwe::Bitrate::kbps(INITIAL_ESTIMATE_KBPS)));
+    }
+    let mut rtc = config
         .set_ice_lite(true)
         .set_dtls_cert(setup.cert.clone())
         .set_send_buffer_video(setup.send_buffer_video.max(64))

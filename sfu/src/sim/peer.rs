@@ -61,6 +61,10 @@ pub struct Received {
     pub tags: Vec<u32>,
     /// When the last frame came.
     pub last_at: Option<Instant>,
+    /// The tag of the last intact frame (its simulcast layer in the top byte).
+    pub last_tag: Option<u32>,
+    /// Layer changes seen: (from layer, to layer, the first frame was a keyframe).
+    pub switches: Vec<(u32, u32, bool)>,
 }
 
 /// A synthetic participant.
@@ -267,6 +271,12 @@ impl Peer {
                         if !r.tags.contains(&tag) {
                             r.tags.push(tag);
                         }
+                        if let Some(last) = r.last_tag {
+                            if last != tag && last & 0x00ff_ffff == tag & 0x00ff_ffff {
+                                r.switches.push((last >> 24, tag >> 24, d.is_keyframe()));
+                            }
+                        }
+                        r.last_tag = Some(tag);
                     }
                     None => r.corrupt += 1,
                 }
@@ -334,16 +344,18 @@ impl Peer {
                 let codec = self.video_codec;
                 let rtp = MediaTime::new(self.frame_no as u64 * 3000, Frequency::NINETY_KHZ);
                 if self.simulcast {
-                    // Layer i (q, h, f) carries tag | (i + 1) << 24 and a quarter,
-                    // half and all of the size.
+                    // Layer i (q, h, f) carries tag | (i + 1) << 24, at about
+                    // 150 kbit/s, 500 kbit/s and 1.5 Mbit/s (keyframes 3x).
                     for (i, rid) in LAYERS.iter().enumerate() {
                         let tag = self.tag | ((i as u32 + 1) << 24);
-                        let data = make_frame(
-                            tag,
-                            self.frame_no,
-                            size * (i + 1) / 4 + 200,
-                            Some((key, codec)),
-                        );
+                        let mean = LAYER_BYTES[i];
+                        let vary = mean * ((self.frame_no as usize * 37) % 40) / 100;
+                        let bytes = if key {
+                            mean * 3
+                        } else {
+                            mean - mean / 5 + vary
+                        };
+                        let data = make_frame(tag, self.frame_no, bytes, Some((key, codec)));
                         self.write(mid, Some(Rid::from(*rid)), codec, now, rtp, data);
                     }
                 } else {
@@ -361,6 +373,27 @@ impl Peer {
             .filter(|r| r.kind == Some(kind) && r.tags.iter().any(|t| t & 0x00ff_ffff == tag))
             .map(|r| r.frames)
             .sum()
+    }
+
+    /// The simulcast layer of the last video frame from the publisher with `tag`.
+    pub fn current_layer(&self, tag: u32) -> Option<&'static str> {
+        let last = self
+            .received
+            .values()
+            .filter(|r| r.kind == Some(MediaKind::Video))
+            .filter_map(|r| r.last_tag)
+            .find(|t| *t & 0x00ff_ffff == tag)?;
+        let layer = (last >> 24) as usize;
+        layer.checked_sub(1).and_then(|i| LAYERS.get(i)).copied()
+    }
+
+    /// Layer switches seen in frames from `tag`: (from, to, first frame was a keyframe).
+    pub fn switches_from(&self, tag: u32) -> Vec<(u32, u32, bool)> {
+        self.received
+            .values()
+            .filter(|r| r.tags.iter().any(|t| t & 0x00ff_ffff == tag))
+            .flat_map(|r| r.switches.iter().copied())
+            .collect()
     }
 
     /// The simulcast layers (rids) received from the publisher with `tag`.
@@ -390,6 +423,9 @@ impl Peer {
 
 /// The simulcast layers a simulcast peer sends, lowest first.
 pub const LAYERS: [&str; 3] = ["q", "h", "f"];
+
+/// Mean frame sizes of the layers at 30 frames/s: 150, 500 and 1,500 kbit/s.
+const LAYER_BYTES: [usize; 3] = [625, 2083, 6250];
 
 // Frame layout after the codec header: magic, tag u32, frame u32, len u32, filler.
 const VP8_KEY: [u8; 10] = [0x10, 0x02, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0xe0, 0x01];
