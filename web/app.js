@@ -18,6 +18,9 @@ const state = {
   me: null,             // my roster entry
   people: new Map(),    // id -> roster entry
   midToPeer: new Map(), // mid -> participant id
+  midKind: new Map(),   // mid -> 'audio' | 'video'
+  sentSizes: new Map(), // mid -> "WxH" last reported
+  shown: null,          // participant id of the large video
   remoteStreams: new Map(), // participant id -> MediaStream
   dtlsSetup: 'passive', // the server's DTLS role from its first answer
   location: null,       // session URL
@@ -215,7 +218,7 @@ async function onMessage(msg) {
       break;
     }
     case 'offer':
-      for (const tr of msg.tracks) state.midToPeer.set(tr.mid, tr.participant);
+      for (const tr of msg.tracks) { state.midToPeer.set(tr.mid, tr.participant); state.midKind.set(tr.mid, tr.kind); }
       await state.pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
       await state.pc.setLocalDescription(await state.pc.createAnswer());
       send({ type: 'answer', sdp: state.pc.localDescription.sdp });
@@ -224,7 +227,8 @@ async function onMessage(msg) {
       await state.pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
       break;
     case 'tracks':
-      for (const tr of msg.tracks) state.midToPeer.set(tr.mid, tr.participant);
+      for (const tr of msg.tracks) { state.midToPeer.set(tr.mid, tr.participant); state.midKind.set(tr.mid, tr.kind); }
+      reportSizes();
       break;
     case 'unmute-requested':
       announce(t('announce.unmute'));
@@ -245,6 +249,7 @@ function enterByState() {
   if (state.ended) return;
   show(state.me?.state === 'waiting' ? 'waiting' : 'call');
   $('official-panel').hidden = state.me?.role !== 'official';
+  reportSizes();
 }
 
 function nameOf(p) {
@@ -296,6 +301,28 @@ function renderRemote() {
   if (!pick) pick = [...state.remoteStreams.values()].find((s) => s.getTracks().length) ?? null;
   if ($('remote').srcObject !== pick) $('remote').srcObject = pick;
   $('remote-empty').hidden = !!pick;
+  state.shown = pick ? [...state.remoteStreams].find(([, s]) => s === pick)?.[0] : null;
+  reportSizes();
+}
+
+/**
+ * Tell the server how large each received video is shown (docs/signalling.md,
+ * `video-size`): the large one at its size in device pixels, the others 0x0
+ * (hidden), so the server sends the layer that fits and nothing for hidden ones.
+ */
+function reportSizes() {
+  const el = $('remote');
+  const scale = window.devicePixelRatio || 1;
+  for (const [mid, who] of state.midToPeer) {
+    if (state.midKind.get(mid) !== 'video') continue;
+    const shown = who === state.shown && !$('view-call').hidden;
+    const w = shown ? Math.round(el.clientWidth * scale) : 0;
+    const h = shown ? Math.round(el.clientHeight * scale) : 0;
+    const key = `${w}x${h}`;
+    if (state.sentSizes.get(mid) === key) continue;
+    state.sentSizes.set(mid, key);
+    send({ type: 'video-size', track: mid, width: w, height: h });
+  }
 }
 
 // ---- the official's list -------------------------------------------------------
@@ -495,6 +522,7 @@ function main() {
   $('cam').addEventListener('click', () => toggle('cam'));
   $('leave').addEventListener('click', () => leave());
   $('again').addEventListener('click', () => location.reload());
+  new ResizeObserver(() => reportSizes()).observe($('remote'));
 
   state.token = new URLSearchParams(location.search).get('token');
   state.claims = state.token ? decodeClaims(state.token) : null;

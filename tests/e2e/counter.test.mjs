@@ -232,3 +232,31 @@ test('a short outage: the ICE restart brings the call back', async () => {
     await own.stop();
   }
 });
+
+test('a subscriber that shows the video small receives the low simulcast layer', async () => {
+  const room = 'e2e-small';
+  // The publisher: an interpreter (no waiting room) sending q/h/f (320x180,
+  // 640x360, 1280x720) from the fake camera; the subscriber's window is tiny.
+  const pub = await newPage(browser);
+  const small = await newPage(browser, { width: 240, height: 500 });
+  try {
+    await pub.goto(`${sfu.url}/join?token=${official(room, { sub: 'p', role: 'interpreter' })}`);
+    await pub.getByRole('button', { name: 'Start het gesprek' }).click();
+    await pub.locator('#view-call').waitFor();
+    await small.goto(`${sfu.url}/join?token=${official(room, { sub: 's' })}`);
+    await small.getByRole('button', { name: 'Start het gesprek' }).click();
+    await small.locator('#view-call').waitFor();
+    const shown = await small.evaluate(() => document.getElementById('remote').clientHeight);
+    // About 120 lines shown: the lowest layer (180 lines) is enough.
+    let last;
+    const s = await until(async () => {
+      const r = await inbound(small);
+      last = r;
+      return r.framesDecoded > 20 && r.frameWidth > 0 && r.frameWidth <= 320 ? r : null;
+    }, 20000, 'the small subscriber gets the low layer').catch((e) => { throw new Error(`${e.message}; last ${JSON.stringify(last)}`); });
+    console.log(`small window (video ${shown} px tall): frameWidth ${s.frameWidth}`);
+  } finally {
+    await pub.context().close();
+    await small.context().close();
+  }
+});

@@ -1055,14 +1055,18 @@ impl ShardCore {
             let OutState::Open(mid) = out.state else {
                 continue;
             };
+            if kind == MediaKind::Video && out.display_height == Some(0) {
+                continue; // hidden
+            }
             let mut switched = false;
             if adaptive {
                 let Some(rid) = data.rid else { continue };
                 if out.decided_at.is_none_or(|t| now >= t + DECIDE_EVERY) {
                     out.decided_at = Some(now);
-                    let active = track.layers.active(now);
+                    let measured = track.layers.active(now);
+                    let active = super::layers::cap_for_display(&measured, out.display_height);
                     let before = out.choice.target.or(out.choice.current);
-                    if let Some(new) = out.choice.decide(now, budget, &active) {
+                    if let Some(new) = out.choice.decide(now, budget, active) {
                         asks.push(Some(new));
                         let pos = |r: Option<Rid>| {
                             r.and_then(|r| active.iter().position(|(x, _)| *x == r))
@@ -1075,7 +1079,7 @@ impl ShardCore {
                         self.metrics.layer_switch(dir, out.choice.cause.as_str());
                     }
                     // Let the estimator probe towards the next layer up.
-                    if let Some(next) = out.choice.next_up(&active) {
+                    if let Some(next) = out.choice.next_up(active) {
                         let current = active
                             .iter()
                             .find(|(r, _)| Some(*r) == out.choice.current)
@@ -1303,6 +1307,35 @@ impl ShardCore {
             ClientMessage::RequestUnmute { id } => {
                 self.moderate(now, sid, Moderation::RequestUnmute, &id)
             }
+            ClientMessage::VideoSize {
+                track,
+                width,
+                height,
+            } => self.on_video_size(now, sid, &track, width, height),
+        }
+    }
+
+    /// A subscriber shows a video at a new size (0: hidden).
+    fn on_video_size(&mut self, now: Instant, sid: SessionId, mid: &str, width: u32, height: u32) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let hidden = width == 0 || height == 0;
+        let Some(out) = sess.tracks_out.iter_mut().find(|t| {
+            t.kind == MediaKind::Video
+                && matches!(t.state, OutState::Open(m) | OutState::Negotiating(m) if *m == *mid)
+        }) else {
+            return self.reply_error(sid, "not_found", "no video on that m-line".into());
+        };
+        let was_hidden = out.display_height == Some(0);
+        out.display_height = Some(if hidden { 0 } else { height });
+        out.decided_at = None; // reconsider the layer at the next frame
+        if was_hidden && !hidden {
+            // Shown again: start over from a keyframe of whatever fits.
+            out.choice.current = None;
+            out.choice.target = None;
+            let (track, room) = (out.track, sess.room.clone());
+            self.request_keyframe_for(now, sid, &room, track, KeyframeRequestKind::Pli);
         }
     }
 

@@ -95,6 +95,23 @@ impl PublisherLayers {
     }
 }
 
+/// The layers worth sending to a display `height` pixels tall (`None`:
+/// unknown, all of them). Frame mode does not see resolutions, so the top
+/// layer is taken as 720 lines and each lower one as half the next (the
+/// browsers' default simulcast ladder); layers up to the first one at least
+/// as tall as the display are kept.
+pub fn cap_for_display(active: &[(Rid, u64)], height: Option<u32>) -> &[(Rid, u64)] {
+    let Some(h) = height else { return active };
+    let n = active.len();
+    for i in 0..n {
+        let lines = 720u32 >> (n - 1 - i).min(31);
+        if lines >= h {
+            return &active[..=i];
+        }
+    }
+    active
+}
+
 /// Why a subscriber's layer changes (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
@@ -318,6 +335,22 @@ mod tests {
         assert_eq!(
             c.decide(t2 + Duration::from_millis(4100), 5_000_000, &layers()),
             Some(Rid::from("h"))
+        );
+    }
+
+    #[test]
+    fn the_display_size_caps_the_layer() {
+        let l = layers();
+        assert_eq!(cap_for_display(&l, None).len(), 3);
+        assert_eq!(cap_for_display(&l, Some(120)).len(), 1);
+        assert_eq!(cap_for_display(&l, Some(180)).len(), 1);
+        assert_eq!(cap_for_display(&l, Some(181)).len(), 2);
+        assert_eq!(cap_for_display(&l, Some(360)).len(), 2);
+        assert_eq!(cap_for_display(&l, Some(1080)).len(), 3);
+        assert_eq!(
+            cap_for_display(&l[..2], Some(300)).len(),
+            1,
+            "two layers: 360 and 720"
         );
     }
 

@@ -102,6 +102,9 @@ pub struct TrackOut {
     pub ts_offset: i64,
     /// The last RTP time written, and when.
     pub last_out: Option<(i64, Instant)>,
+    /// How tall the subscriber shows this video (pixels): `None` unknown,
+    /// `Some(0)` hidden (nothing is forwarded).
+    pub display_height: Option<u32>,
 }
 
 impl TrackOut {
@@ -123,6 +126,7 @@ impl TrackOut {
             decided_at: None,
             ts_offset: 0,
             last_out: None,
+            display_height: None,
         }
     }
 

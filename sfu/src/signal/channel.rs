@@ -156,6 +156,16 @@ pub enum ClientMessage {
         /// The participant id.
         id: String,
     },
+    /// How large the client shows a video it receives: `track` is the mid of
+    /// its m-line; 0 by 0 means hidden (nothing is sent for it then).
+    VideoSize {
+        /// The mid.
+        track: String,
+        /// Shown width in pixels.
+        width: u32,
+        /// Shown height in pixels.
+        height: u32,
+    },
 }
 
 impl ClientMessage {

@@ -598,6 +598,81 @@ mod tests {
         eprintln!("down in {down:?}, up in {up:?}, switches {switches:?}");
     }
 
+    /// The mid on which peer `i` receives video (from the server's offers).
+    fn video_mid(s: &Sim, i: usize) -> String {
+        s.peers[i]
+            .messages
+            .iter()
+            .flat_map(|m| m["tracks"].as_array().cloned().unwrap_or_default())
+            .find(|t| t["kind"] == "video")
+            .and_then(|t| t["mid"].as_str().map(str::to_string))
+            .expect("a video track was announced")
+    }
+
+    #[test]
+    fn hidden_video_is_not_sent_and_small_video_gets_a_small_layer() {
+        let (mut s, b, tp) = simulcast_pair(13);
+        let mid = video_mid(&s, b);
+        s.peers[b].send_json(
+            &serde_json::json!({"type": "video-size", "track": mid, "width": 0, "height": 0}),
+        );
+        s.run_for(Duration::from_millis(300));
+        let frozen = s.peers[b].frames_from(tp, MediaKind::Video);
+        s.run_for(Duration::from_secs(3));
+        assert_eq!(
+            s.peers[b].frames_from(tp, MediaKind::Video),
+            frozen,
+            "hidden: nothing"
+        );
+        assert!(
+            s.peers[b].frames_from(tp, MediaKind::Audio) > 0,
+            "audio goes on"
+        );
+
+        // Shown small (a 320x180 tile): video within 1 s, from a keyframe, on q.
+        let switches = s.peers[b].switches_from(tp).len();
+        s.peers[b].send_json(
+            &serde_json::json!({"type": "video-size", "track": mid, "width": 320, "height": 180}),
+        );
+        let t0 = s.now;
+        assert!(s.run_until(Duration::from_secs(1), |s| s.peers[b]
+            .frames_from(tp, MediaKind::Video)
+            > frozen));
+        let back = s.now - t0;
+        s.run_for(Duration::from_secs(3));
+        assert_eq!(s.peers[b].current_layer(tp), Some("q"), "small tile: q");
+        assert!(s.peers[b].switches_from(tp)[switches..]
+            .iter()
+            .all(|(_, _, key)| *key));
+        // Larger (640x360): h, never f.
+        s.peers[b].send_json(
+            &serde_json::json!({"type": "video-size", "track": mid, "width": 640, "height": 360}),
+        );
+        assert!(
+            s.run_until(Duration::from_secs(8), |s| s.peers[b].current_layer(tp)
+                == Some("h"))
+        );
+        s.run_for(Duration::from_secs(5));
+        assert_eq!(
+            s.peers[b].current_layer(tp),
+            Some("h"),
+            "360 lines: h, not f"
+        );
+        eprintln!("video back {back:?} after being shown again");
+        // A size for an m-line that carries no video is refused.
+        s.peers[b].send_json(
+            &serde_json::json!({"type": "video-size", "track": "nope", "width": 1, "height": 1}),
+        );
+        s.run_for(Duration::from_millis(200));
+        assert_eq!(
+            s.peers[b]
+                .messages_of("error")
+                .last()
+                .map(|m| m["code"].clone()),
+            Some("not_found".into())
+        );
+    }
+
     #[test]
     fn observers_receive_but_never_publish() {
         let mut s = sim();
