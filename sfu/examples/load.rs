@@ -35,7 +35,15 @@ fn main() {
         args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default)
     };
     match args.first().map(String::as_str) {
-        Some("sim") => sim(num(1, 50) as usize, num(2, 20)),
+        Some("sim") => {
+            let flag = |f: &str| args.iter().any(|a| a == f);
+            sim(
+                num(1, 50) as usize,
+                num(2, 20),
+                flag("simulcast"),
+                !flag("fixed"),
+            )
+        }
         Some("setup") => setup(num(1, 200) as usize),
         Some("udp") => {
             let url = args
@@ -70,12 +78,21 @@ fn ticks(stat: &str) -> Duration {
     Duration::from_millis(t * 10) // USER_HZ = 100 on Linux
 }
 
-fn sim(calls: usize, seconds: u64) {
-    let mut s = Sim::new(1, ShardConfig::default());
+fn sim(calls: usize, seconds: u64, simulcast: bool, adaptive: bool) {
+    let config = ShardConfig {
+        adaptive_layers: adaptive,
+        ..ShardConfig::default()
+    };
+    let mut s = Sim::new(1, config);
+    let join = if simulcast {
+        Join::ApiSimulcast
+    } else {
+        Join::Api
+    };
     for c in 0..calls {
         let room = format!("r{c}");
-        s.join(&room, Sim::claims(&room, "a", Role::Interpreter), Join::Api);
-        s.join(&room, Sim::claims(&room, "b", Role::Official), Join::Api);
+        s.join(&room, Sim::claims(&room, "a", Role::Interpreter), join);
+        s.join(&room, Sim::claims(&room, "b", Role::Official), join);
     }
     // Warm up: connect, negotiate, reach steady state.
     s.run_for(Duration::from_secs(3));
@@ -89,8 +106,13 @@ fn sim(calls: usize, seconds: u64) {
         .iter()
         .map(|p| p.received.values().map(|r| r.frames).sum::<u64>())
         .sum();
+    let mode = match (simulcast, adaptive) {
+        (false, _) => "",
+        (true, true) => ", simulcast, adaptive",
+        (true, false) => ", simulcast, fixed layer",
+    };
     println!(
-        "| sim | {calls} 1:1 calls, {seconds} s virtual | {sent} datagrams out | {:.2} µs core CPU per datagram out | {:.0} datagrams per core-second | {frames} frames received | {:.1} s wall |",
+        "| sim | {calls} 1:1 calls{mode}, {seconds} s virtual | {sent} datagrams out | {:.2} µs core CPU per datagram out | {:.0} datagrams per core-second | {frames} frames received | {:.1} s wall |",
         cpu.as_secs_f64() * 1e6 / sent.max(1) as f64,
         sent as f64 / cpu.as_secs_f64().max(1e-9),
         wall.elapsed().as_secs_f64()
