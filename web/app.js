@@ -230,6 +230,9 @@ async function onMessage(msg) {
       for (const tr of msg.tracks) { state.midToPeer.set(tr.mid, tr.participant); state.midKind.set(tr.mid, tr.kind); }
       reportSizes();
       break;
+    case 'send-video':
+      await sendVideo(msg.mid, msg.send);
+      break;
     case 'unmute-requested':
       announce(t('announce.unmute'));
       $('mic').focus();
@@ -254,6 +257,16 @@ function enterByState() {
 
 function nameOf(p) {
   return p.name || t(`role.${p.role}`);
+}
+
+/** Stop or resume sending our video: nobody shows it (or somebody does again). */
+async function sendVideo(mid, send) {
+  const tr = state.pc?.getTransceivers().find((t) => t.mid === mid);
+  if (!tr?.sender) return;
+  const params = tr.sender.getParameters();
+  if (!params.encodings?.length) return;
+  for (const e of params.encodings) e.active = send;
+  try { await tr.sender.setParameters(params); } catch (e) { console.warn('balie: send-video', e); }
 }
 
 // ---- media from others ---------------------------------------------------------

@@ -4,7 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import AxeBuilder from '@axe-core/playwright';
-import { startSfu, token, launch, newPage, inbound, until } from './harness.mjs';
+import { startSfu, token, launch, newPage, inbound, until, videoBytesSent } from './harness.mjs';
 
 let sfu;
 let browser;
@@ -243,6 +243,12 @@ test('a subscriber that shows the video small receives the low simulcast layer',
     await pub.goto(`${sfu.url}/join?token=${official(room, { sub: 'p', role: 'interpreter' })}`);
     await pub.getByRole('button', { name: 'Start het gesprek' }).click();
     await pub.locator('#view-call').waitFor();
+    // Alone, nobody shows its video: the server tells it to stop sending.
+    await until(async () => {
+      const a = await videoBytesSent(pub);
+      await new Promise((r) => setTimeout(r, 1000));
+      return (await videoBytesSent(pub)) === a;
+    }, 10000, 'a publisher nobody watches stops sending video');
     await small.goto(`${sfu.url}/join?token=${official(room, { sub: 's' })}`);
     await small.getByRole('button', { name: 'Start het gesprek' }).click();
     await small.locator('#view-call').waitFor();
@@ -255,6 +261,9 @@ test('a subscriber that shows the video small receives the low simulcast layer',
       return r.framesDecoded > 20 && r.frameWidth > 0 && r.frameWidth <= 320 ? r : null;
     }, 20000, 'the small subscriber gets the low layer').catch((e) => { throw new Error(`${e.message}; last ${JSON.stringify(last)}`); });
     console.log(`small window (video ${shown} px tall): frameWidth ${s.frameWidth}`);
+    const a = await videoBytesSent(pub);
+    await new Promise((r) => setTimeout(r, 1000));
+    assert.ok((await videoBytesSent(pub)) > a, 'watched again: it sends');
   } finally {
     await pub.context().close();
     await small.context().close();

@@ -97,6 +97,17 @@ export async function inbound(page) {
   });
 }
 
+/** Video bytes the page has sent, all simulcast layers together. */
+export async function videoBytesSent(page) {
+  return page.evaluate(async () => {
+    let bytes = 0;
+    (await window.balie.state.pc.getStats()).forEach((s) => {
+      if (s.type === 'outbound-rtp' && s.kind === 'video') bytes += s.bytesSent ?? 0;
+    });
+    return bytes;
+  });
+}
+
 /** Poll `fn` until it returns truthy, or fail after `ms`. */
 export async function until(fn, ms, what) {
   const end = Date.now() + ms;

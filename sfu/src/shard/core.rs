@@ -525,6 +525,7 @@ impl ShardCore {
         for track in gone_tracks {
             self.unpublish(now, &room_id, track);
         }
+        self.update_sending(&room_id);
         self.broadcast(
             now,
             &room_id,
@@ -671,7 +672,23 @@ impl ShardCore {
                     None => return,
                 };
                 let participants = self.roster(&room_id);
+                // Video it publishes that nobody shows yet: paused.
+                let paused: Vec<String> = self
+                    .rooms
+                    .get(&room_id)
+                    .map(|r| {
+                        r.tracks
+                            .iter()
+                            .filter(|t| t.owner == sid && t.paused)
+                            .map(|t| t.mid.to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 if let Some(sess) = self.sessions.get_mut(&sid) {
+                    for mid in paused {
+                        let msg = ServerMessage::SendVideo { mid, send: false };
+                        sess.outbox.push_back(msg.to_json());
+                    }
                     sess.channel = Some(id);
                     let welcome = ServerMessage::Welcome {
                         you: sess.roster_entry(),
@@ -787,6 +804,7 @@ impl ShardCore {
                     layer,
                     layers: Default::default(),
                     keyframe_asked: Vec::new(),
+                    paused: false,
                 };
                 let others: Vec<SessionId> = match self.rooms.get_mut(&room_id) {
                     Some(room) => {
@@ -802,6 +820,7 @@ impl ShardCore {
                 for other in others {
                     self.offer_track(now, other, &track);
                 }
+                self.update_sending(&room_id);
             }
             Direction::Inactive => {}
         }
@@ -869,6 +888,46 @@ impl ShardCore {
             ));
             self.renegotiate.insert(sub);
         }
+        if let Some(room) = self.sessions.get(&sub).map(|s| s.room.clone()) {
+            self.update_sending(&room);
+        }
+    }
+
+    /// Tell publishers whose video nobody shows to stop sending it, and to
+    /// start again when somebody does (`send-video`).
+    fn update_sending(&mut self, room_id: &RoomId) {
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        let members = &room.sessions;
+        for track in room
+            .tracks
+            .iter_mut()
+            .filter(|t| t.kind == MediaKind::Video)
+        {
+            let shown = members.iter().any(|m| {
+                self.sessions.get(m).is_some_and(|s| {
+                    s.tracks_out
+                        .iter()
+                        .any(|o| o.track == track.id && o.display_height != Some(0))
+                })
+            });
+            if shown != track.paused {
+                continue;
+            }
+            track.paused = !shown;
+            if let Some(owner) = self.sessions.get_mut(&track.owner) {
+                if owner.channel.is_some() {
+                    owner.send(&ServerMessage::SendVideo {
+                        mid: track.mid.to_string(),
+                        send: shown,
+                    });
+                    if !self.dirty.contains(&track.owner) {
+                        self.dirty.push(track.owner);
+                    }
+                }
+            }
+        }
     }
 
     /// A published track is gone: free the m-lines that carried it.
@@ -899,6 +958,9 @@ impl ShardCore {
                 sess.to_stop.push(mid);
                 self.renegotiate.insert(sid);
             }
+        }
+        if let Some(room) = self.sessions.get(&sid).map(|s| s.room.clone()) {
+            self.update_sending(&room);
         }
     }
 
@@ -1330,11 +1392,23 @@ impl ShardCore {
         let was_hidden = out.display_height == Some(0);
         out.display_height = Some(if hidden { 0 } else { height });
         out.decided_at = None; // reconsider the layer at the next frame
+        let room = sess.room.clone();
+        if was_hidden != hidden {
+            self.update_sending(&room);
+        }
+        let Some(out) = self.sessions.get_mut(&sid).and_then(|s| {
+            s.tracks_out.iter_mut().find(|t| {
+                t.kind == MediaKind::Video
+                    && matches!(t.state, OutState::Open(m) | OutState::Negotiating(m) if *m == *mid)
+            })
+        }) else {
+            return;
+        };
         if was_hidden && !hidden {
             // Shown again: start over from a keyframe of whatever fits.
             out.choice.current = None;
             out.choice.target = None;
-            let (track, room) = (out.track, sess.room.clone());
+            let track = out.track;
             self.request_keyframe_for(now, sid, &room, track, KeyframeRequestKind::Pli);
         }
     }

@@ -27,6 +27,8 @@ pub struct Track {
     pub layers: PublisherLayers,
     /// Last keyframe request sent to the publisher, per layer.
     pub keyframe_asked: Vec<(Option<Rid>, Instant)>,
+    /// Nobody shows this video: the publisher was told to stop sending it.
+    pub paused: bool,
 }
 
 impl Track {

@@ -105,6 +105,14 @@ pub enum ServerMessage {
         /// What each send m-line carries now.
         tracks: Vec<TrackInfo>,
     },
+    /// Stop (`send` false) or resume sending the video on your m-line `mid`:
+    /// nobody in the room shows it (or somebody does again).
+    SendVideo {
+        /// Your m-line.
+        mid: String,
+        /// Whether to send.
+        send: bool,
+    },
     /// The server ends this session (drain, removal); the client should not retry
     /// unless `reason` is `drain`.
     Bye {

@@ -599,6 +599,47 @@ mod tests {
     }
 
     #[test]
+    fn a_publisher_nobody_watches_is_told_to_stop_and_to_resume() {
+        let mut s = sim();
+        let p = s.join(
+            "r",
+            Sim::claims("r", "p", Role::Interpreter),
+            Join::ApiSimulcast,
+        );
+        // Alone in the room: nobody shows its video.
+        s.run_for(Duration::from_secs(2));
+        assert!(s.peers[p].video_paused, "alone: paused");
+        let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
+        let tp = s.peers[p].tag;
+        assert!(s.run_until(Duration::from_secs(3), |s| !s.peers[p].video_paused));
+        assert!(s.run_until(Duration::from_secs(3), |s| s.peers[b]
+            .frames_from(tp, MediaKind::Video)
+            > 10));
+        // b hides it: p stops sending.
+        let mid = video_mid(&s, b);
+        s.peers[b].send_json(
+            &serde_json::json!({"type": "video-size", "track": mid, "width": 0, "height": 0}),
+        );
+        assert!(s.run_until(Duration::from_secs(1), |s| s.peers[p].video_paused));
+        let sent = s.peers[p].video_frames_sent;
+        s.run_for(Duration::from_secs(2));
+        assert_eq!(
+            s.peers[p].video_frames_sent, sent,
+            "nothing sent while nobody watches"
+        );
+        // b shows it again: p resumes and b has video within 1 s.
+        let got = s.peers[b].frames_from(tp, MediaKind::Video);
+        s.peers[b].send_json(
+            &serde_json::json!({"type": "video-size", "track": mid, "width": 640, "height": 360}),
+        );
+        let t0 = s.now;
+        assert!(s.run_until(Duration::from_secs(1), |s| s.peers[b]
+            .frames_from(tp, MediaKind::Video)
+            > got));
+        eprintln!("video back {:?} after resume", s.now - t0);
+    }
+
+    #[test]
     fn no_flapping_on_a_lossy_jittery_link() {
         let (mut s, b, tp) = simulcast_pair(17);
         s.links[b].1.burst = Some(Burst::new(0.05, 4.0));

@@ -99,6 +99,10 @@ pub struct Peer {
     pub keyframe_requests: u64,
     /// The Rtc is no longer alive.
     pub closed: bool,
+    /// The server asked to stop sending video (nobody shows it).
+    pub video_paused: bool,
+    /// Video frames written (all layers of one frame count once).
+    pub video_frames_sent: u64,
     pending: Option<SdpPendingOffer>,
     frame_no: u32,
     audio_no: u32,
@@ -175,6 +179,8 @@ impl Peer {
             offers_answered: 0,
             keyframe_requests: 0,
             closed: false,
+            video_paused: false,
+            video_frames_sent: 0,
             pending: Some(pending),
             frame_no: 0,
             audio_no: 0,
@@ -243,6 +249,13 @@ impl Peer {
                 let Ok(v) = serde_json::from_slice::<Value>(&d.data) else {
                     return;
                 };
+                if v["type"] == "send-video" {
+                    let resume = v["send"] == true;
+                    if resume && self.video_paused {
+                        self.force_keyframe = true;
+                    }
+                    self.video_paused = !resume;
+                }
                 if v["type"] == "offer" {
                     let sdp = v["sdp"].as_str().unwrap_or("");
                     if let Ok(offer) = SdpOffer::from_sdp_string(sdp) {
@@ -334,8 +347,12 @@ impl Peer {
                 self.write(mid, None, Codec::Opus, now, rtp, data);
             }
         }
-        if let Some(mid) = self.video_mid {
+        if self.video_paused {
+            self.next_video = now;
+        }
+        if let Some(mid) = self.video_mid.filter(|_| !self.video_paused) {
             while self.next_video <= now {
+                self.video_frames_sent += 1;
                 self.next_video += Duration::from_millis(33);
                 self.frame_no += 1;
                 let key = self.force_keyframe || self.frame_no % 60 == 1;
