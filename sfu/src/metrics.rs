@@ -73,6 +73,8 @@ pub struct ShardMetrics {
     pub channel_ok: IntCounter,
     /// Simulcast layer switches carried out (on the new layer's keyframe).
     pub layer_switches_done: IntCounter,
+    /// Keyframe requests a layer switch caused.
+    pub keyframe_requests_switch: IntCounter,
     /// Bandwidth estimates of subscriber links, bit/s.
     pub bwe_estimate: prometheus::Histogram,
     layer_switches: IntCounterVec,
@@ -135,9 +137,9 @@ impl Metrics {
             keyframe_requests: IntCounterVec::new(
                 Opts::new(
                     "keyframe_requests_total",
-                    "Keyframe requests sent to publishers.",
+                    "Keyframe requests sent to publishers, by cause (layer_switch or other).",
                 ),
-                shard,
+                &["shard", "cause"],
             )
             .expect("valid metric"),
             garbage: IntCounterVec::new(
@@ -236,7 +238,10 @@ impl Metrics {
             bytes_in: self.bytes.with_label_values(&[s, "in"]),
             bytes_out: self.bytes.with_label_values(&[s, "out"]),
             frames_forwarded: self.frames_forwarded.with_label_values(&[s]),
-            keyframe_requests: self.keyframe_requests.with_label_values(&[s]),
+            keyframe_requests: self.keyframe_requests.with_label_values(&[s, "other"]),
+            keyframe_requests_switch: self
+                .keyframe_requests
+                .with_label_values(&[s, "layer_switch"]),
             garbage: self.garbage.with_label_values(&[s]),
             err_rtc_panic: self.errors.with_label_values(&[s, "rtc_panic"]),
             err_rtc: self.errors.with_label_values(&[s, "rtc"]),

@@ -243,6 +243,18 @@ impl ShardCore {
         self.sessions.get(&session).and_then(|s| s.estimate)
     }
 
+    /// The simulcast layer `subscriber` currently gets of `publisher`'s video.
+    pub fn forwarded_layer(&self, subscriber: SessionId, publisher: SessionId) -> Option<String> {
+        self.sessions
+            .get(&subscriber)?
+            .tracks_out
+            .iter()
+            .find(|t| t.owner == publisher && t.kind == MediaKind::Video)?
+            .choice
+            .current
+            .map(|r| r.to_string())
+    }
+
     /// The participants of a room, in join order.
     pub fn room_sessions(&self, room: &RoomId) -> Vec<SessionId> {
         self.rooms
@@ -1140,8 +1152,12 @@ impl ShardCore {
                         };
                         self.metrics.layer_switch(dir, out.choice.cause.as_str());
                     }
-                    // Let the estimator probe towards the next layer up.
-                    if let Some(next) = out.choice.next_up(active) {
+                    // Let the estimator probe towards the top layer.
+                    if let Some(next) = out
+                        .choice
+                        .next_up(active)
+                        .and(active.last().map(|(_, b)| *b))
+                    {
                         let current = active
                             .iter()
                             .find(|(r, _)| Some(*r) == out.choice.current)
@@ -1190,10 +1206,17 @@ impl ShardCore {
         }
         asks.dedup();
         for rid in asks {
-            self.request_keyframe(now, &room_id, track_id, rid, KeyframeRequestKind::Fir);
+            self.request_keyframe(now, &room_id, track_id, rid, KeyframeRequestKind::Fir, true);
         }
         if kind == MediaKind::Video && !data.contiguous {
-            self.request_keyframe(now, &room_id, track_id, data.rid, KeyframeRequestKind::Fir);
+            self.request_keyframe(
+                now,
+                &room_id,
+                track_id,
+                data.rid,
+                KeyframeRequestKind::Fir,
+                false,
+            );
         }
     }
 
@@ -1238,7 +1261,7 @@ impl ShardCore {
         if simulcast && rid.is_none() {
             return;
         }
-        self.request_keyframe(now, room, track, rid, kind);
+        self.request_keyframe(now, room, track, rid, kind, false);
     }
 
     fn route_keyframe_request(&mut self, now: Instant, sid: SessionId, req: KeyframeRequest) {
@@ -1253,7 +1276,7 @@ impl ShardCore {
     }
 
     /// Ask a track's publisher for a keyframe on layer `rid`, at most once
-    /// per interval and layer.
+    /// per interval and layer; `switch` when a layer switch needs it.
     fn request_keyframe(
         &mut self,
         now: Instant,
@@ -1261,6 +1284,7 @@ impl ShardCore {
         track: TrackId,
         rid: Option<Rid>,
         kind: KeyframeRequestKind,
+        switch: bool,
     ) {
         let interval = self.config.keyframe_request_interval;
         let Some(t) = self.rooms.get_mut(room_id).and_then(|r| r.track(track)) else {
@@ -1285,7 +1309,11 @@ impl ShardCore {
                 .map(|mut w| w.request_keyframe(rid, kind).is_ok())
         }));
         if let Ok(Some(true)) = asked {
-            self.metrics.keyframe_requests.inc();
+            if switch {
+                self.metrics.keyframe_requests_switch.inc();
+            } else {
+                self.metrics.keyframe_requests.inc();
+            }
             self.mark_dirty(owner);
         }
     }

@@ -547,7 +547,16 @@ mod tests {
         let on = |s: &Sim, layer: &str| s.peers[b].current_layer(tp) == Some(layer);
         let t0 = s.now;
         s.links[b].1.rate = Some(300_000);
-        // The issue asks for 2 s. The SFU switches within 1 s, but str0m's
+        // The SFU goes down within 1 s of the drop.
+        let (sb, sp) = (s.sessions[b], s.sessions[0]);
+        assert!(
+            s.run_until(Duration::from_secs(1), |s| {
+                s.shard.forwarded_layer(sb, sp).as_deref() == Some("q")
+            }),
+            "the SFU forwards q within 1 s of the drop"
+        );
+        let sfu_down = s.now - t0;
+        // The issue asks for the subscriber to have q within 2 s. str0m's
         // receiver (this test's peer) waits for retransmissions of the frames
         // the cap cut before it delivers the new layer's keyframe, so q shows
         // up after about 3 s here (docs/benchmarks.md).
@@ -561,7 +570,7 @@ mod tests {
         s.links[b].1.rate = None;
         let t1 = s.now;
         let mut lift = Vec::new();
-        let ok = s.run_until(Duration::from_secs(20), |s| {
+        let ok = s.run_until(Duration::from_secs(10), |s| {
             if s.now.duration_since(t1).as_millis() % 500 == 0 {
                 lift.push((
                     s.shard.estimate(s.sessions[b]),
@@ -570,14 +579,12 @@ mod tests {
             }
             on(s, "f")
         });
-        // The issue asks for 10 s; str0m's estimate climbs back from 300
-        // kbit/s in about 8-15 s here.
-        assert!(ok, "uncapped: f in 20 s; {lift:?}");
+        assert!(ok, "uncapped: f in 10 s; {lift:?}");
         let up = s.now - t1;
         // At 900 kbit/s the estimate settles at 690-770 kbit/s, where h
         // (about 560 kbit/s measured) fits with headroom. Open problem: the
-        // probe towards f then overshoots and the estimate collapses now and
-        // then, so h is reached but does not hold yet (docs/benchmarks.md).
+        // probe towards f overshoots and the estimate collapses now and then,
+        // so h is reached but does not always hold (docs/benchmarks.md).
         s.links[b].1.rate = Some(900_000);
         let mut trace = Vec::new();
         let reached = s.run_until(Duration::from_secs(15), |s| {
@@ -595,7 +602,9 @@ mod tests {
         assert!(switches.len() >= 3, "{switches:?}");
         assert!(switches.iter().all(|(_, _, key)| *key), "{switches:?}");
         assert_eq!(s.peers[b].corrupt(), 0);
-        eprintln!("down in {down:?}, up in {up:?}, switches {switches:?}");
+        eprintln!(
+            "SFU down in {sfu_down:?}, seen down in {down:?}, up in {up:?}, switches {switches:?}"
+        );
     }
 
     #[test]
