@@ -83,10 +83,10 @@ pub struct ShardMetrics {
 
 impl ShardMetrics {
     /// A layer switch was decided (`direction` up, down or start; `cause`
-    /// from `shard::layers::Cause`). Rare: resolved on use.
-    pub fn layer_switch(&self, direction: &str, cause: &str) {
+    /// from `shard::layers::Cause`; `layer` low, mid or high). Rare: resolved on use.
+    pub fn layer_switch(&self, direction: &str, cause: &str, layer: &str) {
         self.layer_switches
-            .with_label_values(&[self.shard.as_str(), direction, cause])
+            .with_label_values(&[self.shard.as_str(), direction, cause, layer])
             .inc();
     }
 }
@@ -171,9 +171,9 @@ impl Metrics {
             layer_switches: IntCounterVec::new(
                 Opts::new(
                     "layer_switch_decisions_total",
-                    "Simulcast layer changes decided for subscribers, by direction and cause.",
+                    "Simulcast layer changes decided for subscribers, by direction, cause and the layer chosen.",
                 ),
-                &["shard", "direction", "cause"],
+                &["shard", "direction", "cause", "layer"],
             )
             .expect("valid metric"),
             layer_switches_done: IntCounterVec::new(

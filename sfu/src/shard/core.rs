@@ -469,6 +469,7 @@ impl ShardCore {
             outbox: VecDeque::new(),
             admitted,
             estimate: None,
+            twcc: false,
             span,
         };
         let joined = ServerMessage::ParticipantJoined {
@@ -728,6 +729,14 @@ impl ShardCore {
             Event::Closed => self.close(now, sid, LeaveReason::Left),
             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
                 if let Some(sess) = self.sessions.get_mut(&sid) {
+                    sess.estimate = Some(estimate.as_u64());
+                    sess.twcc = true;
+                    self.metrics.bwe_estimate.observe(estimate.as_f64());
+                }
+            }
+            // A client that only reports REMB: its estimate stands in.
+            Event::EgressBitrateEstimate(BweKind::Remb { estimate, .. }) => {
+                if let Some(sess) = self.sessions.get_mut(&sid).filter(|s| !s.twcc) {
                     sess.estimate = Some(estimate.as_u64());
                     self.metrics.bwe_estimate.observe(estimate.as_f64());
                 }
@@ -1145,12 +1154,20 @@ impl ShardCore {
                         let pos = |r: Option<Rid>| {
                             r.and_then(|r| active.iter().position(|(x, _)| *x == r))
                         };
-                        let dir = match (pos(before), pos(Some(new))) {
-                            (Some(a), Some(b)) if b < a => "down",
-                            (Some(_), _) => "up",
-                            (None, _) => "start",
+                        let to = pos(Some(new)).unwrap_or(0);
+                        let dir = match pos(before) {
+                            Some(a) if to < a => "down",
+                            Some(_) => "up",
+                            None => "start",
                         };
-                        self.metrics.layer_switch(dir, out.choice.cause.as_str());
+                        // Layer names are the client's; the metric says low, mid, high.
+                        let layer = match to {
+                            0 => "low",
+                            i if i + 1 == measured.len() => "high",
+                            _ => "mid",
+                        };
+                        self.metrics
+                            .layer_switch(dir, out.choice.cause.as_str(), layer);
                     }
                     // Let the estimator probe towards the top layer.
                     if let Some(next) = out

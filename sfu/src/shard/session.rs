@@ -193,6 +193,8 @@ pub struct Session {
     pub outbox: VecDeque<String>,
     /// The latest bandwidth estimate for what we send to this peer (bit/s).
     pub estimate: Option<u64>,
+    /// The estimate comes from TWCC (else REMB reports stand in).
+    pub twcc: bool,
     /// Let into the call. Citizens start in the waiting room (`false`) until
     /// an official admits them; nothing flows to or from them until then.
     pub admitted: bool,
