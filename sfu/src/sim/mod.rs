@@ -602,6 +602,18 @@ mod tests {
         assert!(switches.len() >= 3, "{switches:?}");
         assert!(switches.iter().all(|(_, _, key)| *key), "{switches:?}");
         assert_eq!(s.peers[b].corrupt(), 0);
+        // The metrics saw it: decisions by direction and layer, switches, estimates.
+        let text = s.metrics.render();
+        let has = |needle: &str| {
+            text.lines()
+                .any(|l| l.contains(needle) && !l.starts_with('#') && !l.ends_with(" 0"))
+        };
+        assert!(has("direction=\"down\"") && has("layer=\"low\""), "{text}");
+        assert!(has("balie_layer_switches_total") && has("balie_bwe_estimate_bps_count"));
+        assert!(
+            has("cause=\"layer_switch\""),
+            "switch keyframe requests counted"
+        );
         eprintln!(
             "SFU down in {sfu_down:?}, seen down in {down:?}, up in {up:?}, switches {switches:?}"
         );
