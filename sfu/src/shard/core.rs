@@ -1131,10 +1131,16 @@ impl ShardCore {
             let Some(sub) = self.sessions.get_mut(&other) else {
                 continue;
             };
-            let budget = sub.video_budget();
-            let Some(out) = sub.tracks_out.iter_mut().find(|t| t.track == track_id) else {
+            let Some(i) = sub.tracks_out.iter().position(|t| t.track == track_id) else {
                 continue;
             };
+            // The layer is reconsidered at most every DECIDE_EVERY.
+            let due = adaptive
+                && sub.tracks_out[i]
+                    .decided_at
+                    .is_none_or(|t| now >= t + DECIDE_EVERY);
+            let budget = if due { sub.video_budget() } else { 0 };
+            let out = &mut sub.tracks_out[i];
             let OutState::Open(mid) = out.state else {
                 continue;
             };
@@ -1144,7 +1150,7 @@ impl ShardCore {
             let mut switched = false;
             if adaptive {
                 let Some(rid) = data.rid else { continue };
-                if out.decided_at.is_none_or(|t| now >= t + DECIDE_EVERY) {
+                if due {
                     out.decided_at = Some(now);
                     let measured = track.layers.active(now);
                     let active = super::layers::cap_for_display(&measured, out.display_height);
