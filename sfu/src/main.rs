@@ -192,10 +192,12 @@ fn print_banner(server: &Server) {
     let shards: Vec<String> = server.shard_addrs.iter().map(|a| a.to_string()).collect();
     let text = format!(
         "balie-sfu is serving on {url}\n\
+         \x20 the counter: open {url}/ in a browser{}\n\
          \x20 media shards on UDP {}\n\
          \x20 health: {url}/healthz  readiness: {url}/readyz  metrics: {url}/metrics\n\
          \x20 make a token: cargo run -p balie-sfu -- token --room demo --identity anna --role citizen --loa substantieel\n\
          \x20 join: POST an SDP offer to {url}/v1/rooms/demo/sessions with 'Authorization: Bearer TOKEN'\n",
+        if server.dev() { " (development: it makes test links)" } else { "" },
         shards.join(", ")
     );
     let mut out = std::io::stdout().lock();

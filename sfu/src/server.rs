@@ -139,6 +139,11 @@ impl Server {
         })
     }
 
+    /// Whether development conveniences are on (`dev = true`).
+    pub fn dev(&self) -> bool {
+        self.state.config.dev
+    }
+
     /// Sessions on the node.
     pub fn session_count(&self) -> usize {
         self.state.registry.session_count()
