@@ -303,19 +303,10 @@ impl ShardCore {
     ) {
         self.metrics.packets_in.inc();
         self.metrics.bytes_in.inc_by(data.len() as u64);
-        let Ok(contents) = DatagramRecv::try_from(data) else {
+        let Some(input) = udp_input(now, source, destination, data) else {
             self.metrics.garbage.inc();
             return;
         };
-        let input = Input::Receive(
-            now,
-            Receive {
-                proto: Protocol::Udp,
-                source,
-                destination,
-                contents,
-            },
-        );
         let sid = match self.by_addr.get(&source) {
             Some(sid) => *sid,
             None => {
@@ -1615,6 +1606,26 @@ enum Moderation {
     Hold,
     Remove,
     RequestUnmute,
+}
+
+/// A received UDP datagram as str0m input; `None` if it is no STUN, DTLS,
+/// RTP or RTCP at all.
+pub fn udp_input(
+    now: Instant,
+    source: SocketAddr,
+    destination: SocketAddr,
+    data: &[u8],
+) -> Option<Input<'_>> {
+    let contents = DatagramRecv::try_from(data).ok()?;
+    Some(Input::Receive(
+        now,
+        Receive {
+            proto: Protocol::Udp,
+            source,
+            destination,
+            contents,
+        },
+    ))
 }
 
 /// Undo the bookkeeping of a server offer that will not be answered.

@@ -17,8 +17,10 @@ use str0m::format::Codec;
 use str0m::media::{
     Direction, Frequency, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer,
 };
-use str0m::net::{Protocol, Receive, Transmit};
+use str0m::net::Transmit;
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig, RtcError};
+
+use crate::shard::core::udp_input;
 
 /// How a peer joins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,18 +203,9 @@ impl Peer {
 
     /// A datagram arrived.
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
-        let Ok(contents) = data.try_into() else {
+        let Some(input) = udp_input(now, source, self.addr, data) else {
             return;
         };
-        let input = Input::Receive(
-            now,
-            Receive {
-                proto: Protocol::Udp,
-                source,
-                destination: self.addr,
-                contents,
-            },
-        );
         let _ = self.rtc.handle_input(input);
     }
 
