@@ -15,7 +15,8 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
 use str0m::media::{
-    Direction, Frequency, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer,
+    Direction, Frequency, KeyframeRequestKind, MediaKind, MediaTime, Mid, Rid, Simulcast,
+    SimulcastLayer,
 };
 use str0m::net::Transmit;
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig, RtcError};
@@ -67,6 +68,12 @@ pub struct Received {
     pub last_tag: Option<u32>,
     /// Layer changes seen: (from layer, to layer, the first frame was a keyframe).
     pub switches: Vec<(u32, u32, bool)>,
+    /// Video: the decoder has a reference (a keyframe, and no gap since).
+    /// After a gap (frames lost for good) frames are not decodable until the
+    /// next keyframe, as in a browser, and the peer asks for one (PLI).
+    pub decodable: bool,
+    /// Video frames dropped as not decodable.
+    pub undecodable: u64,
 }
 
 /// A synthetic participant.
@@ -270,8 +277,22 @@ impl Peer {
                 if r.kind.is_none() {
                     r.kind = kind;
                 }
-                r.frames += 1;
                 r.last_at = Some(d.network_time);
+                if kind == Some(MediaKind::Video) {
+                    if d.is_keyframe() {
+                        r.decodable = true;
+                    } else if !d.contiguous && r.decodable {
+                        r.decodable = false;
+                        if let Some(mut w) = self.rtc.writer(d.mid) {
+                            let _ = w.request_keyframe(None, KeyframeRequestKind::Pli);
+                        }
+                    }
+                    if !r.decodable {
+                        r.undecodable += 1;
+                        return;
+                    }
+                }
+                r.frames += 1;
                 match check_frame(&d.data) {
                     Some(tag) => {
                         if !r.tags.contains(&tag) {
@@ -423,6 +444,11 @@ impl Peer {
     /// Frames that did not arrive intact.
     pub fn corrupt(&self) -> u64 {
         self.received.values().map(|r| r.corrupt).sum()
+    }
+
+    /// Video frames dropped as not decodable (after a gap, until a keyframe).
+    pub fn undecodable(&self) -> u64 {
+        self.received.values().map(|r| r.undecodable).sum()
     }
 
     /// Data channel messages of one type.
