@@ -31,6 +31,7 @@ pub struct Metrics {
     layer_switches: IntCounterVec,
     layer_switches_done: IntCounterVec,
     bwe_estimate: HistogramVec,
+    loss_caps: IntCounterVec,
     draining: IntGauge,
 }
 
@@ -77,6 +78,9 @@ pub struct ShardMetrics {
     pub keyframe_requests_switch: IntCounter,
     /// Bandwidth estimates of subscriber links, bit/s.
     pub bwe_estimate: prometheus::Histogram,
+    /// Stats intervals in which a subscriber lost much more than usual of what we
+    /// sent (`shard::layers::LossWatch`), so its budget was capped at what got through.
+    pub loss_caps: IntCounter,
     layer_switches: IntCounterVec,
     shard: String,
 }
@@ -195,6 +199,14 @@ impl Metrics {
                 &["shard"],
             )
             .expect("valid metric"),
+            loss_caps: IntCounterVec::new(
+                Opts::new(
+                    "loss_caps_total",
+                    "Stats intervals in which a subscriber suddenly lost much of what was sent to it, capping its video budget at what got through.",
+                ),
+                shard,
+            )
+            .expect("valid metric"),
             draining: IntGauge::new("draining", "1 while the node drains after SIGTERM.")
                 .expect("valid metric"),
             registry,
@@ -217,6 +229,7 @@ impl Metrics {
             Box::new(m.layer_switches.clone()),
             Box::new(m.layer_switches_done.clone()),
             Box::new(m.bwe_estimate.clone()),
+            Box::new(m.loss_caps.clone()),
             Box::new(m.draining.clone()),
         ] {
             r.register(c).expect("metric names are unique");
@@ -251,6 +264,7 @@ impl Metrics {
             channel_ok: self.channel_messages.with_label_values(&[s, "ok"]),
             layer_switches_done: self.layer_switches_done.with_label_values(&[s]),
             bwe_estimate: self.bwe_estimate.with_label_values(&[s]),
+            loss_caps: self.loss_caps.with_label_values(&[s]),
             layer_switches: self.layer_switches.clone(),
             shard: s.to_string(),
         }

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
-use str0m::bwe::{Bitrate, BweKind};
+use str0m::bwe::BweKind;
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::channel::ChannelData;
 use str0m::ice::StunMessage;
@@ -255,6 +255,19 @@ impl ShardCore {
             .map(|r| r.to_string())
     }
 
+    /// The simulcast layer `subscriber` is meant to get of `publisher`'s
+    /// video: the one being switched to, else the one forwarded.
+    pub fn wanted_layer(&self, subscriber: SessionId, publisher: SessionId) -> Option<String> {
+        let choice = &self
+            .sessions
+            .get(&subscriber)?
+            .tracks_out
+            .iter()
+            .find(|t| t.owner == publisher && t.kind == MediaKind::Video)?
+            .choice;
+        choice.target.or(choice.current).map(|r| r.to_string())
+    }
+
     /// The participants of a room, in join order.
     pub fn room_sessions(&self, room: &RoomId) -> Vec<SessionId> {
         self.rooms
@@ -460,6 +473,8 @@ impl ShardCore {
             outbox: VecDeque::new(),
             admitted,
             estimate: None,
+            loss: Default::default(),
+            asked_desired: 0,
             twcc: false,
             span,
         };
@@ -723,6 +738,16 @@ impl ShardCore {
                     sess.estimate = Some(estimate.as_u64());
                     sess.twcc = true;
                     self.metrics.bwe_estimate.observe(estimate.as_f64());
+                }
+            }
+            Event::PeerStats(stats) => {
+                if let Some(sess) = self.sessions.get_mut(&sid) {
+                    if sess
+                        .loss
+                        .on_stats(now, stats.peer_bytes_tx, stats.egress_loss_fraction)
+                    {
+                        self.metrics.loss_caps.inc();
+                    }
                 }
             }
             // A client that only reports REMB: its estimate stands in.
@@ -1115,6 +1140,7 @@ impl ShardCore {
         let keyframe = data.is_keyframe();
         let mut failed = Vec::new();
         let mut asks: Vec<Option<Rid>> = Vec::new();
+        let mut retarget = Vec::new();
         for &other in &room.sessions {
             if other == sid {
                 continue;
@@ -1130,12 +1156,16 @@ impl ShardCore {
                 && sub.tracks_out[i]
                     .decided_at
                     .is_none_or(|t| now >= t + DECIDE_EVERY);
-            let budget = if due { sub.video_budget() } else { 0 };
+            let budget = if due { sub.video_budget(now) } else { 0 };
             let out = &mut sub.tracks_out[i];
             let OutState::Open(mid) = out.state else {
                 continue;
             };
             if kind == MediaKind::Video && out.display_height == Some(0) {
+                if out.bwe_want != (0, 0) {
+                    out.bwe_want = (0, 0);
+                    retarget.push(other);
+                }
                 continue; // hidden
             }
             let mut switched = false;
@@ -1166,20 +1196,10 @@ impl ShardCore {
                         self.metrics
                             .layer_switch(dir, out.choice.cause.as_str(), layer);
                     }
-                    // Let the estimator probe towards the top layer.
-                    if let Some(next) = out
-                        .choice
-                        .next_up(active)
-                        .and(active.last().map(|(_, b)| *b))
-                    {
-                        let current = active
-                            .iter()
-                            .find(|(r, _)| Some(*r) == out.choice.current)
-                            .map_or(0, |(_, b)| *b);
-                        let desired = (next as f64 * super::layers::HEADROOM) as u64 + AUDIO_BUDGET;
-                        sub.rtc
-                            .bwe()
-                            .set_bitrate(Bitrate::bps(current), Bitrate::bps(desired));
+                    let want = out.choice.bwe_want(now, budget, active);
+                    if super::layers::want_changed(out.bwe_want, want) {
+                        out.bwe_want = want;
+                        retarget.push(other);
                     }
                 }
                 let (pass, did_switch) = out.choice.admit_frame(rid, keyframe);
@@ -1212,6 +1232,11 @@ impl ShardCore {
                     tracing::debug!(parent: &sub.span, %mid, "no matching payload type");
                 }
                 Err(_) => failed.push(other),
+            }
+        }
+        for other in retarget {
+            if let Some(sub) = self.sessions.get_mut(&other) {
+                sub.apply_bwe_want(now);
             }
         }
         for other in failed {

@@ -7,7 +7,8 @@
 //!   each layer's bitrate over the last second, and which layers are paused.
 //! - [`LayerChoice`] decides which layer one subscriber should get from its
 //!   bandwidth budget: down at once when the budget drops below the current
-//!   layer, up one step only after the budget has held for [`UP_HOLD`], and
+//!   layer, up (to the highest layer that fits with [`HEADROOM`]) only after
+//!   the budget has held for [`UP_HOLD`], and
 //!   after a failed attempt to go up (down again within [`UP_FAIL`]) the next
 //!   attempt waits twice as long, up to [`MAX_BACKOFF`].
 //! - The switch itself waits for a keyframe on the target layer (the caller
@@ -28,6 +29,8 @@ pub const UP_FAIL: Duration = Duration::from_secs(5);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Headroom: a layer fits when its bitrate times this is within the budget.
 pub const HEADROOM: f64 = 1.15;
+/// How long a probe for the top layer's rate is asked for.
+pub const PROBE_FOR: Duration = Duration::from_millis(1000);
 /// Measurement window of layer bitrates.
 const WINDOW: Duration = Duration::from_millis(500);
 
@@ -112,6 +115,75 @@ pub fn cap_for_display(active: &[(Rid, u64)], height: Option<u32>) -> &[(Rid, u6
     active
 }
 
+/// Whether a track's request to the bandwidth estimator changed enough to
+/// pass on: by a quarter or more, or to or from nothing. Measured layer
+/// bitrates wobble from frame to frame; passing every wobble on would raise
+/// the desired rate over and over, and each raise above the estimate asks
+/// str0m for a probe, even while the link is congested.
+pub fn want_changed(old: (u64, u64), new: (u64, u64)) -> bool {
+    let far =
+        |a: u64, b: u64| (a == 0) != (b == 0) || a.abs_diff(b) as f64 > 0.25 * a.max(b) as f64;
+    far(old.0, new.0) || far(old.1, new.1)
+}
+
+/// Loss in the one-second window above this (GCC's threshold for
+/// decreasing) makes the watch look at the newest loss.
+pub const LOSS_WINDOW_DOWN: f32 = 0.10;
+/// Loss in the newest stats interval above this caps the budget at what got
+/// through.
+pub const LOSS_RECENT_DOWN: f32 = 0.25;
+/// How long one loss measurement caps the budget.
+pub const LOSS_CAP_FOR: Duration = Duration::from_millis(1000);
+
+/// Watches the loss a subscriber reports (TWCC, over the last second, with
+/// each stats event) and caps its budget at what got through when the link
+/// suddenly carries much less than is sent. The delay-based estimate falls
+/// too, but on a deep queue it takes seconds (its acked-rate estimator
+/// adapts slowly); loss shows within a few hundred milliseconds.
+///
+/// The one-second window lags: 200 ms after a link drops to a fifth, it
+/// shows 16% loss while the newest 100 ms lost 80%. The loss of the newest
+/// interval is estimated from how much the window's loss grew since the last
+/// event (scaled by window / interval). Both must be high: the window above
+/// [`LOSS_WINDOW_DOWN`] and the newest interval above [`LOSS_RECENT_DOWN`],
+/// so one burst of random loss on a mobile link does not cap it.
+#[derive(Debug, Clone, Default)]
+pub struct LossWatch {
+    last: Option<(u64, f32, Instant)>,
+    cap: Option<(u64, Instant)>,
+}
+
+impl LossWatch {
+    /// A stats event: `sent` bytes sent to the peer so far, `loss` the TWCC
+    /// loss over the last second. Returns whether this capped the budget.
+    pub fn on_stats(&mut self, now: Instant, sent: u64, loss: Option<f32>) -> bool {
+        let last = self.last.replace((sent, loss.unwrap_or(0.0), now));
+        let (Some(loss), Some((sent0, loss0, at))) = (loss, last) else {
+            return false;
+        };
+        let secs = now.saturating_duration_since(at).as_secs_f64();
+        if secs < 0.02 || loss <= LOSS_WINDOW_DOWN {
+            return false;
+        }
+        let rate = sent.saturating_sub(sent0) as f64 * 8.0 / secs;
+        let recent = (f64::from(loss - loss0) / secs.min(1.0))
+            .max(f64::from(loss))
+            .min(1.0);
+        if recent <= f64::from(LOSS_RECENT_DOWN) {
+            return false;
+        }
+        self.cap = Some(((rate * (1.0 - recent)) as u64, now));
+        true
+    }
+
+    /// The cap on the budget now, if a recent measurement set one.
+    pub fn cap(&self, now: Instant) -> Option<u64> {
+        self.cap
+            .filter(|(_, at)| now.saturating_duration_since(*at) < LOSS_CAP_FOR)
+            .map(|(c, _)| c)
+    }
+}
+
 /// Why a subscriber's layer changes (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
@@ -147,6 +219,10 @@ pub struct LayerChoice {
     up_blocked_until: Option<Instant>,
     backoff: Duration,
     last_up: Option<Instant>,
+    /// While probing: until when the top layer's rate is asked for.
+    probe_until: Option<Instant>,
+    /// When to probe next.
+    next_probe: Option<Instant>,
     /// Going down for lack of bandwidth: the current layer is no longer
     /// forwarded while waiting for the lower layer's keyframe (a short
     /// freeze beats queueing a layer the link cannot carry).
@@ -163,6 +239,8 @@ impl Default for LayerChoice {
             up_blocked_until: None,
             backoff: UP_HOLD,
             last_up: None,
+            probe_until: None,
+            next_probe: None,
             draining: false,
         }
     }
@@ -219,7 +297,9 @@ impl LayerChoice {
                     self.above_since = None;
                     self.last_up = Some(now);
                     self.cause = Cause::Bandwidth;
-                    c + 1
+                    // The highest layer that fits with headroom: after a
+                    // probe the budget can carry two steps at once.
+                    up
                 } else {
                     c
                 }
@@ -264,12 +344,52 @@ impl LayerChoice {
         (pass, false)
     }
 
-    /// The bitrate the subscriber should be able to take next (for probing).
-    pub fn next_up(&self, active: &[(Rid, u64)]) -> Option<u64> {
-        let cur = self
-            .current
-            .and_then(|r| active.iter().position(|(rid, _)| *rid == r))?;
-        active.get(cur + 1).map(|(_, b)| *b)
+    /// What to ask of the bandwidth estimator for this track (bit/s): the
+    /// rate to sustain (str0m pads up to it, never above its estimate) and
+    /// the rate to probe for. Sustaining keeps the acked bitrate up: on
+    /// overuse the estimator falls to 0.85 times the acked rate, so a
+    /// subscriber whose keyframes and quiet frames left gaps would fall below
+    /// its own layer after one probe that overshot. While the budget already
+    /// allows the next layer (the hold before going up) that layer's rate is
+    /// sustained; otherwise the layer forwarded now. The top layer is always
+    /// the probing goal.
+    pub fn bwe_want(&mut self, now: Instant, budget: u64, active: &[(Rid, u64)]) -> (u64, u64) {
+        let with_headroom = |b: u64| (b as f64 * HEADROOM) as u64;
+        let Some(cur) = self
+            .target
+            .or(self.current)
+            .and_then(|r| active.iter().position(|(rid, _)| *rid == r))
+        else {
+            return (0, 0);
+        };
+        let current = active[cur].1;
+        let blocked = self.up_blocked_until.is_some_and(|t| now < t);
+        let Some(&(_, next)) = active.get(cur + 1) else {
+            // On the top layer: nothing to probe for.
+            return (current, with_headroom(current));
+        };
+        let sustain = if !blocked && with_headroom(next) <= budget {
+            with_headroom(next)
+        } else {
+            current
+        };
+        // Probe: ask for the top layer's rate for PROBE_FOR, every backoff
+        // period. Raising the desired rate above the estimate is what makes
+        // str0m send a probe; a link that is busy with the current layer
+        // (not application limited) gets no other probe for 15 s.
+        if self.probe_until.is_some_and(|t| now >= t) {
+            self.probe_until = None;
+            self.next_probe = Some(now + self.backoff);
+        }
+        if !blocked && self.probe_until.is_none() && self.next_probe.is_none_or(|t| now >= t) {
+            self.probe_until = Some(now + PROBE_FOR);
+        }
+        let desired = if self.probe_until.is_some() {
+            active.last().map_or(next, |(_, b)| *b)
+        } else {
+            current
+        };
+        (sustain, with_headroom(desired).max(sustain))
     }
 }
 
@@ -306,18 +426,18 @@ mod tests {
     }
 
     #[test]
-    fn goes_up_one_step_after_the_hold_and_backs_off_after_a_failure() {
+    fn goes_up_after_the_hold_and_backs_off_after_a_failure() {
         let t0 = Instant::now();
         let mut c = LayerChoice::default();
         c.decide(t0, 200_000, &layers());
         c.admit_frame(Rid::from("q"), true);
-        // Plenty of budget: nothing for UP_HOLD, then one step.
+        // Budget for h: nothing for UP_HOLD, then h.
         assert_eq!(
-            c.decide(t0 + Duration::from_secs(1), 5_000_000, &layers()),
+            c.decide(t0 + Duration::from_secs(1), 1_000_000, &layers()),
             None
         );
         let t1 = t0 + Duration::from_secs(3);
-        assert_eq!(c.decide(t1, 5_000_000, &layers()), Some(Rid::from("h")));
+        assert_eq!(c.decide(t1, 1_000_000, &layers()), Some(Rid::from("h")));
         c.admit_frame(Rid::from("h"), true);
         // It fails within UP_FAIL: down, and the next attempt waits longer.
         let t2 = t1 + Duration::from_secs(1);
@@ -334,8 +454,86 @@ mod tests {
         );
         assert_eq!(
             c.decide(t2 + Duration::from_millis(4100), 5_000_000, &layers()),
-            Some(Rid::from("h"))
+            Some(Rid::from("f"))
         );
+    }
+
+    #[test]
+    fn after_a_probe_it_goes_up_two_steps_at_once() {
+        let t0 = Instant::now();
+        let mut c = LayerChoice::default();
+        c.decide(t0, 200_000, &layers());
+        c.admit_frame(Rid::from("q"), true);
+        assert_eq!(
+            c.decide(t0 + Duration::from_secs(1), 5_000_000, &layers()),
+            None
+        );
+        assert_eq!(
+            c.decide(t0 + Duration::from_secs(3), 5_000_000, &layers()),
+            Some(Rid::from("f"))
+        );
+    }
+
+    #[test]
+    fn asks_the_estimator_for_the_next_layer_and_probes_for_the_top() {
+        let t0 = Instant::now();
+        let l = layers();
+        let mut c = LayerChoice::default();
+        c.decide(t0, 200_000, &l);
+        c.admit_frame(Rid::from("q"), true);
+        // Budget below h: sustain q; the first call probes for f.
+        let (sustain, desired) = c.bwe_want(t0, 200_000, &l);
+        assert_eq!(sustain, 150_000);
+        assert_eq!(desired, (1_500_000_f64 * HEADROOM) as u64);
+        // After PROBE_FOR, no probe until the backoff period has passed.
+        let t1 = t0 + PROBE_FOR;
+        assert_eq!(
+            c.bwe_want(t1, 200_000, &l).1,
+            (150_000_f64 * HEADROOM) as u64
+        );
+        let t2 = t1 + UP_HOLD;
+        assert_eq!(
+            c.bwe_want(t2, 200_000, &l).1,
+            (1_500_000_f64 * HEADROOM) as u64
+        );
+        // Budget for h: h is sustained while the hold runs.
+        assert_eq!(
+            c.bwe_want(t2, 700_000, &l).0,
+            (500_000_f64 * HEADROOM) as u64
+        );
+        // Small changes are not passed on; big ones and to or from nothing are.
+        assert!(!want_changed((100, 1000), (110, 1100)));
+        assert!(want_changed((100, 1000), (100, 1500)));
+        assert!(want_changed((0, 1000), (1, 1000)));
+    }
+
+    #[test]
+    fn a_sudden_loss_caps_the_budget_and_random_loss_does_not() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // 2 Mbit/s sent (25,000 bytes per 100 ms); the link drops to a fifth.
+        let mut w = LossWatch::default();
+        assert!(!w.on_stats(ms(0), 0, Some(0.0)));
+        assert!(!w.on_stats(ms(100), 25_000, Some(0.0)));
+        assert!(!w.on_stats(ms(200), 50_000, Some(0.08)), "8% in the window");
+        assert!(
+            w.on_stats(ms(300), 75_000, Some(0.16)),
+            "16%, rising by 8% per 100 ms"
+        );
+        let cap = w.cap(ms(300)).expect("capped");
+        assert!((200_000..500_000).contains(&cap), "cap {cap}");
+        assert_eq!(
+            w.cap(ms(300) + LOSS_CAP_FOR),
+            None,
+            "a cap lasts LOSS_CAP_FOR"
+        );
+        // Steady 12% loss in the window that does not grow: random, no cap.
+        let mut w = LossWatch::default();
+        for i in 0..20u64 {
+            assert!(!w.on_stats(ms(i * 100), i * 25_000, Some(0.12)));
+        }
+        // No TWCC loss figure: nothing.
+        assert!(!LossWatch::default().on_stats(ms(0), 0, None));
     }
 
     #[test]
