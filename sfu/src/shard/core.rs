@@ -245,27 +245,29 @@ impl ShardCore {
 
     /// The simulcast layer `subscriber` currently gets of `publisher`'s video.
     pub fn forwarded_layer(&self, subscriber: SessionId, publisher: SessionId) -> Option<String> {
-        self.sessions
-            .get(&subscriber)?
-            .tracks_out
-            .iter()
-            .find(|t| t.owner == publisher && t.kind == MediaKind::Video)?
-            .choice
-            .current
-            .map(|r| r.to_string())
+        let choice = self.video_choice(subscriber, publisher)?;
+        choice.current.map(|r| r.to_string())
     }
 
     /// The simulcast layer `subscriber` is meant to get of `publisher`'s
     /// video: the one being switched to, else the one forwarded.
     pub fn wanted_layer(&self, subscriber: SessionId, publisher: SessionId) -> Option<String> {
-        let choice = &self
-            .sessions
+        let choice = self.video_choice(subscriber, publisher)?;
+        choice.target.or(choice.current).map(|r| r.to_string())
+    }
+
+    /// The layer state of `subscriber` for `publisher`'s video.
+    fn video_choice(
+        &self,
+        subscriber: SessionId,
+        publisher: SessionId,
+    ) -> Option<&super::layers::LayerChoice> {
+        self.sessions
             .get(&subscriber)?
             .tracks_out
             .iter()
-            .find(|t| t.owner == publisher && t.kind == MediaKind::Video)?
-            .choice;
-        choice.target.or(choice.current).map(|r| r.to_string())
+            .find(|t| t.owner == publisher && t.kind == MediaKind::Video)
+            .map(|t| &t.choice)
     }
 
     /// The participants of a room, in join order.

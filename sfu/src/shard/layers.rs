@@ -31,6 +31,11 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const HEADROOM: f64 = 1.15;
 /// How long a probe for the top layer's rate is asked for.
 pub const PROBE_FOR: Duration = Duration::from_millis(1000);
+/// A layer's bitrate with [`HEADROOM`].
+fn with_headroom(bitrate: u64) -> u64 {
+    (bitrate as f64 * HEADROOM) as u64
+}
+
 /// Measurement window of layer bitrates.
 const WINDOW: Duration = Duration::from_millis(500);
 
@@ -259,10 +264,10 @@ impl LayerChoice {
         let keep = active.iter().rposition(|(_, b)| *b <= budget).unwrap_or(0);
         let up = active
             .iter()
-            .rposition(|(_, b)| (*b as f64 * HEADROOM) as u64 <= budget)
+            .rposition(|(_, b)| with_headroom(*b) <= budget)
             .unwrap_or(0);
         let wanted = self.target.or(self.current);
-        let cur = wanted.and_then(|r| active.iter().position(|(rid, _)| *rid == r));
+        let cur = self.wanted_index(active);
         let next = match cur {
             // Start (or the current layer paused): whatever fits now.
             None => {
@@ -344,6 +349,13 @@ impl LayerChoice {
         (pass, false)
     }
 
+    /// Where the layer being switched to, else the one forwarded, stands in
+    /// `active`.
+    fn wanted_index(&self, active: &[(Rid, u64)]) -> Option<usize> {
+        let wanted = self.target.or(self.current)?;
+        active.iter().position(|(rid, _)| *rid == wanted)
+    }
+
     /// What to ask of the bandwidth estimator for this track (bit/s): the
     /// rate to sustain (str0m pads up to it, never above its estimate) and
     /// the rate to probe for. Sustaining keeps the acked bitrate up: on
@@ -351,15 +363,11 @@ impl LayerChoice {
     /// subscriber whose keyframes and quiet frames left gaps would fall below
     /// its own layer after one probe that overshot. While the budget already
     /// allows the next layer (the hold before going up) that layer's rate is
-    /// sustained; otherwise the layer forwarded now. The top layer is always
-    /// the probing goal.
+    /// sustained; otherwise the layer forwarded now. The rate to probe for is
+    /// the top layer's for [`PROBE_FOR`] every backoff period, else the
+    /// current layer's.
     pub fn bwe_want(&mut self, now: Instant, budget: u64, active: &[(Rid, u64)]) -> (u64, u64) {
-        let with_headroom = |b: u64| (b as f64 * HEADROOM) as u64;
-        let Some(cur) = self
-            .target
-            .or(self.current)
-            .and_then(|r| active.iter().position(|(rid, _)| *rid == r))
-        else {
+        let Some(cur) = self.wanted_index(active) else {
             return (0, 0);
         };
         let current = active[cur].1;
