@@ -13,19 +13,27 @@ const here = dirname(fileURLToPath(import.meta.url));
 export const SFU = process.env.BALIE_SFU ?? join(here, '../../target/debug/balie-sfu');
 export const SECRET = 'balie-e2e-secret';
 
-/** Start balie-sfu with a config of our own; resolves when it serves. */
-export async function startSfu(extraRooms = '') {
+/**
+ * Start balie-sfu with a config of our own; resolves when it serves.
+ * `net.netns`/`net.ip`: run it inside that network namespace, bound to that
+ * address (see `Netns`), instead of on 127.0.0.1.
+ */
+export async function startSfu(extraRooms = '', net = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'balie-e2e-'));
   const config = join(dir, 'sfu.toml');
+  const ip = net.ip ?? '127.0.0.1';
   writeFileSync(config, [
     'dev = true',
-    'http = "127.0.0.1:0"',
-    '[media]', 'udp_bind = "127.0.0.1"', 'shards = 1',
+    `http = "${ip}:0"`,
+    '[media]', `udp_bind = "${ip}"`, 'shards = 1',
     '[rooms]', extraRooms,
     '[auth]', `hs256_secret = "${SECRET}"`,
     '[drain]', 'timeout = "1s"',
   ].join('\n'));
-  const proc = spawn(SFU, ['--config', config], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const [cmd, args] = net.netns
+    ? ['ip', ['netns', 'exec', net.netns, SFU, '--config', config]]
+    : [SFU, ['--config', config]];
+  const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let log = '';
   proc.stderr.on('data', (d) => { log += d; });
   const url = await new Promise((resolve, reject) => {
@@ -61,14 +69,24 @@ export function token(claims) {
   return `${unsigned}.${sig}`;
 }
 
-export async function launch() {
+/** Headless Chromium with a fake camera; inside network namespace `netns` if given, with extra `args`. */
+export async function launch({ netns, args = [] } = {}) {
+  const chromiumPath = process.env.CHROMIUM ?? '/usr/bin/chromium';
+  let executablePath = chromiumPath;
+  if (netns) {
+    // Playwright talks to the browser over a pipe, so the browser can live in
+    // another network namespace: a small wrapper puts it there.
+    executablePath = join(mkdtempSync(join(tmpdir(), 'balie-e2e-')), 'chromium-in-netns');
+    writeFileSync(executablePath, `#!/bin/sh\nexec ip netns exec ${netns} ${chromiumPath} "$@"\n`, { mode: 0o755 });
+  }
   return chromium.launch({
-    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    executablePath,
     args: [
       '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
       '--disable-component-update', '--disable-sync', '--disable-quic',
       '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
       '--allow-loopback-in-peer-connection', '--autoplay-policy=no-user-gesture-required',
+      ...args,
     ],
   });
 }
@@ -118,4 +136,66 @@ export async function until(fn, ms, what) {
     await new Promise((r) => setTimeout(r, 200));
   }
   throw new Error(`timed out: ${what} (last: ${JSON.stringify(last)})`);
+}
+
+/** Run a command; reject with its output when it fails. */
+export function sh(cmd, args) {
+  return new Promise((resolve, reject) => {
+    const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    p.stdout.on('data', (d) => { out += d; });
+    p.stderr.on('data', (d) => { out += d; });
+    p.on('error', reject);
+    p.on('exit', (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')}: exit ${code}: ${out}`))));
+  });
+}
+
+/**
+ * Two network namespaces of our own joined by a veth pair: `server` (10.201.0.1)
+ * holds the SFU and the publishers, `client` (10.201.0.2) a subscriber whose
+ * downlink `shape()` limits with tc on the server's side of the link. Needs
+ * root (CAP_NET_ADMIN) and iproute2; nothing outside these namespaces is touched.
+ */
+export class Netns {
+  constructor(tag = `${process.pid}`) {
+    this.server = `balie-s-${tag}`;
+    this.client = `balie-c-${tag}`;
+    this.serverIp = '10.201.0.1';
+    this.clientIp = '10.201.0.2';
+    this.dev = 'balie-down';
+  }
+
+  async up() {
+    if (process.getuid?.() !== 0) {
+      throw new Error('the shaped-link browser tests need root (CAP_NET_ADMIN) to make network namespaces: run them as root');
+    }
+    await this.down();
+    const { server, client } = this;
+    await sh('ip', ['netns', 'add', server]);
+    await sh('ip', ['netns', 'add', client]);
+    await sh('ip', ['link', 'add', this.dev, 'netns', server, 'type', 'veth', 'peer', 'name', 'balie-up', 'netns', client]);
+    await sh('ip', ['-n', server, 'addr', 'add', `${this.serverIp}/24`, 'dev', this.dev]);
+    await sh('ip', ['-n', client, 'addr', 'add', `${this.clientIp}/24`, 'dev', 'balie-up']);
+    for (const [ns, dev] of [[server, this.dev], [client, 'balie-up'], [server, 'lo'], [client, 'lo']]) {
+      await sh('ip', ['-n', ns, 'link', 'set', dev, 'up']);
+    }
+  }
+
+  /**
+   * Limit the server-to-client direction to `kbit` kbit/s with a token bucket
+   * whose queue holds at most `latencyMs` of data (tail drop beyond it), as a
+   * mobile link's buffer does; `null` lifts the limit.
+   */
+  async shape(kbit, latencyMs = 200) {
+    const tc = ['netns', 'exec', this.server, 'tc', 'qdisc'];
+    if (kbit == null) {
+      await sh('ip', [...tc, 'del', 'dev', this.dev, 'root']).catch(() => {});
+      return;
+    }
+    await sh('ip', [...tc, 'replace', 'dev', this.dev, 'root', 'tbf', 'rate', `${kbit}kbit`, 'burst', '6kb', 'latency', `${latencyMs}ms`]);
+  }
+
+  async down() {
+    for (const ns of [this.server, this.client]) await sh('ip', ['netns', 'del', ns]).catch(() => {});
+  }
 }

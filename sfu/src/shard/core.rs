@@ -170,6 +170,9 @@ pub enum ShardOutput {
 
 /// How often a subscriber's simulcast layer is reconsidered.
 const DECIDE_EVERY: Duration = Duration::from_millis(200);
+/// How soon a keyframe request for a layer switch is repeated while the
+/// keyframe has not come.
+const SWITCH_REASK: Duration = Duration::from_millis(350);
 
 /// Bandwidth kept for each audio track a subscriber receives (Opus at
 /// 32 kbit/s plus packet overhead) before video layers are chosen.
@@ -749,6 +752,15 @@ impl ShardCore {
                         .on_stats(now, stats.peer_bytes_tx, stats.egress_loss_fraction)
                     {
                         self.metrics.loss_caps.inc();
+                        // Decide again at the next frame, not a DECIDE_EVERY later.
+                        for t in &mut sess.tracks_out {
+                            t.decided_at = None;
+                        }
+                        tracing::debug!(
+                            parent: &sess.span,
+                            loss = stats.egress_loss_fraction,
+                            "loss cap"
+                        );
                     }
                 }
             }
@@ -1159,6 +1171,7 @@ impl ShardCore {
                     .decided_at
                     .is_none_or(|t| now >= t + DECIDE_EVERY);
             let budget = if due { sub.video_budget(now) } else { 0 };
+            let span = &sub.span;
             let out = &mut sub.tracks_out[i];
             let OutState::Open(mid) = out.state else {
                 continue;
@@ -1197,6 +1210,21 @@ impl ShardCore {
                         };
                         self.metrics
                             .layer_switch(dir, out.choice.cause.as_str(), layer);
+                        tracing::debug!(
+                            parent: span,
+                            %mid,
+                            dir,
+                            cause = out.choice.cause.as_str(),
+                            layer,
+                            budget,
+                            "layer decision"
+                        );
+                    } else if out.choice.target.is_some() {
+                        // Still waiting for the target's keyframe: ask again
+                        // (request_keyframe spaces requests, SWITCH_REASK). A
+                        // publisher may drop a request that follows another
+                        // closely: Chromium takes one per 300 ms at most.
+                        asks.push(out.choice.target);
                     }
                     let want = out.choice.bwe_want(now, budget, active);
                     if super::layers::want_changed(out.bwe_want, want) {
@@ -1210,11 +1238,23 @@ impl ShardCore {
                 }
                 if did_switch {
                     self.metrics.layer_switches_done.inc();
+                    tracing::debug!(parent: span, %mid, "layer switched on a keyframe");
                 }
                 switched = did_switch;
             }
             let rtp_time = out.map_time(data.time, data.network_time, switched);
             let written = catch_unwind(AssertUnwindSafe(|| {
+                if !out.unpaced {
+                    // Video is forwarded as it comes, already paced by the
+                    // publisher, as other SFUs do. str0m's pacer would hold
+                    // up to 2 s of it when the estimate drops, and a layer
+                    // switch's keyframe would wait behind that backlog; the
+                    // pacer still sends probes and padding.
+                    if let Some(tx) = sub.rtc.direct_api().stream_tx_by_mid(mid, None) {
+                        tx.set_unpaced(true);
+                        out.unpaced = true;
+                    }
+                }
                 let writer = sub.rtc.writer(mid)?;
                 let pt = writer.match_params(data.params)?;
                 Some(writer.write(pt, data.network_time, rtp_time, data.data.clone()))
@@ -1327,7 +1367,14 @@ impl ShardCore {
         kind: KeyframeRequestKind,
         switch: bool,
     ) {
-        let interval = self.config.keyframe_request_interval;
+        // A switch waits for its keyframe: ask again soon after the
+        // publisher's own spacing (Chromium drops requests within 300 ms of
+        // the last one, for any layer).
+        let interval = if switch {
+            self.config.keyframe_request_interval.min(SWITCH_REASK)
+        } else {
+            self.config.keyframe_request_interval
+        };
         let Some(t) = self.rooms.get_mut(room_id).and_then(|r| r.track(track)) else {
             return;
         };

@@ -79,10 +79,13 @@ impl PublisherLayers {
         let elapsed = now.saturating_duration_since(layer.window_start);
         if elapsed >= WINDOW {
             let rate = (layer.bytes as f64 * 8.0 / elapsed.as_secs_f64()) as u64;
+            // Smoothed over about four windows: a keyframe (a switch asks
+            // for one) lifts one window by half, which must not read as the
+            // layer getting dearer and send a subscriber straight back down.
             layer.bitrate = if layer.bitrate == 0 {
                 rate
             } else {
-                (layer.bitrate + rate) / 2
+                (layer.bitrate * 3 + rate) / 4
             };
             layer.bytes = 0;
             layer.window_start = now;
@@ -181,6 +184,11 @@ impl LossWatch {
         true
     }
 
+    /// The loss over the last second, as last reported (0 before any report).
+    pub fn window_loss(&self) -> f32 {
+        self.last.map_or(0.0, |(_, loss, _)| loss)
+    }
+
     /// The cap on the budget now, if a recent measurement set one.
     pub fn cap(&self, now: Instant) -> Option<u64> {
         self.cap
@@ -223,7 +231,7 @@ pub struct LayerChoice {
     above_since: Option<Instant>,
     up_blocked_until: Option<Instant>,
     backoff: Duration,
-    last_up: Option<Instant>,
+    last_up: Option<(Instant, usize)>,
     /// While probing: until when the top layer's rate is asked for.
     probe_until: Option<Instant>,
     /// When to probe next.
@@ -280,11 +288,12 @@ impl LayerChoice {
                 up
             }
             Some(c) if keep < c => {
-                // Down at once. Going down soon after going up: back off.
-                if self
-                    .last_up
-                    .is_some_and(|t| now.saturating_duration_since(t) < UP_FAIL)
-                {
+                // Down at once. Back to where it came from (or above) soon
+                // after going up: the step up failed, back off. Further
+                // down than that is the link dropping, not a failed step.
+                if self.last_up.is_some_and(|(t, from)| {
+                    now.saturating_duration_since(t) < UP_FAIL && keep >= from
+                }) {
                     self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                     self.up_blocked_until = Some(now + self.backoff);
                 }
@@ -300,7 +309,7 @@ impl LayerChoice {
                 let blocked = self.up_blocked_until.is_some_and(|t| now < t);
                 if now.saturating_duration_since(since) >= UP_HOLD && !blocked {
                     self.above_since = None;
-                    self.last_up = Some(now);
+                    self.last_up = Some((now, c));
                     self.cause = Cause::Bandwidth;
                     // The highest layer that fits with headroom: after a
                     // probe the budget can carry two steps at once.
@@ -314,7 +323,7 @@ impl LayerChoice {
                 // A layer that held for a while resets the backoff.
                 if self
                     .last_up
-                    .is_some_and(|t| now.saturating_duration_since(t) > MAX_BACKOFF)
+                    .is_some_and(|(t, _)| now.saturating_duration_since(t) > MAX_BACKOFF)
                 {
                     self.backoff = UP_HOLD;
                 }
@@ -462,6 +471,34 @@ mod tests {
         );
         assert_eq!(
             c.decide(t2 + Duration::from_millis(4100), 5_000_000, &layers()),
+            Some(Rid::from("f"))
+        );
+    }
+
+    #[test]
+    fn a_link_drop_below_where_it_came_from_is_not_a_failed_step() {
+        let t0 = Instant::now();
+        let mut c = LayerChoice::default();
+        c.decide(t0, 1_000_000, &layers());
+        c.admit_frame(Rid::from("h"), true);
+        assert_eq!(
+            c.decide(t0 + Duration::from_secs(1), 5_000_000, &layers()),
+            None
+        );
+        let t1 = t0 + Duration::from_secs(3);
+        assert_eq!(c.decide(t1, 5_000_000, &layers()), Some(Rid::from("f")));
+        c.admit_frame(Rid::from("f"), true);
+        // Soon after, the link drops to q: below h, where it came from.
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(c.decide(t2, 200_000, &layers()), Some(Rid::from("q")));
+        c.admit_frame(Rid::from("q"), true);
+        assert_eq!(
+            c.decide(t2 + Duration::from_millis(10), 5_000_000, &layers()),
+            None
+        );
+        // No backoff: the plain hold (2 s) brings it back up.
+        assert_eq!(
+            c.decide(t2 + Duration::from_millis(2100), 5_000_000, &layers()),
             Some(Rid::from("f"))
         );
     }

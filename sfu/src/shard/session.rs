@@ -109,6 +109,9 @@ pub struct TrackOut {
     /// sustain (the next layer up while going up is allowed) and the rate to
     /// probe for (the top layer). Summed over the session's tracks.
     pub bwe_want: (u64, u64),
+    /// Whether str0m was told to send this (video) stream unpaced; see
+    /// `Core::forward`.
+    pub unpaced: bool,
 }
 
 impl TrackOut {
@@ -128,6 +131,7 @@ impl TrackOut {
             on_slot,
             choice: LayerChoice::default(),
             bwe_want: (0, 0),
+            unpaced: false,
             decided_at: None,
             ts_offset: 0,
             last_out: None,
@@ -361,20 +365,24 @@ impl Session {
         }
         let desired = desired.max(minimum);
         // A probe starts (the desired rate jumps) while the estimate is stuck
-        // far below it and no loss cap runs: restart the estimator from its
-        // estimate, so it sends its initial probes (3x and 6x). str0m probes
-        // for a raised desired rate only while it is delay-limited; after a
-        // loss event it can stay loss-limited, and the estimate then creeps
-        // up by a few kbit/s a second (measured: no way back to f within
-        // 20 s in 2 of 6 runs of layer_sweep without this, 3.4-11.5 s with it).
+        // well below it and the link loses nothing now: restart the
+        // estimator from its estimate, so it sends its initial probes (3x and
+        // 6x). str0m probes for a raised desired rate only while it is
+        // delay-limited; after a loss event it can stay loss-limited, and the
+        // estimate then creeps up by a few kbit/s a second (measured: no way
+        // back to f within 20 s in 2 of 6 runs of layer_sweep without this;
+        // in Chromium on a shaped link the estimate sat at 560 kbit/s for
+        // 25 s below an f of 1 Mbit/s while the restart waited for 2x).
         let est = self.estimate.unwrap_or(0);
-        if desired > self.asked_desired.saturating_mul(5) / 4
+        let restart = desired > self.asked_desired.saturating_mul(5) / 4
             && est > 0
-            && desired > est.saturating_mul(2)
+            && desired > est.saturating_mul(3) / 2
             && self.loss.cap(now).is_none()
-        {
+            && self.loss.window_loss() < 0.02;
+        if restart {
             self.rtc.bwe().reset(str0m::bwe::Bitrate::bps(est));
         }
+        tracing::debug!(parent: &self.span, minimum, desired, estimate = est, restart, "bwe want");
         self.asked_desired = desired;
         self.rtc.bwe().set_bitrate(
             str0m::bwe::Bitrate::bps(minimum),

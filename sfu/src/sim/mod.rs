@@ -165,7 +165,9 @@ impl Sim {
         peer.accept_answer(answer).expect("the answer applies");
         let id = SessionId::random();
         let kind = match join {
-            Join::Api | Join::ApiSimulcast | Join::ApiViewer => SessionKind::Api,
+            Join::Api | Join::ApiSimulcast | Join::ApiRembOnly | Join::ApiViewer => {
+                SessionKind::Api
+            }
             Join::Whip => SessionKind::Whip,
             Join::Whep => SessionKind::Whep,
         };
@@ -597,9 +599,9 @@ mod tests {
                     s.peers[b].current_layer(tp),
                 ));
             }
-            on(s, "h") || on(s, "f")
+            on(s, "f")
         });
-        assert!(ok, "uncapped: up again in 15 s; {lift:?}");
+        assert!(ok, "uncapped: back on f within 10 s; {lift:?}");
         let up = s.now - t1;
         // At 900 kbit/s h (about 560 kbit/s measured) fits with headroom;
         // the loss of the step down from f sends it to q first, and the way
@@ -640,6 +642,49 @@ mod tests {
         eprintln!(
             "SFU decided down in {sfu_decided:?}, forwards q after {sfu_down:?}, seen down in {down:?}, up in {up:?}, switches {switches:?}"
         );
+    }
+
+    #[test]
+    fn a_subscriber_that_only_sends_remb_gets_the_layer_its_remb_allows() {
+        let mut s = Sim::new(5, ShardConfig::default());
+        let p = s.join(
+            "r",
+            Sim::claims("r", "p", Role::Interpreter),
+            Join::ApiSimulcast,
+        );
+        let b = s.join(
+            "r",
+            Sim::claims("r", "b", Role::Official),
+            Join::ApiRembOnly,
+        );
+        s.peers[b].remb = Some(5_000_000);
+        let tp = s.peers[p].tag;
+        let (sb, sp) = (s.sessions[b], s.sessions[0]);
+        let on = |s: &Sim, layer: &str| s.peers[b].current_layer(tp) == Some(layer);
+        assert!(
+            s.run_until(Duration::from_secs(20), |s| on(s, "f")),
+            "REMB 5 Mbit/s: f; on {:?}",
+            s.peers[b].current_layer(tp)
+        );
+        assert_eq!(
+            s.shard.estimate(sb),
+            Some(5_000_000),
+            "the REMB is the estimate"
+        );
+        s.peers[b].remb = Some(300_000);
+        assert!(
+            s.run_until(Duration::from_secs(2), |s| {
+                s.shard.forwarded_layer(sb, sp).as_deref() == Some("q")
+            }),
+            "REMB 300 kbit/s: q forwarded within 2 s"
+        );
+        s.peers[b].remb = Some(900_000);
+        assert!(
+            s.run_until(Duration::from_secs(10), |s| on(s, "h")),
+            "REMB 900 kbit/s: h"
+        );
+        s.run_for(Duration::from_secs(10));
+        assert!(on(&s, "h"), "stays on h");
     }
 
     #[test]

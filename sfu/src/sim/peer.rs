@@ -19,6 +19,7 @@ use str0m::media::{
     SimulcastLayer,
 };
 use str0m::net::Transmit;
+use str0m::rtp::{Extension, ExtensionMap};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig, RtcError};
 
 use crate::shard::core::udp_input;
@@ -30,6 +31,10 @@ pub enum Join {
     Api,
     /// As `Api`, with the video in three simulcast layers (rids q, h, f).
     ApiSimulcast,
+    /// As `Api`, but without transport-wide congestion control: the peer
+    /// reports the bandwidth it receives by REMB only (set `Peer::remb`), as
+    /// some older clients do.
+    ApiRembOnly,
     /// Our API, receive only (no media of its own), with the data channel.
     ApiViewer,
     /// WHIP: audio + video out, nothing else.
@@ -42,7 +47,7 @@ impl Join {
     /// The HTTP path for joining `room` this way.
     pub fn path(&self, room: &str) -> String {
         match self {
-            Join::Api | Join::ApiSimulcast | Join::ApiViewer => {
+            Join::Api | Join::ApiSimulcast | Join::ApiRembOnly | Join::ApiViewer => {
                 format!("/v1/rooms/{room}/sessions")
             }
             Join::Whip => format!("/whip/{room}"),
@@ -118,7 +123,19 @@ pub struct Peer {
     next_video: Instant,
     next_audio: Instant,
     force_keyframe: bool,
+    /// The simulated time, as of the last input.
+    now: Instant,
+    /// When a keyframe request was last honoured.
+    key_honoured: Option<Instant>,
+    /// The bandwidth this peer reports by REMB for the video it receives,
+    /// every 250 ms (bit/s; `None`: no REMB).
+    pub remb: Option<u64>,
+    next_remb: Instant,
 }
+
+/// Keyframe requests closer than this to the last honoured one are dropped,
+/// as Chromium does (one per 300 ms): the SFU must ask again.
+const KEYFRAME_REQUEST_GAP: Duration = Duration::from_millis(300);
 
 impl Peer {
     /// A peer at `addr` and its offer.
@@ -135,6 +152,15 @@ impl Peer {
             Codec::H264 => cfg.enable_h264(true),
             _ => cfg.enable_vp8(true),
         };
+        if join == Join::ApiRembOnly {
+            let mut exts = ExtensionMap::empty();
+            for (id, e) in ExtensionMap::standard().iter() {
+                if *e != Extension::TransportSequenceNumber {
+                    exts.set(id, e.clone());
+                }
+            }
+            cfg = cfg.set_extension_map(exts);
+        }
         let mut rtc = cfg.build(now);
         // A host candidate always parses.
         if let Ok(c) = Candidate::host(addr, "udp") {
@@ -143,7 +169,7 @@ impl Peer {
         let mut api = rtc.sdp_api();
         let (mut audio_mid, mut video_mid) = (None, None);
         match join {
-            Join::Api | Join::ApiSimulcast | Join::Whip => {
+            Join::Api | Join::ApiSimulcast | Join::ApiRembOnly | Join::Whip => {
                 audio_mid =
                     Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
                 let simulcast = (join == Join::ApiSimulcast).then(|| {
@@ -167,7 +193,10 @@ impl Peer {
             }
             Join::ApiViewer => {}
         }
-        if matches!(join, Join::Api | Join::ApiSimulcast | Join::ApiViewer) {
+        if matches!(
+            join,
+            Join::Api | Join::ApiSimulcast | Join::ApiRembOnly | Join::ApiViewer
+        ) {
             api.add_channel("balie".into());
         }
         // There is always a change above (media or channel), so apply() yields an offer.
@@ -196,6 +225,10 @@ impl Peer {
             next_video: now,
             next_audio: now,
             force_keyframe: true,
+            now,
+            key_honoured: None,
+            remb: None,
+            next_remb: now,
         };
         (peer, offer)
     }
@@ -210,6 +243,7 @@ impl Peer {
 
     /// A datagram arrived.
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
+        self.now = now;
         let Some(input) = udp_input(now, source, self.addr, data) else {
             return;
         };
@@ -218,7 +252,23 @@ impl Peer {
 
     /// Let time pass: timers, and the media due by `now`.
     pub fn tick(&mut self, now: Instant) {
+        self.now = now;
         let _ = self.rtc.handle_input(Input::Timeout(now));
+        if let Some(bps) = self.remb.filter(|_| now >= self.next_remb) {
+            self.next_remb = now + Duration::from_millis(250);
+            let video: Vec<Mid> = self
+                .received
+                .iter()
+                .filter(|(_, r)| r.kind == Some(MediaKind::Video))
+                .map(|(mid, _)| *mid)
+                .collect();
+            let mut api = self.rtc.direct_api();
+            for mid in video {
+                if let Some(rx) = api.stream_rx_by_mid(mid, None) {
+                    rx.request_remb(str0m::bwe::Bitrate::bps(bps));
+                }
+            }
+        }
         if self.connected {
             self.send_media(now);
         }
@@ -310,7 +360,14 @@ impl Peer {
             }
             Event::KeyframeRequest(_) => {
                 self.keyframe_requests += 1;
-                self.force_keyframe = true;
+                let now = self.now;
+                if self
+                    .key_honoured
+                    .is_none_or(|t| now.saturating_duration_since(t) >= KEYFRAME_REQUEST_GAP)
+                {
+                    self.key_honoured = Some(now);
+                    self.force_keyframe = true;
+                }
             }
             _ => {}
         }

@@ -1,0 +1,129 @@
+// Adaptive simulcast in a real browser on a shaped link: a Chromium publisher
+// sends q/h/f (320x180, 640x360, 1280x720); a Chromium subscriber sits behind a
+// link whose downlink tc limits, in network namespaces of our own. We time how
+// long the subscriber's decoder (`frameWidth` in getStats) takes to show the
+// layer its link carries after the link changes.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startSfu, token, launch, newPage, inbound, until, Netns } from './harness.mjs';
+
+const net = new Netns();
+let sfu;
+let pubBrowser;
+let subBrowser;
+
+before(async () => {
+  await net.up();
+  // Layer decisions are logged at debug level: shown when the test fails.
+  process.env.RUST_LOG = 'info,balie_sfu::shard::core=debug,balie_sfu::shard::session=debug';
+  sfu = await startSfu('', { netns: net.server, ip: net.serverIp });
+  // Camera and microphone need a secure context; plain http on an address
+  // other than loopback is one only when the browser is told so.
+  const args = [`--unsafely-treat-insecure-origin-as-secure=${sfu.url}`];
+  pubBrowser = await launch({ netns: net.server, args });
+  subBrowser = await launch({ netns: net.client, args });
+});
+
+after(async () => {
+  await pubBrowser?.close();
+  await subBrowser?.close();
+  await sfu?.stop();
+  await net.down();
+});
+
+const join = (room, sub, role) => token({ room, sub, name: sub, role, loa: 'midden' });
+
+/** Poll the subscriber's decoded width every 100 ms until `ok(width)`; seconds taken. */
+async function timeUntil(page, ok, ms, what) {
+  const start = Date.now();
+  let last;
+  while (Date.now() - start < ms) {
+    last = await inbound(page);
+    if (last.frameWidth > 0 && ok(last.frameWidth)) return (Date.now() - start) / 1000;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`timed out after ${ms} ms: ${what} (last: ${JSON.stringify(last)})`);
+}
+
+/** The publisher's bitrate per simulcast layer (kbit/s) over 2 s. */
+async function layerRates(page) {
+  const sample = () => page.evaluate(async () => {
+    const r = {};
+    (await window.balie.state.pc.getStats()).forEach((s) => {
+      if (s.type === 'outbound-rtp' && s.kind === 'video') r[s.rid] = [s.bytesSent, s.frameWidth];
+    });
+    return r;
+  });
+  const a = await sample();
+  await new Promise((r) => setTimeout(r, 2000));
+  const b = await sample();
+  return Object.fromEntries(Object.keys(b).map((rid) => [rid, [Math.round(((b[rid][0] - (a[rid]?.[0] ?? 0)) * 8) / 2000), b[rid][1]]]));
+}
+
+test('on a shaped downlink the subscriber drops to the low layer fast and climbs back', async () => {
+  const room = 'e2e-shaped';
+  const pub = await newPage(pubBrowser);
+  const subp = await newPage(subBrowser, { width: 1280, height: 800 });
+  const events = [];
+  try {
+    await pub.goto(`${sfu.url}/join?token=${join(room, 'p', 'interpreter')}`);
+    await pub.getByRole('button', { name: 'Start het gesprek' }).click();
+    await pub.locator('#view-call').waitFor();
+    // The subscriber only watches (an observer publishes nothing): one
+    // encoder on the machine, so Chromium does not scale f down for lack of CPU.
+    await subp.goto(`${sfu.url}/join?token=${join(room, 's', 'observer')}`);
+    await subp.getByRole('button', { name: 'Start het gesprek' }).click();
+    await subp.locator('#view-call').waitFor();
+
+    // A large window on an open link: the full layer.
+    const open = await timeUntil(subp, (w) => w >= 1280, 30000, 'the full layer on an open link');
+    const rates = await layerRates(pub);
+    console.log(`publisher layers (kbit/s): ${JSON.stringify(rates)}`);
+    const down = [];
+    const up = [];
+    const mark = (what) => events.push(`${what} ${new Date().toISOString()}`);
+    for (let round = 0; round < 3; round += 1) {
+      await new Promise((r) => setTimeout(r, 3000));
+      await net.shape(300);
+      mark('cap 300');
+      down.push(await timeUntil(subp, (w) => w <= 320, 10000, 'the low layer under a 300 kbit/s cap'));
+      await new Promise((r) => setTimeout(r, 5000));
+      await net.shape(null);
+      mark('lift');
+      up.push(await timeUntil(subp, (w) => w >= 1280, 30000, 'the full layer once the cap is lifted'));
+    }
+    // A cap between what h and f need. The issue's 900 kbit/s assumes f at
+    // about 1.5 Mbit/s; Chromium sends the fake camera's f at 0.8-1.1 Mbit/s,
+    // so the cap sits between h with headroom and f, from what it sends now.
+    const midCap = Math.round((rates.h[0] * 1.3 + rates.f[0]) / 2);
+    await net.shape(midCap);
+    const mid = await timeUntil(subp, (w) => w === 640, 30000, `the middle layer at ${midCap} kbit/s`);
+    // Once on h, how much of the next 20 s does it stay there?
+    let onH = 0;
+    let samples = 0;
+    const end = Date.now() + 20000;
+    while (Date.now() < end) {
+      samples += 1;
+      if ((await inbound(subp)).frameWidth === 640) onH += 1;
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    console.log(`shaped link: f on the open link after ${open.toFixed(1)} s; `
+      + `300 kbit/s -> q shown after ${down.map((t) => t.toFixed(2)).join(', ')} s; `
+      + `lifted -> f shown after ${up.map((t) => t.toFixed(1)).join(', ')} s; `
+      + `${midCap} kbit/s -> h after ${mid.toFixed(1)} s, then on h ${Math.round((100 * onH) / samples)}% of 20 s`);
+    // Bounds with room for a loaded 2-core CI machine; the figures measured
+    // here are in docs/benchmarks.md, the simulator checks the issue's 2 s/10 s.
+    for (const t of down) assert.ok(t <= 2.5, `q within 2.5 s of the cap (took ${t} s)`);
+    for (const t of up) assert.ok(t <= 20, `f within 20 s of lifting (took ${t} s)`);
+    assert.ok(onH / samples >= 0.6, `h holds at ${midCap} kbit/s (${onH}/${samples})`);
+  } catch (e) {
+    console.log(`now ${new Date().toISOString()}; link changes: ${events.join(', ')}`);
+    console.log(sfu.log().split('\n').filter((l) => /layer|loss cap|bwe want/.test(l)).slice(-80).join('\n'));
+    throw e;
+  } finally {
+    await net.shape(null);
+    await pub.context().close();
+    await subp.context().close();
+  }
+});
