@@ -1,0 +1,85 @@
+//! balie-bench: load tests of many concurrent small counter calls.
+//!
+//! This first part reads and checks scenarios (`balie-bench check`); the
+//! runner, the adapters (balie-sfu, Janus) and the reports follow
+//! (ARCHITECTURE.md, "Load tests").
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod scenario;
+
+use scenario::Scenario;
+
+#[derive(Parser)]
+#[command(name = "balie-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read a scenario, check it, and print what it will load the server with.
+    Check {
+        /// The scenario file (TOML; examples in configs/bench/).
+        #[arg(long)]
+        scenario: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Check { scenario } => match Scenario::load(&scenario) {
+            Ok(s) => {
+                print!("{}", plan(&s));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("balie-bench: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+/// What a scenario asks of the server, in a few lines.
+fn plan(s: &Scenario) -> String {
+    let (sent, forwarded) = s.packet_rates();
+    let roles: Vec<String> = s
+        .participants
+        .iter()
+        .map(|p| format!("{} ({:?})", p.role.as_str(), p.media).to_lowercase())
+        .collect();
+    let mut out = format!(
+        "scenario {}: {} calls of {} ({} peer connections) against {:?}\n",
+        s.name,
+        s.calls.count,
+        roles.join(", "),
+        s.peer_connections(),
+        s.target.kind
+    );
+    out += &format!(
+        "joins at {} calls/s, held {} once up\n",
+        s.calls.join_rate,
+        humantime::format_duration(s.calls.duration)
+    );
+    out += &format!(
+        "at full load: {sent:.0} packets/s into the server, {forwarded:.0} packets/s forwarded\n"
+    );
+    if let Some(r) = &s.ramp {
+        out += &format!(
+            "ramp: from {} calls, {} more every {}, up to {}, while loss <= {}%, p99 latency <= {} ms, freezes <= {}\n",
+            r.start,
+            r.step,
+            humantime::format_duration(r.every),
+            s.calls.count,
+            s.quality.max_loss_pct,
+            s.quality.max_p99_latency_ms,
+            s.quality.max_freezes
+        );
+    }
+    out
+}
