@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod media;
 mod scenario;
 
 use scenario::Scenario;
@@ -22,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Read a scenario, check it, and print what it will load the server with.
+    /// Read a scenario, check it, and print what it will load the server
+    /// with; encode each participant's media once and print what it sends.
     Check {
         /// The scenario file (TOML; examples in configs/bench/).
         #[arg(long)]
@@ -35,7 +37,16 @@ fn main() -> ExitCode {
         Command::Check { scenario } => match Scenario::load(&scenario) {
             Ok(s) => {
                 print!("{}", plan(&s));
-                ExitCode::SUCCESS
+                match encoded(&s) {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("balie-bench: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("balie-bench: {e}");
@@ -43,6 +54,52 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Encode each distinct media profile of the scenario (two seconds) and say
+/// what it sends.
+fn encoded(s: &Scenario) -> Result<String, media::MediaError> {
+    let mut out = String::new();
+    let mut seen = Vec::new();
+    for p in &s.participants {
+        if !p.media.publishes() || seen.contains(&(p.media, p.audio_frame)) {
+            continue;
+        }
+        seen.push((p.media, p.audio_frame));
+        let t0 = std::time::Instant::now();
+        let clip = media::make_clip(p.media, p.audio_frame, 2)?;
+        let kbps = |bytes: usize| bytes as f64 * 8.0 / 2.0 / 1000.0;
+        let mut parts: Vec<String> = clip
+            .layers
+            .iter()
+            .map(|l| {
+                let bytes = l.frames.iter().map(|f| f.data.len()).sum();
+                let key: usize = l.keyframes.iter().map(Vec::len).sum();
+                format!(
+                    "{} VP8 {}x{} {:.0} kbit/s (target {}; keyframes on request {} bytes on average)",
+                    l.rid,
+                    l.width,
+                    l.height,
+                    kbps(bytes),
+                    l.bitrate / 1000,
+                    key / l.keyframes.len().max(1)
+                )
+            })
+            .collect();
+        parts.push(format!(
+            "Opus {} frames {:.0} kbit/s",
+            humantime::format_duration(clip.audio_frame),
+            kbps(clip.audio.iter().map(Vec::len).sum())
+        ));
+        out += &format!(
+            "{:?} media, encoded in {:.1} s: {}\n",
+            p.media,
+            t0.elapsed().as_secs_f64(),
+            parts.join(", ")
+        )
+        .to_lowercase();
+    }
+    Ok(out)
 }
 
 /// What a scenario asks of the server, in a few lines.
