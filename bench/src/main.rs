@@ -10,6 +10,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod media;
+mod participant;
+mod report;
+mod run;
 mod scenario;
 
 use scenario::Scenario;
@@ -30,10 +33,30 @@ enum Command {
         #[arg(long)]
         scenario: PathBuf,
     },
+    /// Run a scenario: start the target on loopback, hold the calls, and
+    /// write report.json and report.md into the output folder.
+    Run {
+        /// The scenario file (TOML; examples in configs/bench/).
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Where the report goes.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+        /// The balie-sfu binary to start (default: next to balie-bench).
+        #[arg(long)]
+        sfu: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Run { scenario, out, sfu } => match run(&scenario, &out, sfu) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("balie-bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { scenario } => match Scenario::load(&scenario) {
             Ok(s) => {
                 print!("{}", plan(&s));
@@ -54,6 +77,46 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn run(
+    scenario: &std::path::Path,
+    out: &std::path::Path,
+    sfu: Option<PathBuf>,
+) -> Result<(), String> {
+    let s = Scenario::load(scenario).map_err(|e| e.to_string())?;
+    if s.target.kind != scenario::TargetKind::Balie || s.target.url.is_some() {
+        return Err(format!(
+            "{}: this build runs scenarios against a balie-sfu it starts itself (target.kind = \"balie\", no target.url); the Janus adapter and external targets are not built yet",
+            scenario.display()
+        ));
+    }
+    let impaired = s
+        .participants
+        .iter()
+        .any(|p| p.link != scenario::Link::default());
+    if impaired || s.ramp.is_some() {
+        return Err(format!(
+            "{}: link impairments and ramp mode are checked but not run by this build yet",
+            scenario.display()
+        ));
+    }
+    let sfu = match sfu {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("balie-sfu"),
+    };
+    print!("{}", plan(&s));
+    let outcome = run::run_balie(&s, &sfu)?;
+    let r = report::build(&s.name, "balie-sfu", s.participants.len(), &outcome);
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let json = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
+    std::fs::write(out.join("report.json"), json).map_err(|e| format!("{}: {e}", out.display()))?;
+    let md = report::markdown(&r);
+    std::fs::write(out.join("report.md"), &md).map_err(|e| format!("{}: {e}", out.display()))?;
+    print!("{md}");
+    Ok(())
 }
 
 /// Encode each distinct media profile of the scenario (two seconds) and say

@@ -1,0 +1,515 @@
+//! One synthetic participant: a str0m client on its own UDP socket that
+//! publishes the encoded clip in real time and receives the others.
+//!
+//! It speaks balie's in-call protocol on the data channel `balie`: it answers
+//! the server's offers, obeys `send-video`, and, as an official, admits
+//! waiting citizens as a real official would.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::format::Codec;
+use str0m::media::{
+    Direction, Frequency, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer,
+};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+
+use crate::media::{Clip, FPS};
+use crate::scenario::{Media, Role};
+
+/// A frame gap longer than this is a freeze.
+pub const FREEZE: Duration = Duration::from_millis(500);
+
+/// When each publisher (by the id the server gave it) started its clip: a
+/// receiver knows from a frame's bytes which frame of the clip it is, and so
+/// when it was sent. All participants share this process's clock.
+pub type Clocks = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// What one participant measured.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Which call of the run.
+    pub call: usize,
+    /// Offer sent to ICE and DTLS connected.
+    pub join: Option<Duration>,
+    /// Offer sent to the first video frame received.
+    pub first_frame: Option<Duration>,
+    pub frames_received: u64,
+    pub audio_packets_received: u64,
+    pub bytes_received: u64,
+    pub frames_sent: u64,
+    pub audio_packets_sent: u64,
+    /// Gaps over [`FREEZE`] between video frames of one track.
+    pub freezes: u64,
+    /// End-to-end video frame latency, milliseconds.
+    pub latencies_ms: Vec<f32>,
+    /// Packets lost and expected, from str0m's receiver statistics (each
+    /// second: the packets received and the fraction lost).
+    pub lost: u64,
+    pub expected: u64,
+}
+
+/// Received video on one m-line.
+#[derive(Debug, Default)]
+struct Track {
+    publisher: Option<String>,
+    last_frame: Option<Instant>,
+}
+
+pub struct Participant {
+    pub role: Role,
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+    clip: Arc<Clip>,
+    /// Frame bytes (hashed) to their index in the clip.
+    index: ClipIndex,
+    clocks: Clocks,
+    media: Media,
+    audio_mid: Option<Mid>,
+    video_mid: Option<Mid>,
+    channel: Option<ChannelId>,
+    pending: Option<SdpPendingOffer>,
+    /// The id the server gave us (from `welcome`).
+    pub id: Option<String>,
+    started: Option<Instant>,
+    offer_at: Instant,
+    next_video: Instant,
+    next_audio: Instant,
+    frame_no: usize,
+    audio_no: usize,
+    key_wanted: Vec<bool>,
+    video_paused: bool,
+    tracks: HashMap<Mid, Track>,
+    /// Packets received per incoming stream, as of str0m's last report.
+    ingress: HashMap<(Mid, Option<Rid>), u64>,
+    pub stats: Stats,
+    pub closed: bool,
+    buf: Vec<u8>,
+}
+
+/// Frame bytes (hashed) to the frame's index in its clip.
+pub type ClipIndex = Arc<HashMap<u64, usize>>;
+
+/// A stable hash of a frame's bytes.
+pub fn frame_hash(data: &[u8]) -> u64 {
+    // FNV-1a: fast, and frames differ early (the VP8 header carries sizes
+    // and the first partition differs from frame to frame).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data.iter().take(256) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^ data.len() as u64
+}
+
+/// Index every frame of the clip (and its keyframe version) by hash.
+pub fn index_clip(clip: &Clip) -> HashMap<u64, usize> {
+    let mut map = HashMap::new();
+    for layer in &clip.layers {
+        for (i, f) in layer.frames.iter().enumerate() {
+            map.insert(frame_hash(&f.data), i);
+        }
+        for (i, k) in layer.keyframes.iter().enumerate() {
+            map.insert(frame_hash(k), i);
+        }
+    }
+    map
+}
+
+impl Participant {
+    /// A participant bound to `bind` (port 0: any), and its offer.
+    pub fn new(
+        role: Role,
+        media: Media,
+        clip: Arc<Clip>,
+        index: ClipIndex,
+        clocks: Clocks,
+        bind: SocketAddr,
+        now: Instant,
+    ) -> std::io::Result<(Participant, String)> {
+        let socket = UdpSocket::bind(bind)?;
+        socket.set_nonblocking(true)?;
+        let local = socket.local_addr()?;
+        let mut rtc = RtcConfig::new()
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .set_stats_interval(Some(Duration::from_secs(1)))
+            .build(now);
+        if let Ok(c) = Candidate::host(local, "udp") {
+            rtc.add_local_candidate(c);
+        }
+        let mut api = rtc.sdp_api();
+        let (mut audio_mid, mut video_mid) = (None, None);
+        if media.publishes() {
+            audio_mid =
+                Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
+            if !clip.layers.is_empty() {
+                let simulcast = (clip.layers.len() > 1).then(|| {
+                    let mut s = Simulcast::new();
+                    for l in &clip.layers {
+                        s.add_send_layer(SimulcastLayer::new(l.rid));
+                    }
+                    s
+                });
+                video_mid = Some(api.add_media(
+                    MediaKind::Video,
+                    Direction::SendOnly,
+                    None,
+                    None,
+                    simulcast,
+                ));
+            }
+        }
+        api.add_channel("balie".into());
+        let (offer, pending) = api
+            .apply()
+            .ok_or_else(|| std::io::Error::other("str0m made no offer"))?;
+        let layers = clip.layers.len();
+        Ok((
+            Participant {
+                role,
+                rtc,
+                socket,
+                local,
+                clip,
+                index,
+                clocks,
+                media,
+                audio_mid,
+                video_mid,
+                channel: None,
+                pending: Some(pending),
+                id: None,
+                started: None,
+                offer_at: now,
+                next_video: now,
+                next_audio: now,
+                frame_no: 0,
+                audio_no: 0,
+                key_wanted: vec![false; layers],
+                video_paused: false,
+                tracks: HashMap::new(),
+                ingress: HashMap::new(),
+                stats: Stats::default(),
+                closed: false,
+                buf: vec![0; 2000],
+            },
+            offer.to_sdp_string(),
+        ))
+    }
+
+    /// Apply the server's answer.
+    pub fn accept_answer(&mut self, sdp: &str) -> Result<(), String> {
+        let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| format!("answer: {e}"))?;
+        let pending = self.pending.take().ok_or("no offer pending")?;
+        self.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| format!("answer: {e}"))
+    }
+
+    /// Receive what arrived, send what is due; returns when to come back.
+    pub fn drive(&mut self, now: Instant) -> Instant {
+        if self.closed {
+            return now + Duration::from_secs(1);
+        }
+        loop {
+            match self.socket.recv_from(&mut self.buf) {
+                Ok((n, source)) => {
+                    let Ok(contents) = self.buf[..n].try_into() else {
+                        continue;
+                    };
+                    let input = Input::Receive(
+                        now,
+                        Receive {
+                            proto: Protocol::Udp,
+                            source,
+                            destination: self.local,
+                            contents,
+                        },
+                    );
+                    if self.rtc.handle_input(input).is_err() {
+                        self.closed = true;
+                        return now;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => break,
+            }
+            // Events of this datagram are handled at once.
+            self.poll(now);
+        }
+        let _ = self.rtc.handle_input(Input::Timeout(now));
+        if self.rtc.is_connected() {
+            self.send_media(now);
+        }
+        let next = self.poll(now);
+        let media = if self.media.publishes() {
+            self.next_audio.min(if self.video_mid.is_some() {
+                self.next_video
+            } else {
+                self.next_audio
+            })
+        } else {
+            next
+        };
+        next.min(media)
+    }
+
+    fn poll(&mut self, now: Instant) -> Instant {
+        loop {
+            match self.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => return t,
+                Ok(Output::Transmit(t)) => {
+                    let _ = self.socket.send_to(&t.contents, t.destination);
+                }
+                Ok(Output::Event(e)) => self.on_event(now, e),
+                Err(_) => {
+                    self.closed = true;
+                    return now + Duration::from_secs(1);
+                }
+            }
+        }
+    }
+
+    fn send_json(&mut self, v: &Value) {
+        if let Some(id) = self.channel {
+            if let Some(mut ch) = self.rtc.channel(id) {
+                let _ = ch.write(false, v.to_string().as_bytes());
+            }
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, e: Event) {
+        match e {
+            Event::Connected => {
+                self.stats.join = Some(now - self.offer_at);
+                self.started = Some(now);
+                self.next_audio = now;
+                self.next_video = now;
+            }
+            Event::ChannelOpen(id, label) if label == "balie" => self.channel = Some(id),
+            Event::ChannelData(d) => {
+                if let Ok(v) = serde_json::from_slice::<Value>(&d.data) {
+                    self.on_message(&v);
+                }
+            }
+            Event::KeyframeRequest(r) => {
+                let i = r
+                    .rid
+                    .and_then(|rid| {
+                        self.clip
+                            .layers
+                            .iter()
+                            .position(|l| Rid::from(l.rid) == rid)
+                    })
+                    .unwrap_or(0);
+                if let Some(k) = self.key_wanted.get_mut(i) {
+                    *k = true;
+                }
+            }
+            Event::MediaData(d) => {
+                let kind = self.rtc.media(d.mid).map(|m| m.kind());
+                if kind == Some(MediaKind::Audio) {
+                    self.stats.audio_packets_received += 1;
+                    self.stats.bytes_received += d.data.len() as u64;
+                    return;
+                }
+                self.stats.frames_received += 1;
+                self.stats.bytes_received += d.data.len() as u64;
+                if self.stats.first_frame.is_none() {
+                    self.stats.first_frame = Some(now - self.offer_at);
+                }
+                let track = self.tracks.entry(d.mid).or_default();
+                if let Some(last) = track.last_frame {
+                    if now.saturating_duration_since(last) > FREEZE {
+                        self.stats.freezes += 1;
+                    }
+                }
+                track.last_frame = Some(now);
+                // Which frame of the clip, sent when?
+                let started = track
+                    .publisher
+                    .as_ref()
+                    .and_then(|p| self.clocks.lock().ok().and_then(|c| c.get(p).copied()));
+                if let (Some(start), Some(&i)) = (started, self.index.get(&frame_hash(&d.data))) {
+                    let period = Duration::from_secs_f64(
+                        self.clip.layers[0].frames.len() as f64 / f64::from(FPS),
+                    );
+                    let offset = Duration::from_secs_f64(i as f64 / f64::from(FPS));
+                    let elapsed = now.saturating_duration_since(start);
+                    // The latest loop in which frame i was sent before now.
+                    let loops =
+                        (elapsed.saturating_sub(offset)).as_secs_f64() / period.as_secs_f64();
+                    let sent = start + offset + period.mul_f64(loops.floor());
+                    self.stats
+                        .latencies_ms
+                        .push(now.saturating_duration_since(sent).as_secs_f32() * 1000.0);
+                }
+            }
+            Event::MediaIngressStats(s) => {
+                // Packets since the last report, and str0m's loss fraction
+                // over that period: the packets that did not come.
+                let last = self.ingress.insert((s.mid, s.rid), s.packets).unwrap_or(0);
+                let got = s.packets.saturating_sub(last);
+                let loss = f64::from(s.loss.unwrap_or(0.0)).clamp(0.0, 0.99);
+                let lost = (got as f64 * loss / (1.0 - loss)).round() as u64;
+                self.stats.lost += lost;
+                self.stats.expected += got + lost;
+            }
+            Event::Closed => self.closed = true,
+            _ => {}
+        }
+    }
+
+    fn on_message(&mut self, v: &Value) {
+        match v["type"].as_str() {
+            Some("welcome") => {
+                self.id = v["you"]["id"].as_str().map(String::from);
+                self.admit_all(&v["participants"]);
+            }
+            Some("participant-joined") | Some("participant-updated") => {
+                self.admit_all(&Value::Array(vec![v["participant"].clone()]));
+            }
+            Some("offer") => {
+                self.map_tracks(&v["tracks"]);
+                let sdp = v["sdp"].as_str().unwrap_or("");
+                if let Ok(offer) = SdpOffer::from_sdp_string(sdp) {
+                    if let Ok(answer) = self.rtc.sdp_api().accept_offer(offer) {
+                        let msg =
+                            serde_json::json!({"type": "answer", "sdp": answer.to_sdp_string()});
+                        self.send_json(&msg);
+                    }
+                }
+            }
+            Some("tracks") => self.map_tracks(&v["tracks"]),
+            Some("send-video") => {
+                let send = v["send"] == true;
+                if send && self.video_paused {
+                    self.key_wanted.iter_mut().for_each(|k| *k = true);
+                }
+                self.video_paused = !send;
+            }
+            Some("bye") => self.closed = true,
+            _ => {}
+        }
+    }
+
+    /// Officials admit everyone waiting, as the counter's official would.
+    fn admit_all(&mut self, participants: &Value) {
+        if self.role != Role::Official {
+            return;
+        }
+        let waiting: Vec<String> = participants
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["state"] == "waiting")
+            .filter_map(|p| p["id"].as_str().map(String::from))
+            .collect();
+        for id in waiting {
+            self.send_json(&serde_json::json!({"type": "admit", "id": id}));
+        }
+    }
+
+    fn map_tracks(&mut self, tracks: &Value) {
+        for t in tracks.as_array().into_iter().flatten() {
+            let (Some(mid), Some(p)) = (t["mid"].as_str(), t["participant"].as_str()) else {
+                continue;
+            };
+            self.tracks.entry(Mid::from(mid)).or_default().publisher = Some(p.to_string());
+        }
+    }
+
+    fn send_media(&mut self, now: Instant) {
+        if let (Some(id), Some(start)) = (&self.id, self.started) {
+            if let Ok(mut c) = self.clocks.lock() {
+                c.entry(id.clone()).or_insert(start);
+            }
+        }
+        let Some(start) = self.started else { return };
+        if let Some(mid) = self.audio_mid {
+            let step = self.clip.audio_frame;
+            while self.next_audio <= now && !self.clip.audio.is_empty() {
+                let i = self.audio_no % self.clip.audio.len();
+                let samples = (48_000u128 * step.as_micros() / 1_000_000) as u64;
+                let rtp =
+                    MediaTime::new(self.audio_no as u64 * samples, Frequency::FORTY_EIGHT_KHZ);
+                let data = self.clip.audio[i].clone();
+                self.write(mid, None, Codec::Opus, now, rtp, data);
+                self.stats.audio_packets_sent += 1;
+                self.audio_no += 1;
+                self.next_audio += step;
+            }
+        }
+        let Some(mid) = self.video_mid else { return };
+        let period = Duration::from_secs(1) / FPS;
+        if self.video_paused {
+            // Keep the clock: frames not sent are skipped, not queued.
+            while self.next_video <= now {
+                self.next_video += period;
+                self.frame_no += 1;
+            }
+            return;
+        }
+        while self.next_video <= now {
+            let n = self.clip.layers[0].frames.len();
+            let i = self.frame_no % n;
+            // The clip's frame i goes out at start + frame_no / FPS.
+            let rtp = MediaTime::new(self.frame_no as u64 * 3000, Frequency::NINETY_KHZ);
+            for l in 0..self.clip.layers.len() {
+                let layer = &self.clip.layers[l];
+                let data = if std::mem::take(&mut self.key_wanted[l]) {
+                    layer.keyframes[i].clone()
+                } else {
+                    layer.frames[i].data.clone()
+                };
+                let rid = (self.clip.layers.len() > 1).then(|| Rid::from(layer.rid));
+                self.write(mid, rid, Codec::Vp8, now, rtp, data);
+            }
+            self.stats.frames_sent += 1;
+            self.frame_no += 1;
+            self.next_video = start + period * self.frame_no as u32;
+        }
+    }
+
+    fn write(
+        &mut self,
+        mid: Mid,
+        rid: Option<Rid>,
+        codec: Codec,
+        now: Instant,
+        rtp: MediaTime,
+        data: Vec<u8>,
+    ) {
+        if let Some(mut w) = self.rtc.writer(mid) {
+            if let Some(rid) = rid {
+                w = w.rid(rid);
+            }
+            let pt = w
+                .payload_params()
+                .find(|p| p.spec().codec == codec)
+                .map(|p| p.pt());
+            if let Some(pt) = pt {
+                let _ = w.write(pt, now, rtp, data);
+            }
+        }
+    }
+
+    /// Leave the call.
+    pub fn leave(&mut self) {
+        self.send_json(&serde_json::json!({"type": "leave"}));
+        let now = Instant::now();
+        self.poll(now);
+        self.rtc.disconnect();
+        self.closed = true;
+    }
+}

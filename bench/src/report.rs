@@ -1,0 +1,195 @@
+//! The report of a run: aggregated over participants (p50/p95/p99), written
+//! as `report.json` (schema in docs/bench.md) and as a Markdown table.
+
+use serde::Serialize;
+
+use crate::participant::Stats;
+use crate::run::Outcome;
+
+/// Percentiles of a distribution.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    /// How many values.
+    pub n: usize,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `values` (all zero when empty).
+    pub fn of(mut values: Vec<f64>) -> Percentiles {
+        values.retain(|v| v.is_finite());
+        if values.is_empty() {
+            return Percentiles::default();
+        }
+        values.sort_by(f64::total_cmp);
+        let at = |p: f64| {
+            let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
+            values[rank.clamp(1, values.len()) - 1]
+        };
+        Percentiles {
+            p50: at(50.0),
+            p95: at(95.0),
+            p99: at(99.0),
+            n: values.len(),
+        }
+    }
+}
+
+/// `report.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub target: String,
+    /// Calls in which every participant connected and received media.
+    pub calls_held: usize,
+    pub calls: usize,
+    pub participants: usize,
+    /// Participants whose join failed (HTTP or SDP), with the reasons.
+    pub join_errors: Vec<String>,
+    pub join_ms: Percentiles,
+    pub first_frame_ms: Percentiles,
+    pub e2e_latency_ms: Percentiles,
+    /// Packets lost over packets expected by the receivers, percent.
+    pub loss_pct: f64,
+    pub freezes: u64,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    pub audio_packets_received: u64,
+    pub bytes_received: u64,
+    pub server_cpu_seconds: f64,
+    pub server_rss_bytes: u64,
+    /// UDP datagrams the server sent while the calls were held (its
+    /// `balie_udp_packets_total{direction="out"}`).
+    pub packets_forwarded: f64,
+    pub packets_per_server_cpu_second: f64,
+    pub bench_cpu_seconds: f64,
+    /// The bench's own CPU over the cores it had, percent: above 80 the
+    /// load generator may have been the bottleneck.
+    pub bench_cpu_pct: f64,
+    pub bench_saturated: bool,
+    pub wall_seconds: f64,
+}
+
+/// Aggregate a run.
+pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Report {
+    let packets_forwarded = o.packets_forwarded;
+    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    let s = &o.stats;
+    let sum = |f: &dyn Fn(&Stats) -> u64| s.iter().map(f).sum::<u64>();
+    let lost = sum(&|x| x.lost);
+    let expected = sum(&|x| x.expected);
+    let mut by_call: std::collections::HashMap<usize, Vec<&Stats>> = Default::default();
+    for p in s {
+        by_call.entry(p.call).or_default().push(p);
+    }
+    let held = by_call
+        .values()
+        .filter(|call| {
+            call.len() == per_call
+                && call.iter().all(|p| {
+                    p.join.is_some() && (p.frames_received > 0 || p.audio_packets_received > 0)
+                })
+        })
+        .count();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let bench_cpu_pct = 100.0 * o.bench_cpu_seconds / (o.wall.as_secs_f64() * cores).max(1e-9);
+    Report {
+        scenario: scenario.into(),
+        target: target.into(),
+        calls_held: held,
+        calls: o.calls,
+        participants: s.len(),
+        join_errors: o.join_errors.clone(),
+        join_ms: Percentiles::of(s.iter().filter_map(|p| ms(p.join)).collect()),
+        first_frame_ms: Percentiles::of(s.iter().filter_map(|p| ms(p.first_frame)).collect()),
+        e2e_latency_ms: Percentiles::of(
+            s.iter()
+                .flat_map(|p| p.latencies_ms.iter().map(|v| f64::from(*v)))
+                .collect(),
+        ),
+        loss_pct: if expected == 0 {
+            0.0
+        } else {
+            100.0 * lost as f64 / expected as f64
+        },
+        freezes: sum(&|x| x.freezes),
+        frames_sent: sum(&|x| x.frames_sent),
+        frames_received: sum(&|x| x.frames_received),
+        audio_packets_received: sum(&|x| x.audio_packets_received),
+        bytes_received: sum(&|x| x.bytes_received),
+        server_cpu_seconds: o.server_cpu_seconds,
+        server_rss_bytes: o.server_rss_bytes,
+        packets_forwarded,
+        packets_per_server_cpu_second: packets_forwarded / o.server_cpu_seconds.max(1e-9),
+        bench_cpu_seconds: o.bench_cpu_seconds,
+        bench_cpu_pct,
+        bench_saturated: bench_cpu_pct > 80.0,
+        wall_seconds: o.wall.as_secs_f64(),
+    }
+}
+
+/// The report as a Markdown table.
+pub fn markdown(r: &Report) -> String {
+    let p = |x: &Percentiles| format!("{:.0} / {:.0} / {:.0}", x.p50, x.p95, x.p99);
+    let rows = [
+        ("target", r.target.clone()),
+        ("calls held", format!("{} of {}", r.calls_held, r.calls)),
+        ("participants", r.participants.to_string()),
+        ("join failures", r.join_errors.len().to_string()),
+        ("join ms (p50 / p95 / p99)", p(&r.join_ms)),
+        ("first frame ms (p50 / p95 / p99)", p(&r.first_frame_ms)),
+        (
+            "end-to-end latency ms (p50 / p95 / p99)",
+            p(&r.e2e_latency_ms),
+        ),
+        ("loss", format!("{:.2}%", r.loss_pct)),
+        ("freezes (> 500 ms)", r.freezes.to_string()),
+        (
+            "video frames sent / received",
+            format!("{} / {}", r.frames_sent, r.frames_received),
+        ),
+        ("server CPU seconds", format!("{:.2}", r.server_cpu_seconds)),
+        (
+            "server RSS",
+            format!("{:.1} MiB", r.server_rss_bytes as f64 / 1048576.0),
+        ),
+        ("packets forwarded", format!("{:.0}", r.packets_forwarded)),
+        (
+            "packets per server CPU second",
+            format!("{:.0}", r.packets_per_server_cpu_second),
+        ),
+        (
+            "load generator CPU",
+            format!(
+                "{:.1}%{}",
+                r.bench_cpu_pct,
+                if r.bench_saturated {
+                    " (saturated: figures are a lower bound)"
+                } else {
+                    ""
+                }
+            ),
+        ),
+    ];
+    let mut out = format!("| {} | |\n| --- | --- |\n", r.scenario);
+    for (k, v) in rows {
+        out += &format!("| {k} | {v} |\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let p = Percentiles::of((1..=100).map(f64::from).collect());
+        assert_eq!((p.p50, p.p95, p.p99, p.n), (50.0, 95.0, 99.0, 100));
+        let one = Percentiles::of(vec![7.0]);
+        assert_eq!((one.p50, one.p99), (7.0, 7.0));
+        assert_eq!(Percentiles::of(vec![]), Percentiles::default());
+    }
+}

@@ -1,0 +1,283 @@
+//! Running a scenario against balie-sfu: start the server on loopback with a
+//! generated config, join the calls at the scenario's rate through its API
+//! with real tokens, drive the participants on worker threads, and gather
+//! what they measured and what the server used.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::media::{make_clip, Clip};
+use crate::participant::{index_clip, ClipIndex, Clocks, Participant, Stats};
+use crate::scenario::Scenario;
+
+/// Seconds of clip each profile loops.
+const CLIP_SECONDS: u32 = 4;
+
+/// balie-sfu, started by the bench.
+pub struct Balie {
+    child: Child,
+    pub url: String,
+    secret: String,
+    dir: PathBuf,
+}
+
+impl Balie {
+    /// Start `binary` on loopback with `threads` shards.
+    pub fn start(binary: &Path, threads: usize) -> Result<Balie, String> {
+        let dir = std::env::temp_dir().join(format!("balie-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let secret = format!(
+            "bench-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        );
+        let config = dir.join("sfu.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "http = \"127.0.0.1:0\"\n[media]\nudp_bind = \"127.0.0.1\"\nshards = {threads}\n\
+                 [auth]\nhs256_secret = \"{secret}\"\n[drain]\ntimeout = \"1s\"\n"
+            ),
+        )
+        .map_err(|e| format!("{}: {e}", config.display()))?;
+        let mut child = Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", binary.display()))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("serving on ").nth(1) {
+                    let url = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = tx.send(url);
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|_| format!("{} did not start within 20 s", binary.display()))?;
+        Ok(Balie {
+            child,
+            url,
+            secret,
+            dir,
+        })
+    }
+
+    /// A token as the municipality's portal would issue it.
+    pub fn token(&self, room: &str, sub: &str, role: &str) -> Result<String, String> {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_secs()
+            + 3600;
+        let claims = serde_json::json!({
+            "room": room, "sub": sub, "name": sub, "role": role, "loa": "substantieel", "exp": exp,
+        });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes()),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Balie {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15; index 11 and 12 after ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Resident memory of a process, bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// What a run measured, before aggregation.
+pub struct Outcome {
+    pub stats: Vec<Stats>,
+    pub calls: usize,
+    pub server_cpu_seconds: f64,
+    pub server_rss_bytes: u64,
+    pub bench_cpu_seconds: f64,
+    pub wall: Duration,
+    pub join_errors: Vec<String>,
+    /// UDP datagrams the server sent while the calls were held.
+    pub packets_forwarded: f64,
+}
+
+/// Sum of a Prometheus metric's series whose line starts with `prefix`.
+fn metric(http: &reqwest::blocking::Client, url: &str, prefix: &str) -> f64 {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+const OUT: &str = "balie_udp_packets_total{direction=\"out\"";
+
+/// Run `scenario` against a balie-sfu started from `binary`.
+pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> {
+    let mut clips: Vec<(Arc<Clip>, ClipIndex)> = Vec::new();
+    for p in &scenario.participants {
+        let clip = make_clip(p.media, p.audio_frame, CLIP_SECONDS).map_err(|e| e.to_string())?;
+        let index = index_clip(&clip);
+        clips.push((Arc::new(clip), Arc::new(index)));
+    }
+    let server = Balie::start(binary, scenario.target.threads)?;
+    let http = reqwest::blocking::Client::new();
+    let clocks: Clocks = Arc::new(Mutex::new(Default::default()));
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut senders = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..workers {
+        let (tx, rx) = mpsc::channel::<Participant>();
+        let stop = stop.clone();
+        senders.push(tx);
+        handles.push(std::thread::spawn(move || drive(rx, &stop)));
+    }
+    let bench0 = cpu_seconds(std::process::id());
+    let t0 = Instant::now();
+    let mut join_errors = Vec::new();
+    let bind: SocketAddr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
+    let gap = Duration::from_secs_f64(1.0 / scenario.calls.join_rate);
+    let mut n = 0;
+    for call in 0..scenario.calls.count {
+        let due = t0 + gap * call as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let room = format!("bench-{call}");
+        for (i, spec) in scenario.participants.iter().enumerate() {
+            let (clip, index) = &clips[i];
+            let now = Instant::now();
+            let (mut p, offer) = Participant::new(
+                spec.role,
+                spec.media,
+                clip.clone(),
+                index.clone(),
+                clocks.clone(),
+                bind,
+                now,
+            )
+            .map_err(|e| format!("a participant's socket: {e}"))?;
+            p.stats.call = call;
+            let token = server.token(&room, &format!("p{call}-{i}"), spec.role.as_str())?;
+            let answer = http
+                .post(format!("{}/v1/rooms/{room}/sessions", server.url))
+                .bearer_auth(token)
+                .header("content-type", "application/sdp")
+                .body(offer)
+                .send()
+                .and_then(|r| r.error_for_status())
+                .and_then(|r| r.text());
+            match answer
+                .map_err(|e| e.to_string())
+                .and_then(|a| p.accept_answer(&a))
+            {
+                Ok(()) => {
+                    let _ = senders[n % workers].send(p);
+                    n += 1;
+                }
+                Err(e) => join_errors.push(e),
+            }
+        }
+    }
+    // CPU and packets are counted over the hold, once all calls are up.
+    let cpu0 = cpu_seconds(server.pid());
+    let out0 = metric(&http, &server.url, OUT);
+    std::thread::sleep(scenario.calls.duration);
+    let packets_forwarded = metric(&http, &server.url, OUT) - out0;
+    let server_cpu_seconds = cpu_seconds(server.pid()) - cpu0;
+    let server_rss_bytes = rss_bytes(server.pid());
+    stop.store(true, Ordering::Relaxed);
+    drop(senders);
+    let mut stats = Vec::new();
+    for h in handles {
+        stats.extend(h.join().map_err(|_| "a worker thread panicked")?);
+    }
+    Ok(Outcome {
+        stats,
+        calls: scenario.calls.count,
+        server_cpu_seconds,
+        server_rss_bytes,
+        bench_cpu_seconds: cpu_seconds(std::process::id()) - bench0,
+        wall: t0.elapsed(),
+        join_errors,
+        packets_forwarded,
+    })
+}
+
+/// A worker: drives its participants until told to stop, then returns what
+/// each measured.
+fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool) -> Vec<Stats> {
+    let mut ps: Vec<Participant> = Vec::new();
+    loop {
+        while let Ok(p) = rx.try_recv() {
+            ps.push(p);
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let now = Instant::now();
+        let mut next = now + Duration::from_millis(5);
+        for p in &mut ps {
+            next = next.min(p.drive(now));
+        }
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait.min(Duration::from_millis(5)));
+        }
+    }
+    ps.iter_mut()
+        .map(|p| {
+            p.leave();
+            std::mem::take(&mut p.stats)
+        })
+        .collect()
+}
