@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod impair;
 mod media;
 mod participant;
 mod report;
@@ -91,13 +92,9 @@ fn run(
             scenario.display()
         ));
     }
-    let impaired = s
-        .participants
-        .iter()
-        .any(|p| p.link != scenario::Link::default());
-    if impaired || s.ramp.is_some() {
+    if s.ramp.is_some() {
         return Err(format!(
-            "{}: link impairments and ramp mode are checked but not run by this build yet",
+            "{}: ramp mode is checked but not run by this build yet",
             scenario.display()
         ));
     }

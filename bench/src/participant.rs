@@ -20,8 +20,9 @@ use str0m::media::{
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
+use crate::impair::Impair;
 use crate::media::{Clip, FPS};
-use crate::scenario::{Media, Role};
+use crate::scenario::{Link, Media, Role};
 
 /// A frame gap longer than this is a freeze.
 pub const FREEZE: Duration = Duration::from_millis(500);
@@ -92,6 +93,9 @@ pub struct Participant {
     pub stats: Stats,
     pub closed: bool,
     buf: Vec<u8>,
+    /// Impairments of the uplink (what it sends) and the downlink.
+    up: Impair,
+    down: Impair,
 }
 
 /// Frame bytes (hashed) to the frame's index in its clip.
@@ -131,6 +135,8 @@ impl Participant {
         clip: Arc<Clip>,
         index: ClipIndex,
         clocks: Clocks,
+        link: &Link,
+        seed: u64,
         bind: SocketAddr,
         now: Instant,
     ) -> std::io::Result<(Participant, String)> {
@@ -201,6 +207,8 @@ impl Participant {
                 stats: Stats::default(),
                 closed: false,
                 buf: vec![0; 2000],
+                up: Impair::new(link, seed),
+                down: Impair::new(link, seed ^ 0x5555),
             },
             offer.to_sdp_string(),
         ))
@@ -223,35 +231,35 @@ impl Participant {
         }
         loop {
             match self.socket.recv_from(&mut self.buf) {
-                Ok((n, source)) => {
-                    let Ok(contents) = self.buf[..n].try_into() else {
-                        continue;
-                    };
-                    let input = Input::Receive(
-                        now,
-                        Receive {
-                            proto: Protocol::Udp,
-                            source,
-                            destination: self.local,
-                            contents,
-                        },
-                    );
-                    if self.rtc.handle_input(input).is_err() {
-                        self.closed = true;
-                        return now;
-                    }
+                Ok((n, source)) if self.down.is_none() => {
+                    let data = std::mem::take(&mut self.buf);
+                    self.input(now, source, &data[..n]);
+                    self.buf = data;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Ok((n, source)) => self.down.push(now, source, self.buf[..n].to_vec()),
                 Err(_) => break,
             }
-            // Events of this datagram are handled at once.
-            self.poll(now);
+        }
+        while let Some((source, data)) = self.down.pop(now) {
+            self.input(now, source, &data);
+        }
+        if self.closed {
+            return now;
         }
         let _ = self.rtc.handle_input(Input::Timeout(now));
         if self.rtc.is_connected() {
             self.send_media(now);
         }
-        let next = self.poll(now);
+        let mut next = self.poll(now);
+        while let Some((to, data)) = self.up.pop(now) {
+            let _ = self.socket.send_to(&data, to);
+        }
+        for due in [self.up.next_due(), self.down.next_due()]
+            .into_iter()
+            .flatten()
+        {
+            next = next.min(due);
+        }
         let media = if self.media.publishes() {
             self.next_audio.min(if self.video_mid.is_some() {
                 self.next_video
@@ -264,13 +272,36 @@ impl Participant {
         next.min(media)
     }
 
+    /// A datagram from the network (after the downlink's impairments).
+    fn input(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
+        let Ok(contents) = data.try_into() else {
+            return;
+        };
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: self.local,
+                contents,
+            },
+        );
+        if self.rtc.handle_input(input).is_err() {
+            self.closed = true;
+            return;
+        }
+        // Events of this datagram are handled at once.
+        self.poll(now);
+    }
+
     fn poll(&mut self, now: Instant) -> Instant {
         loop {
             match self.rtc.poll_output() {
                 Ok(Output::Timeout(t)) => return t,
-                Ok(Output::Transmit(t)) => {
+                Ok(Output::Transmit(t)) if self.up.is_none() => {
                     let _ = self.socket.send_to(&t.contents, t.destination);
                 }
+                Ok(Output::Transmit(t)) => self.up.push(now, t.destination, t.contents.to_vec()),
                 Ok(Output::Event(e)) => self.on_event(now, e),
                 Err(_) => {
                     self.closed = true;

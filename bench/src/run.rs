@@ -203,6 +203,8 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
                 clip.clone(),
                 index.clone(),
                 clocks.clone(),
+                &spec.link,
+                (call * 16 + i) as u64,
                 bind,
                 now,
             )
