@@ -22,7 +22,7 @@ use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
 use crate::impair::Impair;
 use crate::media::{Clip, FPS};
-use crate::scenario::{Link, Media, Role};
+use crate::scenario::{self, Media, Role};
 
 /// A frame gap longer than this is a freeze.
 pub const FREEZE: Duration = Duration::from_millis(500);
@@ -128,18 +128,18 @@ pub fn index_clip(clip: &Clip) -> HashMap<u64, usize> {
 }
 
 impl Participant {
-    /// A participant bound to `bind` (port 0: any), and its offer.
+    /// A participant as `spec` describes it, sending `clip`, bound to
+    /// `bind` (port 0: any); `seed` drives its link impairments. Returns it
+    /// and its offer.
     pub fn new(
-        role: Role,
-        media: Media,
-        clip: Arc<Clip>,
-        index: ClipIndex,
+        spec: &scenario::Participant,
+        (clip, index): (Arc<Clip>, ClipIndex),
         clocks: Clocks,
-        link: &Link,
         seed: u64,
         bind: SocketAddr,
         now: Instant,
     ) -> std::io::Result<(Participant, String)> {
+        let (role, media, link) = (spec.role, spec.media, &spec.link);
         let socket = UdpSocket::bind(bind)?;
         socket.set_nonblocking(true)?;
         let local = socket.local_addr()?;

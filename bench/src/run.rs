@@ -198,12 +198,9 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
             let (clip, index) = &clips[i];
             let now = Instant::now();
             let (mut p, offer) = Participant::new(
-                spec.role,
-                spec.media,
-                clip.clone(),
-                index.clone(),
+                spec,
+                (clip.clone(), index.clone()),
                 clocks.clone(),
-                &spec.link,
                 (call * 16 + i) as u64,
                 bind,
                 now,
