@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -174,13 +174,15 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
     let clocks: Clocks = Arc::new(Mutex::new(Default::default()));
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(Progress::default());
     let mut senders = Vec::new();
     let mut handles = Vec::new();
     for _ in 0..workers {
         let (tx, rx) = mpsc::channel::<Participant>();
         let stop = stop.clone();
         senders.push(tx);
-        handles.push(std::thread::spawn(move || drive(rx, &stop)));
+        let progress = progress.clone();
+        handles.push(std::thread::spawn(move || drive(rx, &stop, &progress)));
     }
     let bench0 = cpu_seconds(std::process::id());
     let t0 = Instant::now();
@@ -188,8 +190,10 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
     let bind: SocketAddr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
     let gap = Duration::from_secs_f64(1.0 / scenario.calls.join_rate);
     let mut n = 0;
+    let mut line = Line::new(&progress, server.pid(), scenario.calls.count);
     for call in 0..scenario.calls.count {
         let due = t0 + gap * call as u32;
+        line.tick(call);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
@@ -231,7 +235,12 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
     // CPU and packets are counted over the hold, once all calls are up.
     let cpu0 = cpu_seconds(server.pid());
     let out0 = metric(&http, &server.url, OUT);
-    std::thread::sleep(scenario.calls.duration);
+    let end = Instant::now() + scenario.calls.duration;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left.min(Duration::from_millis(250)));
+        line.tick(scenario.calls.count);
+    }
+    line.done();
     let packets_forwarded = metric(&http, &server.url, OUT) - out0;
     let server_cpu_seconds = cpu_seconds(server.pid()) - cpu0;
     let server_rss_bytes = rss_bytes(server.pid());
@@ -253,11 +262,87 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
     })
 }
 
+/// Totals the workers publish for the live progress line.
+#[derive(Default)]
+struct Progress {
+    connected: AtomicU64,
+    lost: AtomicU64,
+    expected: AtomicU64,
+}
+
+/// The live progress line on stderr, once a second: calls started,
+/// participants connected, calls started per second, loss, the server's CPU.
+struct Line<'a> {
+    progress: &'a Progress,
+    pid: u32,
+    calls: usize,
+    last: Instant,
+    last_started: usize,
+    last_cpu: f64,
+}
+
+impl<'a> Line<'a> {
+    fn new(progress: &'a Progress, pid: u32, calls: usize) -> Line<'a> {
+        Line {
+            progress,
+            pid,
+            calls,
+            last: Instant::now(),
+            last_started: 0,
+            last_cpu: cpu_seconds(pid),
+        }
+    }
+
+    fn tick(&mut self, started: usize) {
+        let dt = self.last.elapsed().as_secs_f64();
+        if dt < 1.0 {
+            return;
+        }
+        let cpu = cpu_seconds(self.pid);
+        let lost = self.progress.lost.load(Ordering::Relaxed) as f64;
+        let expected = self.progress.expected.load(Ordering::Relaxed).max(1) as f64;
+        eprint!(
+            "\rcalls {:>5}/{} | participants connected {:>6} | calls/s {:>5.0} | loss {:>5.2}% | server CPU {:>4.0}%   ",
+            started,
+            self.calls,
+            self.progress.connected.load(Ordering::Relaxed),
+            (started - self.last_started) as f64 / dt,
+            100.0 * lost / expected,
+            100.0 * (cpu - self.last_cpu) / dt,
+        );
+        self.last = Instant::now();
+        self.last_started = started;
+        self.last_cpu = cpu;
+    }
+
+    fn done(&self) {
+        eprintln!();
+    }
+}
+
 /// A worker: drives its participants until told to stop, then returns what
 /// each measured.
-fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool) -> Vec<Stats> {
+fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool, progress: &Progress) -> Vec<Stats> {
     let mut ps: Vec<Participant> = Vec::new();
+    let mut reported = Instant::now();
+    // What this worker last added to the shared progress counters.
+    let mut mine = [0u64; 3];
     loop {
+        if reported.elapsed() >= Duration::from_millis(500) {
+            reported = Instant::now();
+            let now = [
+                ps.iter().filter(|p| p.stats.join.is_some()).count() as u64,
+                ps.iter().map(|p| p.stats.lost).sum(),
+                ps.iter().map(|p| p.stats.expected).sum(),
+            ];
+            for (i, counter) in [&progress.connected, &progress.lost, &progress.expected]
+                .into_iter()
+                .enumerate()
+            {
+                counter.fetch_add(now[i].wrapping_sub(mine[i]), Ordering::Relaxed);
+            }
+            mine = now;
+        }
         while let Ok(p) = rx.try_recv() {
             ps.push(p);
         }
