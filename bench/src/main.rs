@@ -92,12 +92,6 @@ fn run(
             scenario.display()
         ));
     }
-    if s.ramp.is_some() {
-        return Err(format!(
-            "{}: ramp mode is checked but not run by this build yet",
-            scenario.display()
-        ));
-    }
     let sfu = match sfu {
         Some(p) => p,
         None => std::env::current_exe()

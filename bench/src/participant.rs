@@ -98,8 +98,16 @@ pub struct Participant {
     down: Impair,
 }
 
-/// Frame bytes (hashed) to the frame's index in its clip.
-pub type ClipIndex = Arc<HashMap<u64, usize>>;
+/// Every publisher's frames (hashed) to their index in the clip, over all
+/// the clips of a run (a receiver may get video of another profile than it
+/// sends, or send none), and the clip's length in frames.
+#[derive(Debug, Default)]
+pub struct FrameIndex {
+    by_hash: HashMap<u64, usize>,
+    frames: usize,
+}
+
+pub type ClipIndex = Arc<FrameIndex>;
 
 /// A stable hash of a frame's bytes.
 pub fn frame_hash(data: &[u8]) -> u64 {
@@ -113,18 +121,19 @@ pub fn frame_hash(data: &[u8]) -> u64 {
     h ^ data.len() as u64
 }
 
-/// Index every frame of the clip (and its keyframe version) by hash.
-pub fn index_clip(clip: &Clip) -> HashMap<u64, usize> {
-    let mut map = HashMap::new();
-    for layer in &clip.layers {
-        for (i, f) in layer.frames.iter().enumerate() {
-            map.insert(frame_hash(&f.data), i);
-        }
-        for (i, k) in layer.keyframes.iter().enumerate() {
-            map.insert(frame_hash(k), i);
+impl FrameIndex {
+    /// Add every frame of `clip` (and its keyframe versions).
+    pub fn add(&mut self, clip: &Clip) {
+        for layer in &clip.layers {
+            self.frames = self.frames.max(layer.frames.len());
+            for (i, f) in layer.frames.iter().enumerate() {
+                self.by_hash.insert(frame_hash(&f.data), i);
+            }
+            for (i, k) in layer.keyframes.iter().enumerate() {
+                self.by_hash.insert(frame_hash(k), i);
+            }
         }
     }
-    map
 }
 
 impl Participant {
@@ -133,7 +142,8 @@ impl Participant {
     /// and its offer.
     pub fn new(
         spec: &scenario::Participant,
-        (clip, index): (Arc<Clip>, ClipIndex),
+        clip: Arc<Clip>,
+        index: ClipIndex,
         clocks: Clocks,
         seed: u64,
         bind: SocketAddr,
@@ -371,10 +381,9 @@ impl Participant {
                     .publisher
                     .as_ref()
                     .and_then(|p| self.clocks.lock().ok().and_then(|c| c.get(p).copied()));
-                if let (Some(start), Some(&i)) = (started, self.index.get(&frame_hash(&d.data))) {
-                    let period = Duration::from_secs_f64(
-                        self.clip.layers[0].frames.len() as f64 / f64::from(FPS),
-                    );
+                let found = self.index.by_hash.get(&frame_hash(&d.data));
+                if let (Some(start), Some(&i)) = (started, found) {
+                    let period = Duration::from_secs_f64(self.index.frames as f64 / f64::from(FPS));
                     let offset = Duration::from_secs_f64(i as f64 / f64::from(FPS));
                     let elapsed = now.saturating_duration_since(start);
                     // The latest loop in which frame i was sent before now.

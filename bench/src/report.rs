@@ -37,6 +37,36 @@ impl Percentiles {
     }
 }
 
+/// One step of a ramp.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// Calls started by the end of the step.
+    pub calls: usize,
+    /// Participants connected.
+    pub connected: usize,
+    /// Over the step's window.
+    pub loss_pct: f64,
+    pub p99_latency_ms: f64,
+    pub freezes: u64,
+}
+
+/// The ramp's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ramp {
+    /// The most calls held while quality held (0: not even the first step).
+    pub calls_held_at_quality: usize,
+    /// Each step, with `ok` when its quality held.
+    pub steps: Vec<StepResult>,
+}
+
+/// A step and its verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepResult {
+    #[serde(flatten)]
+    pub step: Step,
+    pub ok: bool,
+}
+
 /// `report.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -70,6 +100,9 @@ pub struct Report {
     pub bench_cpu_pct: f64,
     pub bench_saturated: bool,
     pub wall_seconds: f64,
+    /// Ramp mode only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ramp: Option<Ramp>,
 }
 
 /// Aggregate a run.
@@ -127,6 +160,22 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         bench_cpu_pct,
         bench_saturated: bench_cpu_pct > 80.0,
         wall_seconds: o.wall.as_secs_f64(),
+        ramp: (!o.steps.is_empty()).then(|| Ramp {
+            calls_held_at_quality: o
+                .steps
+                .iter()
+                .take_while(|(_, ok)| *ok)
+                .last()
+                .map_or(0, |(s, _)| s.calls),
+            steps: o
+                .steps
+                .iter()
+                .map(|(step, ok)| StepResult {
+                    step: step.clone(),
+                    ok: *ok,
+                })
+                .collect(),
+        }),
     }
 }
 
@@ -176,6 +225,23 @@ pub fn markdown(r: &Report) -> String {
     let mut out = format!("| {} | |\n| --- | --- |\n", r.scenario);
     for (k, v) in rows {
         out += &format!("| {k} | {v} |\n");
+    }
+    if let Some(ramp) = &r.ramp {
+        out += &format!(
+            "\nRamp: {} calls held at quality.\n\n| calls | connected | loss | p99 latency ms | freezes | quality |\n| --- | --- | --- | --- | --- | --- |\n",
+            ramp.calls_held_at_quality
+        );
+        for s in &ramp.steps {
+            out += &format!(
+                "| {} | {} | {:.2}% | {:.0} | {} | {} |\n",
+                s.step.calls,
+                s.step.connected,
+                s.step.loss_pct,
+                s.step.p99_latency_ms,
+                s.step.freezes,
+                if s.ok { "held" } else { "failed" }
+            );
+        }
     }
     out
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::media::{make_clip, Clip};
-use crate::participant::{index_clip, ClipIndex, Clocks, Participant, Stats};
+use crate::participant::{ClipIndex, Clocks, FrameIndex, Participant, Stats};
 use crate::scenario::Scenario;
 
 /// Seconds of clip each profile loops.
@@ -144,6 +144,8 @@ pub struct Outcome {
     pub join_errors: Vec<String>,
     /// UDP datagrams the server sent while the calls were held.
     pub packets_forwarded: f64,
+    /// Ramp mode: each step and whether its quality held.
+    pub steps: Vec<(crate::report::Step, bool)>,
 }
 
 /// Sum of a Prometheus metric's series whose line starts with `prefix`.
@@ -163,12 +165,14 @@ const OUT: &str = "balie_udp_packets_total{direction=\"out\"";
 
 /// Run `scenario` against a balie-sfu started from `binary`.
 pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> {
-    let mut clips: Vec<(Arc<Clip>, ClipIndex)> = Vec::new();
+    let mut clips: Vec<Arc<Clip>> = Vec::new();
+    let mut index = FrameIndex::default();
     for p in &scenario.participants {
         let clip = make_clip(p.media, p.audio_frame, CLIP_SECONDS).map_err(|e| e.to_string())?;
-        let index = index_clip(&clip);
-        clips.push((Arc::new(clip), Arc::new(index)));
+        index.add(&clip);
+        clips.push(Arc::new(clip));
     }
+    let index: ClipIndex = Arc::new(index);
     let server = Balie::start(binary, scenario.target.threads)?;
     let http = reqwest::blocking::Client::new();
     let clocks: Clocks = Arc::new(Mutex::new(Default::default()));
@@ -191,58 +195,118 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
     let gap = Duration::from_secs_f64(1.0 / scenario.calls.join_rate);
     let mut n = 0;
     let mut line = Line::new(&progress, server.pid(), scenario.calls.count);
-    for call in 0..scenario.calls.count {
-        let due = t0 + gap * call as u32;
-        line.tick(call);
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        let room = format!("bench-{call}");
-        for (i, spec) in scenario.participants.iter().enumerate() {
-            let (clip, index) = &clips[i];
-            let now = Instant::now();
-            let (mut p, offer) = Participant::new(
-                spec,
-                (clip.clone(), index.clone()),
-                clocks.clone(),
-                (call * 16 + i) as u64,
-                bind,
-                now,
-            )
-            .map_err(|e| format!("a participant's socket: {e}"))?;
-            p.stats.call = call;
-            let token = server.token(&room, &format!("p{call}-{i}"), spec.role.as_str())?;
-            let answer = http
-                .post(format!("{}/v1/rooms/{room}/sessions", server.url))
-                .bearer_auth(token)
-                .header("content-type", "application/sdp")
-                .body(offer)
-                .send()
-                .and_then(|r| r.error_for_status())
-                .and_then(|r| r.text());
-            match answer
-                .map_err(|e| e.to_string())
-                .and_then(|a| p.accept_answer(&a))
-            {
-                Ok(()) => {
-                    let _ = senders[n % workers].send(p);
-                    n += 1;
-                }
-                Err(e) => join_errors.push(e),
+    let per_call = scenario.participants.len();
+    let (mut target, step) = match &scenario.ramp {
+        Some(r) => (r.start, r.step),
+        None => (scenario.calls.count, 0),
+    };
+    let mut started = 0;
+    let mut steps = Vec::new();
+    let mut ramp_cpu = None;
+    loop {
+        let step_t0 = Instant::now();
+        let first = started;
+        while started < target {
+            let call = started;
+            let due = step_t0 + gap * (call - first) as u32;
+            line.tick(call);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
             }
+            let room = format!("bench-{call}");
+            for (i, spec) in scenario.participants.iter().enumerate() {
+                let now = Instant::now();
+                let (mut p, offer) = Participant::new(
+                    spec,
+                    clips[i].clone(),
+                    index.clone(),
+                    clocks.clone(),
+                    (call * 16 + i) as u64,
+                    bind,
+                    now,
+                )
+                .map_err(|e| format!("a participant's socket: {e}"))?;
+                p.stats.call = call;
+                let token = server.token(&room, &format!("p{call}-{i}"), spec.role.as_str())?;
+                let answer = http
+                    .post(format!("{}/v1/rooms/{room}/sessions", server.url))
+                    .bearer_auth(token)
+                    .header("content-type", "application/sdp")
+                    .body(offer)
+                    .send()
+                    .and_then(|r| r.error_for_status())
+                    .and_then(|r| r.text());
+                match answer
+                    .map_err(|e| e.to_string())
+                    .and_then(|a| p.accept_answer(&a))
+                {
+                    Ok(()) => {
+                        let _ = senders[n % workers].send(p);
+                        n += 1;
+                    }
+                    Err(e) => join_errors.push(e),
+                }
+            }
+            started += 1;
         }
+        let Some(r) = &scenario.ramp else { break };
+        // Judge the step over `every`, once its calls are up.
+        let before = progress.snapshot();
+        let cpu0 = cpu_seconds(server.pid());
+        let out0 = metric(&http, &server.url, OUT);
+        let end = Instant::now() + r.every;
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            std::thread::sleep(left.min(Duration::from_millis(250)));
+            line.tick(started);
+        }
+        // Let the workers publish the end of the window.
+        std::thread::sleep(Duration::from_millis(600));
+        let after = progress.snapshot();
+        ramp_cpu = Some((
+            cpu_seconds(server.pid()) - cpu0,
+            metric(&http, &server.url, OUT) - out0,
+        ));
+        let q = &scenario.quality;
+        let lost = after.lost.saturating_sub(before.lost);
+        let expected = after.expected.saturating_sub(before.expected).max(1);
+        let result = crate::report::Step {
+            calls: started,
+            connected: after.connected as usize,
+            loss_pct: 100.0 * lost as f64 / expected as f64,
+            p99_latency_ms: crate::report::Percentiles::of(progress.take_latencies()).p99,
+            freezes: after.freezes.saturating_sub(before.freezes),
+        };
+        let ok = result.connected >= started * per_call
+            && join_errors.is_empty()
+            && result.loss_pct <= q.max_loss_pct
+            && result.p99_latency_ms <= q.max_p99_latency_ms
+            && result.freezes <= q.max_freezes;
+        steps.push((result, ok));
+        if !ok || started >= scenario.calls.count {
+            break;
+        }
+        target = (started + step).min(scenario.calls.count);
     }
-    // CPU and packets are counted over the hold, once all calls are up.
-    let cpu0 = cpu_seconds(server.pid());
-    let out0 = metric(&http, &server.url, OUT);
-    let end = Instant::now() + scenario.calls.duration;
-    while let Some(left) = end.checked_duration_since(Instant::now()) {
-        std::thread::sleep(left.min(Duration::from_millis(250)));
-        line.tick(scenario.calls.count);
-    }
+    let calls = started;
+    // CPU and packets are counted over the hold, once all calls are up (in
+    // ramp mode: over the last step).
+    let (server_cpu_seconds, packets_forwarded) = match ramp_cpu {
+        Some(m) => m,
+        None => {
+            let cpu0 = cpu_seconds(server.pid());
+            let out0 = metric(&http, &server.url, OUT);
+            let end = Instant::now() + scenario.calls.duration;
+            while let Some(left) = end.checked_duration_since(Instant::now()) {
+                std::thread::sleep(left.min(Duration::from_millis(250)));
+                line.tick(calls);
+            }
+            (
+                cpu_seconds(server.pid()) - cpu0,
+                metric(&http, &server.url, OUT) - out0,
+            )
+        }
+    };
     line.done();
-    let packets_forwarded = metric(&http, &server.url, OUT) - out0;
-    let server_cpu_seconds = cpu_seconds(server.pid()) - cpu0;
     let server_rss_bytes = rss_bytes(server.pid());
     stop.store(true, Ordering::Relaxed);
     drop(senders);
@@ -252,7 +316,8 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
     }
     Ok(Outcome {
         stats,
-        calls: scenario.calls.count,
+        calls,
+        steps,
         server_cpu_seconds,
         server_rss_bytes,
         bench_cpu_seconds: cpu_seconds(std::process::id()) - bench0,
@@ -268,6 +333,35 @@ struct Progress {
     connected: AtomicU64,
     lost: AtomicU64,
     expected: AtomicU64,
+    freezes: AtomicU64,
+    /// End-to-end latencies (ms) not yet taken by a ramp step.
+    latencies: Mutex<Vec<f64>>,
+}
+
+/// The progress counters at one moment.
+struct Snapshot {
+    connected: u64,
+    lost: u64,
+    expected: u64,
+    freezes: u64,
+}
+
+impl Progress {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            connected: self.connected.load(Ordering::Relaxed),
+            lost: self.lost.load(Ordering::Relaxed),
+            expected: self.expected.load(Ordering::Relaxed),
+            freezes: self.freezes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn take_latencies(&self) -> Vec<f64> {
+        self.latencies
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
 }
 
 /// The live progress line on stderr, once a second: calls started,
@@ -325,8 +419,10 @@ impl<'a> Line<'a> {
 fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool, progress: &Progress) -> Vec<Stats> {
     let mut ps: Vec<Participant> = Vec::new();
     let mut reported = Instant::now();
-    // What this worker last added to the shared progress counters.
-    let mut mine = [0u64; 3];
+    // What this worker last added to the shared progress counters, and how
+    // many latencies of each participant it passed on.
+    let mut mine = [0u64; 4];
+    let mut passed: Vec<usize> = Vec::new();
     loop {
         if reported.elapsed() >= Duration::from_millis(500) {
             reported = Instant::now();
@@ -334,14 +430,26 @@ fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool, progress: &Progress
                 ps.iter().filter(|p| p.stats.join.is_some()).count() as u64,
                 ps.iter().map(|p| p.stats.lost).sum(),
                 ps.iter().map(|p| p.stats.expected).sum(),
+                ps.iter().map(|p| p.stats.freezes).sum(),
             ];
-            for (i, counter) in [&progress.connected, &progress.lost, &progress.expected]
-                .into_iter()
-                .enumerate()
-            {
+            let counters = [
+                &progress.connected,
+                &progress.lost,
+                &progress.expected,
+                &progress.freezes,
+            ];
+            for (i, counter) in counters.into_iter().enumerate() {
                 counter.fetch_add(now[i].wrapping_sub(mine[i]), Ordering::Relaxed);
             }
             mine = now;
+            passed.resize(ps.len(), 0);
+            if let Ok(mut all) = progress.latencies.lock() {
+                for (p, done) in ps.iter().zip(passed.iter_mut()) {
+                    let l = &p.stats.latencies_ms;
+                    all.extend(l[*done..].iter().map(|v| f64::from(*v)));
+                    *done = l.len();
+                }
+            }
         }
         while let Ok(p) = rx.try_recv() {
             ps.push(p);

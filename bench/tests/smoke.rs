@@ -81,3 +81,65 @@ fn a_smoke_run_against_balie_reports_sane_values() {
     assert!(out.join("report.md").exists());
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Run a scenario given as text; the parsed report.json.
+fn run_text(name: &str, text: &str) -> serde_json::Value {
+    let dir = std::env::temp_dir().join(format!("balie-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let scenario = dir.join("scenario.toml");
+    std::fs::write(&scenario, text).expect("scenario");
+    let run = Command::new(env!("CARGO_BIN_EXE_balie-bench"))
+        .arg("run")
+        .arg("--scenario")
+        .arg(&scenario)
+        .arg("--out")
+        .arg(&dir)
+        .arg("--sfu")
+        .arg(sfu_binary())
+        .output()
+        .expect("balie-bench runs");
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let text = std::fs::read_to_string(dir.join("report.json")).expect("report.json");
+    let _ = std::fs::remove_dir_all(&dir);
+    serde_json::from_str(&text).expect("JSON")
+}
+
+#[test]
+fn a_ramp_adds_calls_while_quality_holds_and_stops_when_it_fails() {
+    assert!(
+        sfu_binary().exists(),
+        "build balie-sfu first (cargo build -p balie-sfu)"
+    );
+    let ramp = |quality: &str| {
+        format!(
+            "name = \"ramp\"\n[target]\nkind = \"balie\"\n[calls]\ncount = 3\njoin_rate = 10.0\nduration = \"2s\"\n\
+             [[participant]]\nrole = \"interpreter\"\nmedia = \"simulcast\"\n\
+             [[participant]]\nrole = \"official\"\nmedia = \"audio\"\n\
+             [ramp]\nstart = 1\nstep = 1\nevery = \"2s\"\n[quality]\n{quality}\n"
+        )
+    };
+    // Generous limits: every step holds, up to calls.count.
+    let r = run_text(
+        "ramp-ok",
+        &ramp("max_loss_pct = 100.0\nmax_p99_latency_ms = 60000.0\nmax_freezes = 1000"),
+    );
+    assert_eq!(r["ramp"]["calls_held_at_quality"], 3, "{r}");
+    assert_eq!(r["ramp"]["steps"].as_array().map(Vec::len), Some(3), "{r}");
+    assert_eq!(r["calls"], 3);
+    // A latency no network meets: the first step fails and the ramp stops.
+    let r = run_text("ramp-fail", &ramp("max_p99_latency_ms = 0.001"));
+    assert_eq!(r["ramp"]["calls_held_at_quality"], 0, "{r}");
+    let steps = r["ramp"]["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 1, "{r}");
+    assert_eq!(steps[0]["ok"], false);
+    assert!(
+        steps[0]["p99_latency_ms"].as_f64().unwrap_or(0.0) > 0.001,
+        "{r}"
+    );
+    assert_eq!(r["calls"], 1, "no calls added after the failed step");
+}
