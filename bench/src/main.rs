@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod impair;
 mod media;
 mod participant;
+mod plot;
 mod report;
 mod run;
 mod scenario;
@@ -104,9 +105,65 @@ fn run(
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let json = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
     std::fs::write(out.join("report.json"), json).map_err(|e| format!("{}: {e}", out.display()))?;
+    write_plots(out, &outcome)?;
     let md = report::markdown(&r);
     std::fs::write(out.join("report.md"), &md).map_err(|e| format!("{}: {e}", out.display()))?;
     print!("{md}");
+    Ok(())
+}
+
+/// calls.svg, cpu.svg, loss.svg over time and latency.svg (a CDF).
+fn write_plots(out: &std::path::Path, o: &run::Outcome) -> Result<(), String> {
+    let series = |f: &dyn Fn(&run::Sample) -> f64| -> Vec<(f64, f64)> {
+        o.timeline.iter().map(|s| (s.t, f(s))).collect()
+    };
+    let latencies: Vec<f64> = o
+        .stats
+        .iter()
+        .flat_map(|p| p.latencies_ms.iter().map(|v| f64::from(*v)))
+        .collect();
+    let charts = [
+        (
+            "calls.svg",
+            plot::line_chart(
+                "Calls started",
+                "seconds",
+                "calls",
+                &series(&|s| s.calls as f64),
+            ),
+        ),
+        (
+            "cpu.svg",
+            plot::line_chart(
+                "Server CPU",
+                "seconds",
+                "% of one core",
+                &series(&|s| s.server_cpu_pct),
+            ),
+        ),
+        (
+            "loss.svg",
+            plot::line_chart(
+                "Loss seen by receivers (per second)",
+                "seconds",
+                "%",
+                &series(&|s| s.loss_pct),
+            ),
+        ),
+        (
+            "latency.svg",
+            plot::line_chart(
+                "End-to-end video frame latency (CDF)",
+                "milliseconds",
+                "% of frames",
+                &plot::cdf(&latencies),
+            ),
+        ),
+    ];
+    for (name, svg) in charts {
+        let path = out.join(name);
+        std::fs::write(&path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     Ok(())
 }
 

@@ -146,6 +146,8 @@ pub struct Outcome {
     pub packets_forwarded: f64,
     /// Ramp mode: each step and whether its quality held.
     pub steps: Vec<(crate::report::Step, bool)>,
+    /// The run over time, once a second.
+    pub timeline: Vec<Sample>,
 }
 
 /// Sum of a Prometheus metric's series whose line starts with `prefix`.
@@ -307,6 +309,7 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
         }
     };
     line.done();
+    let timeline = std::mem::take(&mut line.samples);
     let server_rss_bytes = rss_bytes(server.pid());
     stop.store(true, Ordering::Relaxed);
     drop(senders);
@@ -318,6 +321,7 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
         stats,
         calls,
         steps,
+        timeline,
         server_cpu_seconds,
         server_rss_bytes,
         bench_cpu_seconds: cpu_seconds(std::process::id()) - bench0,
@@ -370,9 +374,26 @@ struct Line<'a> {
     progress: &'a Progress,
     pid: u32,
     calls: usize,
+    t0: Instant,
     last: Instant,
     last_started: usize,
     last_cpu: f64,
+    last_loss: (u64, u64),
+    /// One sample per line written: the run over time, for the plots.
+    samples: Vec<Sample>,
+}
+
+/// The run at one moment (once a second).
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Seconds since the first call started.
+    pub t: f64,
+    pub calls: usize,
+    pub connected: u64,
+    /// The server's CPU over the last second, percent of one core.
+    pub server_cpu_pct: f64,
+    /// Loss the receivers saw over the last second, percent.
+    pub loss_pct: f64,
 }
 
 impl<'a> Line<'a> {
@@ -381,9 +402,12 @@ impl<'a> Line<'a> {
             progress,
             pid,
             calls,
+            t0: Instant::now(),
             last: Instant::now(),
             last_started: 0,
             last_cpu: cpu_seconds(pid),
+            last_loss: (0, 0),
+            samples: Vec::new(),
         }
     }
 
@@ -393,16 +417,29 @@ impl<'a> Line<'a> {
             return;
         }
         let cpu = cpu_seconds(self.pid);
-        let lost = self.progress.lost.load(Ordering::Relaxed) as f64;
-        let expected = self.progress.expected.load(Ordering::Relaxed).max(1) as f64;
+        let lost = self.progress.lost.load(Ordering::Relaxed);
+        let expected = self.progress.expected.load(Ordering::Relaxed);
+        let window = (
+            lost.saturating_sub(self.last_loss.0),
+            expected.saturating_sub(self.last_loss.1),
+        );
+        self.last_loss = (lost, expected);
+        let sample = Sample {
+            t: self.t0.elapsed().as_secs_f64(),
+            calls: started,
+            connected: self.progress.connected.load(Ordering::Relaxed),
+            server_cpu_pct: 100.0 * (cpu - self.last_cpu) / dt,
+            loss_pct: 100.0 * window.0 as f64 / window.1.max(1) as f64,
+        };
+        self.samples.push(sample);
         eprint!(
             "\rcalls {:>5}/{} | participants connected {:>6} | calls/s {:>5.0} | loss {:>5.2}% | server CPU {:>4.0}%   ",
             started,
             self.calls,
-            self.progress.connected.load(Ordering::Relaxed),
+            sample.connected,
             (started - self.last_started) as f64 / dt,
-            100.0 * lost / expected,
-            100.0 * (cpu - self.last_cpu) / dt,
+            sample.loss_pct,
+            sample.server_cpu_pct,
         );
         self.last = Instant::now();
         self.last_started = started;

@@ -79,6 +79,13 @@ fn a_smoke_run_against_balie_reports_sane_values() {
     assert!(f("packets_per_server_cpu_second") > 0.0, "{text}");
     assert!(r["bench_saturated"].is_boolean());
     assert!(out.join("report.md").exists());
+    for plot in ["calls.svg", "cpu.svg", "loss.svg", "latency.svg"] {
+        let svg = std::fs::read_to_string(out.join(plot)).expect(plot);
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline"),
+            "{plot}: {svg}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&out);
 }
 
