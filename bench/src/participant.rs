@@ -6,7 +6,9 @@
 //! waiting citizens as a real official would.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
+
+use mio::net::UdpSocket;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -151,7 +153,6 @@ impl Participant {
     ) -> std::io::Result<(Participant, String)> {
         let (role, media, link) = (spec.role, spec.media, &spec.link);
         let socket = UdpSocket::bind(bind)?;
-        socket.set_nonblocking(true)?;
         let local = socket.local_addr()?;
         let mut rtc = RtcConfig::new()
             .clear_codecs()
@@ -222,6 +223,11 @@ impl Participant {
             },
             offer.to_sdp_string(),
         ))
+    }
+
+    /// Have `registry` wake the worker when a datagram arrives.
+    pub fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> std::io::Result<()> {
+        registry.register(&mut self.socket, token, mio::Interest::READABLE)
     }
 
     /// Apply the server's answer.

@@ -455,6 +455,13 @@ impl<'a> Line<'a> {
 /// each measured.
 fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool, progress: &Progress) -> Vec<Stats> {
     let mut ps: Vec<Participant> = Vec::new();
+    // Participants are driven when a datagram arrives (epoll through mio)
+    // or when they are due (str0m's timers, the next media frame), not all
+    // of them every round: thousands per thread stay cheap.
+    let mut poll = mio::Poll::new();
+    let mut events = mio::Events::with_capacity(1024);
+    let mut due: Vec<Instant> = Vec::new();
+    let mut registered: Vec<bool> = Vec::new();
     let mut reported = Instant::now();
     // What this worker last added to the shared progress counters, and how
     // many latencies of each participant it passed on.
@@ -488,19 +495,44 @@ fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool, progress: &Progress
                 }
             }
         }
-        while let Ok(p) = rx.try_recv() {
+        while let Ok(mut p) = rx.try_recv() {
+            // Unregistered, it is still driven every 5 ms.
+            let ok = poll
+                .as_ref()
+                .is_ok_and(|poll| p.register(poll.registry(), mio::Token(ps.len())).is_ok());
+            registered.push(ok);
+            due.push(Instant::now());
             ps.push(p);
         }
         if stop.load(Ordering::Relaxed) {
             break;
         }
         let now = Instant::now();
-        let mut next = now + Duration::from_millis(5);
-        for p in &mut ps {
-            next = next.min(p.drive(now));
+        let next = due.iter().min().copied().unwrap_or(now);
+        let wait = next
+            .saturating_duration_since(now)
+            .min(Duration::from_millis(5));
+        match poll.as_mut() {
+            Ok(poll) => {
+                let _ = poll.poll(&mut events, Some(wait));
+            }
+            Err(_) => std::thread::sleep(wait),
         }
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait.min(Duration::from_millis(5)));
+        let now = Instant::now();
+        for e in events.iter() {
+            if let Some(d) = due.get_mut(e.token().0) {
+                *d = now;
+            }
+        }
+        for (i, p) in ps.iter_mut().enumerate() {
+            if due[i] <= now {
+                let next = p.drive(now);
+                due[i] = if registered[i] {
+                    next
+                } else {
+                    next.min(now + Duration::from_millis(5))
+                };
+            }
         }
     }
     ps.iter_mut()
