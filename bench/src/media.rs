@@ -194,20 +194,10 @@ fn encode_video(
         draw(&mut frame, n);
         frame.set_pts(Some(i64::from(n)));
         enc.send_frame(&frame).map_err(ff("encoding VP8"))?;
-        while enc.receive_packet(&mut packet).is_ok() {
-            out.push(Frame {
-                data: packet.data().unwrap_or_default().to_vec(),
-                key: packet.is_key(),
-            });
-        }
+        drain_vp8(&mut enc, &mut packet, &mut out);
     }
     enc.send_eof().map_err(ff("finishing VP8"))?;
-    while enc.receive_packet(&mut packet).is_ok() {
-        out.push(Frame {
-            data: packet.data().unwrap_or_default().to_vec(),
-            key: packet.is_key(),
-        });
-    }
+    drain_vp8(&mut enc, &mut packet, &mut out);
     if out.len() != count as usize || !out.first().is_some_and(|f| f.key) {
         return Err(MediaError::Other(format!(
             "VP8 {width}x{height}: {} packets for {count} frames",
@@ -215,6 +205,20 @@ fn encode_video(
         )));
     }
     Ok(out)
+}
+
+/// Move the frames the VP8 encoder has ready into `out`.
+fn drain_vp8(
+    enc: &mut ffmpeg::encoder::video::Encoder,
+    packet: &mut ffmpeg::Packet,
+    out: &mut Vec<Frame>,
+) {
+    while enc.receive_packet(packet).is_ok() {
+        out.push(Frame {
+            data: packet.data().unwrap_or_default().to_vec(),
+            key: packet.is_key(),
+        });
+    }
 }
 
 /// Speech-like audio: a voiced tone whose pitch wanders, in syllables of

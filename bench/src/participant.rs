@@ -62,6 +62,8 @@ pub struct Stats {
 #[derive(Debug, Default)]
 struct Track {
     publisher: Option<String>,
+    /// When that publisher started its clip, once it is known.
+    started: Option<Instant>,
     last_frame: Option<Instant>,
 }
 
@@ -74,6 +76,8 @@ pub struct Participant {
     /// Frame bytes (hashed) to their index in the clip.
     index: ClipIndex,
     clocks: Clocks,
+    /// Whether our clip's start is in `clocks`.
+    clock_shared: bool,
     media: Media,
     audio_mid: Option<Mid>,
     video_mid: Option<Mid>,
@@ -199,6 +203,7 @@ impl Participant {
                 clip,
                 index,
                 clocks,
+                clock_shared: false,
                 media,
                 audio_mid,
                 video_mid,
@@ -383,10 +388,13 @@ impl Participant {
                 }
                 track.last_frame = Some(now);
                 // Which frame of the clip, sent when?
-                let started = track
-                    .publisher
-                    .as_ref()
-                    .and_then(|p| self.clocks.lock().ok().and_then(|c| c.get(p).copied()));
+                if track.started.is_none() {
+                    track.started = track
+                        .publisher
+                        .as_ref()
+                        .and_then(|p| self.clocks.lock().ok().and_then(|c| c.get(p).copied()));
+                }
+                let started = track.started;
                 let found = self.index.by_hash.get(&frame_hash(&d.data));
                 if let (Some(start), Some(&i)) = (started, found) {
                     let period = Duration::from_secs_f64(self.index.frames as f64 / f64::from(FPS));
@@ -476,9 +484,12 @@ impl Participant {
     }
 
     fn send_media(&mut self, now: Instant) {
-        if let (Some(id), Some(start)) = (&self.id, self.started) {
-            if let Ok(mut c) = self.clocks.lock() {
-                c.entry(id.clone()).or_insert(start);
+        if !self.clock_shared {
+            if let (Some(id), Some(start)) = (&self.id, self.started) {
+                if let Ok(mut c) = self.clocks.lock() {
+                    c.insert(id.clone(), start);
+                    self.clock_shared = true;
+                }
             }
         }
         let Some(start) = self.started else { return };

@@ -32,11 +32,10 @@ impl Balie {
     pub fn start(binary: &Path, threads: usize) -> Result<Balie, String> {
         let dir = std::env::temp_dir().join(format!("balie-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let secret = format!(
-            "bench-{}-{}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos()
-        );
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let secret = format!("bench-{}-{nanos}", std::process::id());
         let config = dir.join("sfu.toml");
         std::fs::write(
             &config,
