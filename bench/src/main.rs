@@ -1,21 +1,25 @@
 //! balie-bench: load tests of many concurrent small counter calls.
 //!
-//! This first part reads and checks scenarios (`balie-bench check`); the
-//! runner, the adapters (balie-sfu, Janus) and the reports follow
-//! (ARCHITECTURE.md, "Load tests").
+//! `check` reads a scenario; `run` runs it against a server the bench starts
+//! (balie-sfu or Janus) and writes a report; `compare` runs it against
+//! several, one after the other, and sets them side by side
+//! (ARCHITECTURE.md, "Load tests"; docs/bench.md).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod compare;
 mod impair;
+mod janus;
 mod media;
 mod participant;
 mod plot;
 mod report;
 mod run;
 mod scenario;
+mod site;
 
 use scenario::Scenario;
 
@@ -48,17 +52,34 @@ enum Command {
         #[arg(long)]
         sfu: Option<PathBuf>,
     },
+    /// Run one scenario against each target in turn (each started by the
+    /// bench in a network namespace of its own, with the scenario's
+    /// threads), and write compare.json and a side-by-side table.
+    Compare {
+        /// The scenario file (its target.kind is ignored).
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Comma-separated: balie, janus.
+        #[arg(long, default_value = "balie,janus")]
+        targets: String,
+        /// Where the reports go (one folder per target) and compare.json.
+        #[arg(long, default_value = "bench-compare")]
+        out: PathBuf,
+        /// The balie-sfu binary to start (default: next to balie-bench).
+        #[arg(long)]
+        sfu: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { scenario, out, sfu } => match run(&scenario, &out, sfu) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("balie-bench: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Run { scenario, out, sfu } => done(run(&scenario, &out, sfu)),
+        Command::Compare {
+            scenario,
+            targets,
+            out,
+            sfu,
+        } => done(compare(&scenario, &targets, &out, sfu)),
         Command::Check { scenario } => match Scenario::load(&scenario) {
             Ok(s) => {
                 print!("{}", plan(&s));
@@ -81,35 +102,126 @@ fn main() -> ExitCode {
     }
 }
 
+fn done(r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("balie-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run(
     scenario: &std::path::Path,
     out: &std::path::Path,
     sfu: Option<PathBuf>,
 ) -> Result<(), String> {
-    let s = Scenario::load(scenario).map_err(|e| e.to_string())?;
-    if s.target.kind != scenario::TargetKind::Balie || s.target.url.is_some() {
-        return Err(format!(
-            "{}: this build runs scenarios against a balie-sfu it starts itself (target.kind = \"balie\", no target.url); the Janus adapter and external targets are not built yet",
-            scenario.display()
-        ));
-    }
-    let sfu = match sfu {
-        Some(p) => p,
-        None => std::env::current_exe()
-            .map_err(|e| e.to_string())?
-            .with_file_name("balie-sfu"),
-    };
+    let s = load(scenario)?;
     print!("{}", plan(&s));
-    let outcome = run::run_balie(&s, &sfu)?;
-    let r = report::build(&s.name, "balie-sfu", s.participants.len(), &outcome);
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let json = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
-    std::fs::write(out.join("report.json"), json).map_err(|e| format!("{}: {e}", out.display()))?;
-    write_plots(out, &outcome)?;
-    let md = report::markdown(&r);
-    std::fs::write(out.join("report.md"), &md).map_err(|e| format!("{}: {e}", out.display()))?;
+    // Janus needs a namespace (it sends no media over loopback); balie
+    // runs on loopback.
+    let site = match s.target.kind {
+        scenario::TargetKind::Balie => site::Site::loopback(),
+        scenario::TargetKind::Janus => site::Site::netns(0)?,
+    };
+    let r = execute(&s, s.target.kind, site, &sfu_path(sfu)?, out)?;
+    print!("{}", report::markdown(&r));
+    Ok(())
+}
+
+fn compare(
+    scenario: &std::path::Path,
+    targets: &str,
+    out: &std::path::Path,
+    sfu: Option<PathBuf>,
+) -> Result<(), String> {
+    let s = load(scenario)?;
+    let kinds = targets
+        .split(',')
+        .map(|t| match t.trim() {
+            "balie" => Ok(scenario::TargetKind::Balie),
+            "janus" => Ok(scenario::TargetKind::Janus),
+            other => Err(format!(
+                "--targets: unknown target {other:?} (balie, janus)"
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if kinds.is_empty() {
+        return Err("--targets: name at least one target".into());
+    }
+    let sfu = sfu_path(sfu)?;
+    print!("{}", plan(&s));
+    let mut reports = Vec::new();
+    for (i, kind) in kinds.into_iter().enumerate() {
+        eprintln!("== {}", compare::name(kind));
+        // Each target in a namespace of its own: the same network path.
+        let site = site::Site::netns(i as u8 + 1)?;
+        let dir = out.join(compare::name(kind));
+        reports.push(execute(&s, kind, site, &sfu, &dir)?);
+    }
+    let c = compare::Compare::new(&s.name, reports);
+    write(
+        &out.join("compare.json"),
+        &serde_json::to_string_pretty(&c).map_err(|e| e.to_string())?,
+    )?;
+    let md = c.markdown();
+    write(&out.join("compare.md"), &md)?;
     print!("{md}");
     Ok(())
+}
+
+/// A scenario, for `run` and `compare`.
+fn load(path: &std::path::Path) -> Result<Scenario, String> {
+    let s = Scenario::load(path).map_err(|e| e.to_string())?;
+    if s.target.url.is_some() {
+        return Err(format!(
+            "{}: target.url: this build runs scenarios against a server it starts itself; external targets are not supported yet",
+            path.display()
+        ));
+    }
+    Ok(s)
+}
+
+fn sfu_path(sfu: Option<PathBuf>) -> Result<PathBuf, String> {
+    match sfu {
+        Some(p) => Ok(p),
+        None => Ok(std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("balie-sfu")),
+    }
+}
+
+fn write(path: &std::path::Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Start the target of `kind` in `site`, run `s` against it, and write its
+/// report and plots into `out`.
+fn execute(
+    s: &Scenario,
+    kind: scenario::TargetKind,
+    site: site::Site,
+    sfu: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<report::Report, String> {
+    let threads = s.target.threads;
+    let mut target: Box<dyn run::Target> = match kind {
+        scenario::TargetKind::Balie => Box::new(run::BalieTarget::start(sfu, threads, site)?),
+        scenario::TargetKind::Janus => Box::new(run::JanusTarget::start(threads, site)?),
+    };
+    let outcome = run::run(s, target.as_mut())?;
+    let name = target.name();
+    drop(target);
+    let r = report::build(&s.name, name, s.participants.len(), &outcome);
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    write(
+        &out.join("report.json"),
+        &serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?,
+    )?;
+    write_plots(out, &outcome)?;
+    write(&out.join("report.md"), &report::markdown(&r))?;
+    Ok(r)
 }
 
 /// calls.svg, cpu.svg, loss.svg over time and latency.svg (a CDF).

@@ -39,6 +39,9 @@ pub type Clocks = Arc<Mutex<HashMap<String, Instant>>>;
 pub struct Stats {
     /// Which call of the run.
     pub call: usize,
+    /// Which participant of the call (a participant may have more than
+    /// one connection: Janus' publisher and subscriber).
+    pub member: usize,
     /// Offer sent to ICE and DTLS connected.
     pub join: Option<Duration>,
     /// Offer sent to the first video frame received.
@@ -56,6 +59,46 @@ pub struct Stats {
     /// second: the packets received and the fraction lost).
     pub lost: u64,
     pub expected: u64,
+    /// UDP datagrams that came from the server (before downlink
+    /// impairments).
+    pub datagrams_received: u64,
+}
+
+impl Stats {
+    /// One participant's connections as one: joined when the last one
+    /// connected (all count from the participant's start), first frame on
+    /// the first one's; the rest adds up.
+    pub fn merge(&mut self, o: Stats) {
+        self.join = match (self.join, o.join) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+        self.first_frame = match (self.first_frame, o.first_frame) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.frames_received += o.frames_received;
+        self.audio_packets_received += o.audio_packets_received;
+        self.bytes_received += o.bytes_received;
+        self.frames_sent += o.frames_sent;
+        self.audio_packets_sent += o.audio_packets_sent;
+        self.freezes += o.freezes;
+        self.latencies_ms.extend(o.latencies_ms);
+        self.lost += o.lost;
+        self.expected += o.expected;
+        self.datagrams_received += o.datagrams_received;
+    }
+}
+
+/// What the server expects of an offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// balie: the `balie` data channel carries the in-call protocol.
+    Balie,
+    /// Janus' VideoRoom: no data channel; simulcast layers listed from the
+    /// highest down, the order Janus takes them in (its subscribers then get
+    /// the top layer by default).
+    Janus,
 }
 
 /// Received video on one m-line.
@@ -144,8 +187,9 @@ impl FrameIndex {
 
 impl Participant {
     /// A participant as `spec` describes it, sending `clip`, bound to
-    /// `bind` (port 0: any); `seed` drives its link impairments. Returns it
-    /// and its offer.
+    /// `bind` (port 0: any); `seed` drives its link impairments; `dialect`
+    /// shapes the offer for the server. Returns it and its offer.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         spec: &scenario::Participant,
         clip: Arc<Clip>,
@@ -153,9 +197,88 @@ impl Participant {
         clocks: Clocks,
         seed: u64,
         bind: SocketAddr,
+        dialect: Dialect,
         now: Instant,
     ) -> std::io::Result<(Participant, String)> {
-        let (role, media, link) = (spec.role, spec.media, &spec.link);
+        let mut p = Participant::blank(spec, clip, index, clocks, seed, bind, now)?;
+        let clip = p.clip.clone();
+        let mut api = p.rtc.sdp_api();
+        if p.media.publishes() {
+            p.audio_mid =
+                Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
+            if !clip.layers.is_empty() {
+                let simulcast = (clip.layers.len() > 1).then(|| {
+                    let mut s = Simulcast::new();
+                    let mut layers: Vec<_> = clip.layers.iter().collect();
+                    if dialect == Dialect::Janus {
+                        layers.reverse();
+                    }
+                    for l in layers {
+                        s.add_send_layer(SimulcastLayer::new(l.rid));
+                    }
+                    s
+                });
+                p.video_mid = Some(api.add_media(
+                    MediaKind::Video,
+                    Direction::SendOnly,
+                    None,
+                    None,
+                    simulcast,
+                ));
+            }
+        }
+        if dialect == Dialect::Balie {
+            api.add_channel("balie".into());
+        }
+        let (offer, pending) = api
+            .apply()
+            .ok_or_else(|| std::io::Error::other("str0m made no offer"))?;
+        p.pending = Some(pending);
+        Ok((p, offer.to_sdp_string()))
+    }
+
+    /// A receiving connection that answers the server's `offer` (Janus'
+    /// subscriber connection), whose `tracks` say which publisher each mid
+    /// carries; its join and first frame count from `joined_at`. Returns it
+    /// and its answer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn answering(
+        spec: &scenario::Participant,
+        clip: Arc<Clip>,
+        index: ClipIndex,
+        clocks: Clocks,
+        seed: u64,
+        bind: SocketAddr,
+        joined_at: Instant,
+        offer: &str,
+        tracks: &Value,
+    ) -> Result<(Participant, String), String> {
+        let now = Instant::now();
+        let mut p = Participant::blank(spec, clip, index, clocks, seed, bind, now)
+            .map_err(|e| format!("a participant's socket: {e}"))?;
+        // It sends nothing of its own.
+        p.media = Media::None;
+        p.offer_at = joined_at;
+        let offer = SdpOffer::from_sdp_string(offer).map_err(|e| format!("offer: {e}"))?;
+        let answer = p
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| format!("offer: {e}"))?;
+        p.map_tracks(tracks);
+        Ok((p, answer.to_sdp_string()))
+    }
+
+    /// Socket, str0m instance and counters; no media lines yet.
+    fn blank(
+        spec: &scenario::Participant,
+        clip: Arc<Clip>,
+        index: ClipIndex,
+        clocks: Clocks,
+        seed: u64,
+        bind: SocketAddr,
+        now: Instant,
+    ) -> std::io::Result<Participant> {
         let socket = UdpSocket::bind(bind)?;
         let local = socket.local_addr()?;
         let mut rtc = RtcConfig::new()
@@ -167,67 +290,38 @@ impl Participant {
         if let Ok(c) = Candidate::host(local, "udp") {
             rtc.add_local_candidate(c);
         }
-        let mut api = rtc.sdp_api();
-        let (mut audio_mid, mut video_mid) = (None, None);
-        if media.publishes() {
-            audio_mid =
-                Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
-            if !clip.layers.is_empty() {
-                let simulcast = (clip.layers.len() > 1).then(|| {
-                    let mut s = Simulcast::new();
-                    for l in &clip.layers {
-                        s.add_send_layer(SimulcastLayer::new(l.rid));
-                    }
-                    s
-                });
-                video_mid = Some(api.add_media(
-                    MediaKind::Video,
-                    Direction::SendOnly,
-                    None,
-                    None,
-                    simulcast,
-                ));
-            }
-        }
-        api.add_channel("balie".into());
-        let (offer, pending) = api
-            .apply()
-            .ok_or_else(|| std::io::Error::other("str0m made no offer"))?;
         let layers = clip.layers.len();
-        Ok((
-            Participant {
-                role,
-                rtc,
-                socket,
-                local,
-                clip,
-                index,
-                clocks,
-                clock_shared: false,
-                media,
-                audio_mid,
-                video_mid,
-                channel: None,
-                pending: Some(pending),
-                id: None,
-                started: None,
-                offer_at: now,
-                next_video: now,
-                next_audio: now,
-                frame_no: 0,
-                audio_no: 0,
-                key_wanted: vec![false; layers],
-                video_paused: false,
-                tracks: HashMap::new(),
-                ingress: HashMap::new(),
-                stats: Stats::default(),
-                closed: false,
-                buf: vec![0; 2000],
-                up: Impair::new(link, seed),
-                down: Impair::new(link, seed ^ 0x5555),
-            },
-            offer.to_sdp_string(),
-        ))
+        Ok(Participant {
+            role: spec.role,
+            rtc,
+            socket,
+            local,
+            clip,
+            index,
+            clocks,
+            clock_shared: false,
+            media: spec.media,
+            audio_mid: None,
+            video_mid: None,
+            channel: None,
+            pending: None,
+            id: None,
+            started: None,
+            offer_at: now,
+            next_video: now,
+            next_audio: now,
+            frame_no: 0,
+            audio_no: 0,
+            key_wanted: vec![false; layers],
+            video_paused: false,
+            tracks: HashMap::new(),
+            ingress: HashMap::new(),
+            stats: Stats::default(),
+            closed: false,
+            buf: vec![0; 2000],
+            up: Impair::new(&spec.link, seed),
+            down: Impair::new(&spec.link, seed ^ 0x5555),
+        })
     }
 
     /// Have `registry` wake the worker when a datagram arrives.
@@ -253,11 +347,15 @@ impl Participant {
         loop {
             match self.socket.recv_from(&mut self.buf) {
                 Ok((n, source)) if self.down.is_none() => {
+                    self.stats.datagrams_received += 1;
                     let data = std::mem::take(&mut self.buf);
                     self.input(now, source, &data[..n]);
                     self.buf = data;
                 }
-                Ok((n, source)) => self.down.push(now, source, self.buf[..n].to_vec()),
+                Ok((n, source)) => {
+                    self.stats.datagrams_received += 1;
+                    self.down.push(now, source, self.buf[..n].to_vec());
+                }
                 Err(_) => break,
             }
         }
@@ -474,7 +572,8 @@ impl Participant {
         }
     }
 
-    fn map_tracks(&mut self, tracks: &Value) {
+    /// Which publisher each mid carries (`[{mid, participant}]`).
+    pub fn map_tracks(&mut self, tracks: &Value) {
         for t in tracks.as_array().into_iter().flatten() {
             let (Some(mid), Some(p)) = (t["mid"].as_str(), t["participant"].as_str()) else {
                 continue;

@@ -90,10 +90,19 @@ pub struct Report {
     pub bytes_received: u64,
     pub server_cpu_seconds: f64,
     pub server_rss_bytes: u64,
-    /// UDP datagrams the server sent while the calls were held (its
-    /// `balie_udp_packets_total{direction="out"}`).
+    /// UDP datagrams the server sent while the calls were held: its own
+    /// count where it has one (balie's
+    /// `balie_udp_packets_total{direction="out"}`), else what the
+    /// participants received (`packets_forwarded_source`).
     pub packets_forwarded: f64,
+    /// `"server"` or `"receivers"`.
+    pub packets_forwarded_source: &'static str,
     pub packets_per_server_cpu_second: f64,
+    /// UDP datagrams the participants received from the server while the
+    /// calls were held; counted the same way for every target, so this is
+    /// what `compare` sets side by side.
+    pub packets_received: f64,
+    pub received_per_server_cpu_second: f64,
     pub bench_cpu_seconds: f64,
     /// The bench's own CPU over the cores it had, percent: above 80 the
     /// load generator may have been the bottleneck.
@@ -107,9 +116,13 @@ pub struct Report {
 
 /// Aggregate a run.
 pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Report {
-    let packets_forwarded = o.packets_forwarded;
+    let (packets_forwarded, packets_forwarded_source) = match o.packets_sent {
+        Some(n) => (n, "server"),
+        None => (o.packets_received, "receivers"),
+    };
     let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
-    let s = &o.stats;
+    let merged = participants(&o.stats);
+    let s = &merged;
     let sum = |f: &dyn Fn(&Stats) -> u64| s.iter().map(f).sum::<u64>();
     let lost = sum(&|x| x.lost);
     let expected = sum(&|x| x.expected);
@@ -155,7 +168,10 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         server_cpu_seconds: o.server_cpu_seconds,
         server_rss_bytes: o.server_rss_bytes,
         packets_forwarded,
+        packets_forwarded_source,
         packets_per_server_cpu_second: packets_forwarded / o.server_cpu_seconds.max(1e-9),
+        packets_received: o.packets_received,
+        received_per_server_cpu_second: o.packets_received / o.server_cpu_seconds.max(1e-9),
         bench_cpu_seconds: o.bench_cpu_seconds,
         bench_cpu_pct,
         bench_saturated: bench_cpu_pct > 80.0,
@@ -177,6 +193,21 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
                 .collect(),
         }),
     }
+}
+
+/// One entry per participant: a participant's connections (Janus gives
+/// each a publishing and a receiving one) merged.
+fn participants(stats: &[Stats]) -> Vec<Stats> {
+    let mut by: std::collections::BTreeMap<(usize, usize), Stats> = Default::default();
+    for s in stats {
+        match by.entry((s.call, s.member)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(s.clone());
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().merge(s.clone()),
+        }
+    }
+    by.into_values().collect()
 }
 
 /// The report as a Markdown table.
@@ -204,10 +235,25 @@ pub fn markdown(r: &Report) -> String {
             "server RSS",
             format!("{:.1} MiB", r.server_rss_bytes as f64 / 1048576.0),
         ),
-        ("packets forwarded", format!("{:.0}", r.packets_forwarded)),
+        (
+            "packets forwarded",
+            format!(
+                "{:.0} ({})",
+                r.packets_forwarded,
+                if r.packets_forwarded_source == "server" {
+                    "the server's count"
+                } else {
+                    "received by the participants"
+                }
+            ),
+        ),
         (
             "packets per server CPU second",
             format!("{:.0}", r.packets_per_server_cpu_second),
+        ),
+        (
+            "packets received per server CPU second",
+            format!("{:.0}", r.received_per_server_cpu_second),
         ),
         (
             "load generator CPU",

@@ -1,20 +1,22 @@
-//! Running a scenario against balie-sfu: start the server on loopback with a
-//! generated config, join the calls at the scenario's rate through its API
-//! with real tokens, drive the participants on worker threads, and gather
-//! what they measured and what the server used.
+//! Running a scenario against a target the bench starts (balie-sfu, or
+//! Janus): join the calls at the scenario's rate through the target's own
+//! API (balie: real tokens), drive the participants on worker threads, and
+//! gather what they measured and what the server used.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::janus::Janus;
 use crate::media::{make_clip, Clip};
-use crate::participant::{ClipIndex, Clocks, FrameIndex, Participant, Stats};
+use crate::participant::{ClipIndex, Clocks, Dialect, FrameIndex, Participant, Stats};
 use crate::scenario::Scenario;
+use crate::site::Site;
 
 /// Seconds of clip each profile loops.
 const CLIP_SECONDS: u32 = 4;
@@ -28,8 +30,8 @@ pub struct Balie {
 }
 
 impl Balie {
-    /// Start `binary` on loopback with `threads` shards.
-    pub fn start(binary: &Path, threads: usize) -> Result<Balie, String> {
+    /// Start `binary` in `site` with `threads` shards.
+    pub fn start(binary: &Path, threads: usize, site: &Site) -> Result<Balie, String> {
         let dir = std::env::temp_dir().join(format!("balie-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let nanos = std::time::SystemTime::now()
@@ -40,12 +42,14 @@ impl Balie {
         std::fs::write(
             &config,
             format!(
-                "http = \"127.0.0.1:0\"\n[media]\nudp_bind = \"127.0.0.1\"\nshards = {threads}\n\
-                 [auth]\nhs256_secret = \"{secret}\"\n[drain]\ntimeout = \"1s\"\n"
+                "http = \"{ip}:0\"\n[media]\nudp_bind = \"{ip}\"\nshards = {threads}\n\
+                 [auth]\nhs256_secret = \"{secret}\"\n[drain]\ntimeout = \"1s\"\n",
+                ip = site.server_ip
             ),
         )
         .map_err(|e| format!("{}: {e}", config.display()))?;
-        let mut child = Command::new(binary)
+        let mut child = site
+            .command(binary)
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::piped())
@@ -141,8 +145,11 @@ pub struct Outcome {
     pub bench_cpu_seconds: f64,
     pub wall: Duration,
     pub join_errors: Vec<String>,
-    /// UDP datagrams the server sent while the calls were held.
-    pub packets_forwarded: f64,
+    /// UDP datagrams the server says it sent while the calls were held
+    /// (balie's metrics; Janus does not say).
+    pub packets_sent: Option<f64>,
+    /// UDP datagrams the participants received from the server meanwhile.
+    pub packets_received: f64,
     /// Ramp mode: each step and whether its quality held.
     pub steps: Vec<(crate::report::Step, bool)>,
     /// The run over time, once a second.
@@ -164,8 +171,282 @@ fn metric(http: &reqwest::blocking::Client, url: &str, prefix: &str) -> f64 {
 
 const OUT: &str = "balie_udp_packets_total{direction=\"out\"";
 
-/// Run `scenario` against a balie-sfu started from `binary`.
-pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> {
+/// What a participant is made from, shared by the calls of a run.
+pub struct Shared {
+    pub clips: Vec<Arc<Clip>>,
+    pub index: ClipIndex,
+    pub clocks: Clocks,
+    /// Where participants bind (port 0).
+    pub bind: SocketAddr,
+}
+
+/// A server the bench runs calls against.
+pub trait Target {
+    /// Its name in reports.
+    fn name(&self) -> &'static str;
+    /// Its process, for CPU and memory.
+    fn pid(&self) -> u32;
+    /// Where participants bind to reach it.
+    fn client_ip(&self) -> IpAddr;
+    /// Join call number `call`: each connection, once answered, goes to
+    /// `hand`; returns what failed.
+    fn join(
+        &mut self,
+        call: usize,
+        scenario: &Scenario,
+        shared: &Shared,
+        hand: &mut dyn FnMut(Participant),
+    ) -> Vec<String>;
+    /// UDP datagrams the server says it has sent so far, when it says.
+    fn packets_out(&self) -> Option<f64>;
+}
+
+/// balie-sfu, joined through `POST /v1/rooms/{room}/sessions` with tokens.
+pub struct BalieTarget {
+    // Fields drop in order: the server goes before its namespace.
+    server: Balie,
+    http: reqwest::blocking::Client,
+    site: Site,
+}
+
+impl BalieTarget {
+    pub fn start(binary: &Path, threads: usize, site: Site) -> Result<BalieTarget, String> {
+        Ok(BalieTarget {
+            server: Balie::start(binary, threads, &site)?,
+            http: reqwest::blocking::Client::new(),
+            site,
+        })
+    }
+}
+
+impl Target for BalieTarget {
+    fn name(&self) -> &'static str {
+        "balie-sfu"
+    }
+
+    fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
+    fn client_ip(&self) -> IpAddr {
+        self.site.client_ip
+    }
+
+    fn join(
+        &mut self,
+        call: usize,
+        scenario: &Scenario,
+        shared: &Shared,
+        hand: &mut dyn FnMut(Participant),
+    ) -> Vec<String> {
+        let room = format!("bench-{call}");
+        let mut errors = Vec::new();
+        for (i, spec) in scenario.participants.iter().enumerate() {
+            let made = Participant::new(
+                spec,
+                shared.clips[i].clone(),
+                shared.index.clone(),
+                shared.clocks.clone(),
+                (call * 16 + i) as u64,
+                shared.bind,
+                Dialect::Balie,
+                Instant::now(),
+            );
+            let (mut p, offer) = match made {
+                Ok(m) => m,
+                Err(e) => {
+                    errors.push(format!("a participant's socket: {e}"));
+                    continue;
+                }
+            };
+            p.stats.call = call;
+            p.stats.member = i;
+            let answer = self
+                .server
+                .token(&room, &format!("p{call}-{i}"), spec.role.as_str())
+                .and_then(|token| {
+                    self.http
+                        .post(format!("{}/v1/rooms/{room}/sessions", self.server.url))
+                        .bearer_auth(token)
+                        .header("content-type", "application/sdp")
+                        .body(offer)
+                        .send()
+                        .and_then(|r| r.error_for_status())
+                        .and_then(|r| r.text())
+                        .map_err(|e| e.to_string())
+                });
+            match answer.and_then(|a| p.accept_answer(&a)) {
+                Ok(()) => hand(p),
+                Err(e) => errors.push(e),
+            }
+        }
+        errors
+    }
+
+    fn packets_out(&self) -> Option<f64> {
+        Some(metric(&self.http, &self.server.url, OUT))
+    }
+}
+
+/// Janus' VideoRoom: a room per call; each participant publishes on one
+/// connection and receives the others on a second one.
+pub struct JanusTarget {
+    janus: Janus,
+    site: Site,
+}
+
+impl JanusTarget {
+    pub fn start(threads: usize, site: Site) -> Result<JanusTarget, String> {
+        Ok(JanusTarget {
+            janus: Janus::start(&site, threads)?,
+            site,
+        })
+    }
+
+    /// One call, or the first thing that failed.
+    fn join_call(
+        &mut self,
+        call: usize,
+        scenario: &Scenario,
+        shared: &Shared,
+        hand: &mut dyn FnMut(Participant),
+    ) -> Result<(), String> {
+        let room = call as u64 + 1;
+        self.janus.create_room(room, scenario.participants.len())?;
+        // Publish: each participant's offer, Janus' answer.
+        let mut members = Vec::new();
+        for (i, spec) in scenario.participants.iter().enumerate() {
+            let mut session = self.janus.session()?;
+            let seed = (call * 16 + i) as u64;
+            let start = Instant::now();
+            if !spec.media.publishes() {
+                members.push((session, None, start));
+                continue;
+            }
+            let handle = session.attach()?;
+            let (mut p, offer) = Participant::new(
+                spec,
+                shared.clips[i].clone(),
+                shared.index.clone(),
+                shared.clocks.clone(),
+                seed,
+                shared.bind,
+                Dialect::Janus,
+                start,
+            )
+            .map_err(|e| format!("a participant's socket: {e}"))?;
+            p.stats.call = call;
+            p.stats.member = i;
+            let (data, jsep) = session.request(
+                handle,
+                serde_json::json!({
+                    "request": "joinandconfigure", "room": room, "ptype": "publisher",
+                    "display": format!("p{call}-{i}"),
+                }),
+                Some(serde_json::json!({"type": "offer", "sdp": offer, "trickle": false})),
+            )?;
+            let feed = data["id"]
+                .as_u64()
+                .ok_or_else(|| format!("janus joined without an id: {data}"))?;
+            let answer = jsep
+                .and_then(|j| j["sdp"].as_str().map(String::from))
+                .ok_or("janus joined without an answer")?;
+            p.accept_answer(&answer)?;
+            p.id = Some(feed.to_string());
+            hand(p);
+            members.push((session, Some((handle, feed)), start));
+        }
+        // Subscribing before a publisher's `webrtcup` is refused (428).
+        for (session, publisher, _) in &mut members {
+            if let Some((handle, _)) = publisher {
+                let h = *handle;
+                session.wait(Duration::from_secs(10), |e| {
+                    e["janus"] == "webrtcup" && e["sender"].as_u64() == Some(h)
+                })?;
+            }
+        }
+        let feeds: Vec<(usize, u64)> = members
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, p, _))| p.map(|(_, feed)| (i, feed)))
+            .collect();
+        for (i, (session, _, start)) in members.iter_mut().enumerate() {
+            let streams: Vec<serde_json::Value> = feeds
+                .iter()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, feed)| serde_json::json!({"feed": feed}))
+                .collect();
+            if streams.is_empty() {
+                continue;
+            }
+            let handle = session.attach()?;
+            let (data, jsep) = session.request(
+                handle,
+                serde_json::json!({
+                    "request": "join", "room": room, "ptype": "subscriber", "streams": streams,
+                }),
+                None,
+            )?;
+            let offer = jsep
+                .and_then(|j| j["sdp"].as_str().map(String::from))
+                .ok_or("janus attached a subscriber without an offer")?;
+            let (mut p, answer) = Participant::answering(
+                &scenario.participants[i],
+                shared.clips[i].clone(),
+                shared.index.clone(),
+                shared.clocks.clone(),
+                (call * 16 + i) as u64 ^ 0xabc,
+                shared.bind,
+                *start,
+                &offer,
+                &crate::janus::tracks(&data["streams"]),
+            )?;
+            p.stats.call = call;
+            p.stats.member = i;
+            session.request(
+                handle,
+                serde_json::json!({"request": "start"}),
+                Some(serde_json::json!({"type": "answer", "sdp": answer})),
+            )?;
+            hand(p);
+        }
+        Ok(())
+    }
+}
+
+impl Target for JanusTarget {
+    fn name(&self) -> &'static str {
+        "janus"
+    }
+
+    fn pid(&self) -> u32 {
+        self.janus.pid()
+    }
+
+    fn client_ip(&self) -> IpAddr {
+        self.site.client_ip
+    }
+
+    fn join(
+        &mut self,
+        call: usize,
+        scenario: &Scenario,
+        shared: &Shared,
+        hand: &mut dyn FnMut(Participant),
+    ) -> Vec<String> {
+        match self.join_call(call, scenario, shared, hand) {
+            Ok(()) => Vec::new(),
+            Err(e) => vec![e],
+        }
+    }
+
+    fn packets_out(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// Run `scenario` against `target`.
+pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, String> {
     let mut clips: Vec<Arc<Clip>> = Vec::new();
     let mut index = FrameIndex::default();
     for p in &scenario.participants {
@@ -174,9 +455,13 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
         clips.push(Arc::new(clip));
     }
     let index: ClipIndex = Arc::new(index);
-    let server = Balie::start(binary, scenario.target.threads)?;
-    let http = reqwest::blocking::Client::new();
     let clocks: Clocks = Arc::new(Mutex::new(Default::default()));
+    let shared = Shared {
+        clips,
+        index,
+        clocks,
+        bind: SocketAddr::new(target.client_ip(), 0),
+    };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(Progress::default());
@@ -192,12 +477,11 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
     let bench0 = cpu_seconds(std::process::id());
     let t0 = Instant::now();
     let mut join_errors = Vec::new();
-    let bind: SocketAddr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
     let gap = Duration::from_secs_f64(1.0 / scenario.calls.join_rate);
     let mut n = 0;
-    let mut line = Line::new(&progress, server.pid(), scenario.calls.count);
-    let per_call = scenario.participants.len();
-    let (mut target, step) = match &scenario.ramp {
+    let pid = target.pid();
+    let mut line = Line::new(&progress, pid, scenario.calls.count);
+    let (mut goal, step) = match &scenario.ramp {
         Some(r) => (r.start, r.step),
         None => (scenario.calls.count, 0),
     };
@@ -207,54 +491,25 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
     loop {
         let step_t0 = Instant::now();
         let first = started;
-        while started < target {
+        while started < goal {
             let call = started;
             let due = step_t0 + gap * (call - first) as u32;
             line.tick(call);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
-            let room = format!("bench-{call}");
-            for (i, spec) in scenario.participants.iter().enumerate() {
-                let now = Instant::now();
-                let (mut p, offer) = Participant::new(
-                    spec,
-                    clips[i].clone(),
-                    index.clone(),
-                    clocks.clone(),
-                    (call * 16 + i) as u64,
-                    bind,
-                    now,
-                )
-                .map_err(|e| format!("a participant's socket: {e}"))?;
-                p.stats.call = call;
-                let token = server.token(&room, &format!("p{call}-{i}"), spec.role.as_str())?;
-                let answer = http
-                    .post(format!("{}/v1/rooms/{room}/sessions", server.url))
-                    .bearer_auth(token)
-                    .header("content-type", "application/sdp")
-                    .body(offer)
-                    .send()
-                    .and_then(|r| r.error_for_status())
-                    .and_then(|r| r.text());
-                match answer
-                    .map_err(|e| e.to_string())
-                    .and_then(|a| p.accept_answer(&a))
-                {
-                    Ok(()) => {
-                        let _ = senders[n % workers].send(p);
-                        n += 1;
-                    }
-                    Err(e) => join_errors.push(e),
-                }
-            }
+            let errors = target.join(call, scenario, &shared, &mut |p| {
+                let _ = senders[n % workers].send(p);
+                n += 1;
+            });
+            join_errors.extend(errors);
             started += 1;
         }
         let Some(r) = &scenario.ramp else { break };
         // Judge the step over `every`, once its calls are up.
         let before = progress.snapshot();
-        let cpu0 = cpu_seconds(server.pid());
-        let out0 = metric(&http, &server.url, OUT);
+        let cpu0 = cpu_seconds(pid);
+        let out0 = target.packets_out();
         let end = Instant::now() + r.every;
         while let Some(left) = end.checked_duration_since(Instant::now()) {
             std::thread::sleep(left.min(Duration::from_millis(250)));
@@ -263,10 +518,11 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
         // Let the workers publish the end of the window.
         std::thread::sleep(Duration::from_millis(600));
         let after = progress.snapshot();
-        ramp_cpu = Some((
-            cpu_seconds(server.pid()) - cpu0,
-            metric(&http, &server.url, OUT) - out0,
-        ));
+        ramp_cpu = Some(Used {
+            cpu: cpu_seconds(pid) - cpu0,
+            sent: diff(target.packets_out(), out0),
+            received: after.datagrams.saturating_sub(before.datagrams) as f64,
+        });
         let q = &scenario.quality;
         let lost = after.lost.saturating_sub(before.lost);
         let expected = after.expected.saturating_sub(before.expected).max(1);
@@ -277,7 +533,7 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
             p99_latency_ms: crate::report::Percentiles::of(progress.take_latencies()).p99,
             freezes: after.freezes.saturating_sub(before.freezes),
         };
-        let ok = result.connected >= started * per_call
+        let ok = result.connected >= n
             && join_errors.is_empty()
             && result.loss_pct <= q.max_loss_pct
             && result.p99_latency_ms <= q.max_p99_latency_ms
@@ -286,30 +542,37 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
         if !ok || started >= scenario.calls.count {
             break;
         }
-        target = (started + step).min(scenario.calls.count);
+        goal = (started + step).min(scenario.calls.count);
     }
     let calls = started;
     // CPU and packets are counted over the hold, once all calls are up (in
     // ramp mode: over the last step).
-    let (server_cpu_seconds, packets_forwarded) = match ramp_cpu {
+    let used = match ramp_cpu {
         Some(m) => m,
         None => {
-            let cpu0 = cpu_seconds(server.pid());
-            let out0 = metric(&http, &server.url, OUT);
+            let before = progress.snapshot();
+            let cpu0 = cpu_seconds(pid);
+            let out0 = target.packets_out();
             let end = Instant::now() + scenario.calls.duration;
             while let Some(left) = end.checked_duration_since(Instant::now()) {
                 std::thread::sleep(left.min(Duration::from_millis(250)));
                 line.tick(calls);
             }
-            (
-                cpu_seconds(server.pid()) - cpu0,
-                metric(&http, &server.url, OUT) - out0,
-            )
+            let cpu = cpu_seconds(pid) - cpu0;
+            let sent = diff(target.packets_out(), out0);
+            // The workers publish their counts every 500 ms.
+            std::thread::sleep(Duration::from_millis(600));
+            let after = progress.snapshot();
+            Used {
+                cpu,
+                sent,
+                received: after.datagrams.saturating_sub(before.datagrams) as f64,
+            }
         }
     };
     line.done();
     let timeline = std::mem::take(&mut line.samples);
-    let server_rss_bytes = rss_bytes(server.pid());
+    let server_rss_bytes = rss_bytes(pid);
     stop.store(true, Ordering::Relaxed);
     drop(senders);
     let mut stats = Vec::new();
@@ -321,13 +584,27 @@ pub fn run_balie(scenario: &Scenario, binary: &Path) -> Result<Outcome, String> 
         calls,
         steps,
         timeline,
-        server_cpu_seconds,
+        server_cpu_seconds: used.cpu,
         server_rss_bytes,
         bench_cpu_seconds: cpu_seconds(std::process::id()) - bench0,
         wall: t0.elapsed(),
         join_errors,
-        packets_forwarded,
+        packets_sent: used.sent,
+        packets_received: used.received,
     })
+}
+
+/// What the server used over the hold (or the last ramp step).
+struct Used {
+    cpu: f64,
+    /// Datagrams it says it sent, when it says.
+    sent: Option<f64>,
+    /// Datagrams the participants received from it.
+    received: f64,
+}
+
+fn diff(after: Option<f64>, before: Option<f64>) -> Option<f64> {
+    Some(after? - before?)
 }
 
 /// Totals the workers publish for the live progress line.
@@ -337,6 +614,7 @@ struct Progress {
     lost: AtomicU64,
     expected: AtomicU64,
     freezes: AtomicU64,
+    datagrams: AtomicU64,
     /// End-to-end latencies (ms) not yet taken by a ramp step.
     latencies: Mutex<Vec<f64>>,
 }
@@ -347,6 +625,7 @@ struct Snapshot {
     lost: u64,
     expected: u64,
     freezes: u64,
+    datagrams: u64,
 }
 
 impl Progress {
@@ -356,6 +635,7 @@ impl Progress {
             lost: self.lost.load(Ordering::Relaxed),
             expected: self.expected.load(Ordering::Relaxed),
             freezes: self.freezes.load(Ordering::Relaxed),
+            datagrams: self.datagrams.load(Ordering::Relaxed),
         }
     }
 
@@ -432,7 +712,7 @@ impl<'a> Line<'a> {
         };
         self.samples.push(sample);
         eprint!(
-            "\rcalls {:>5}/{} | participants connected {:>6} | calls/s {:>5.0} | loss {:>5.2}% | server CPU {:>4.0}%   ",
+            "\rcalls {:>5}/{} | connections up {:>6} | calls/s {:>5.0} | loss {:>5.2}% | server CPU {:>4.0}%   ",
             started,
             self.calls,
             sample.connected,
@@ -464,7 +744,7 @@ fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool, progress: &Progress
     let mut reported = Instant::now();
     // What this worker last added to the shared progress counters, and how
     // many latencies of each participant it passed on.
-    let mut mine = [0u64; 4];
+    let mut mine = [0u64; 5];
     let mut passed: Vec<usize> = Vec::new();
     loop {
         if reported.elapsed() >= Duration::from_millis(500) {
@@ -474,12 +754,14 @@ fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool, progress: &Progress
                 ps.iter().map(|p| p.stats.lost).sum(),
                 ps.iter().map(|p| p.stats.expected).sum(),
                 ps.iter().map(|p| p.stats.freezes).sum(),
+                ps.iter().map(|p| p.stats.datagrams_received).sum(),
             ];
             let counters = [
                 &progress.connected,
                 &progress.lost,
                 &progress.expected,
                 &progress.freezes,
+                &progress.datagrams,
             ];
             for (i, counter) in counters.into_iter().enumerate() {
                 counter.fetch_add(now[i].wrapping_sub(mine[i]), Ordering::Relaxed);

@@ -77,6 +77,11 @@ fn a_smoke_run_against_balie_reports_sane_values() {
     );
     assert!(f("packets_forwarded") > 10_000.0, "{text}");
     assert!(f("packets_per_server_cpu_second") > 0.0, "{text}");
+    assert_eq!(r["packets_forwarded_source"], "server", "{text}");
+    // What the participants received is about what the server sent (on
+    // loopback nothing is lost; the windows differ by a moment).
+    let ratio = f("packets_received") / f("packets_forwarded");
+    assert!(ratio > 0.8 && ratio < 1.2, "{text}");
     assert!(r["bench_saturated"].is_boolean());
     assert!(out.join("report.md").exists());
     for plot in ["calls.svg", "cpu.svg", "loss.svg", "latency.svg"] {
@@ -149,4 +154,88 @@ fn a_ramp_adds_calls_while_quality_holds_and_stops_when_it_fails() {
         "{r}"
     );
     assert_eq!(r["calls"], 1, "no calls added after the failed step");
+}
+
+/// The Janus adapter and `compare`: one small scenario against balie-sfu
+/// and Janus 1.1 (apt package janus), each in a network namespace the bench
+/// makes (needs root, as CI has).
+#[test]
+fn compare_runs_a_scenario_against_balie_and_janus() {
+    assert!(
+        sfu_binary().exists(),
+        "build balie-sfu first (cargo build -p balie-sfu)"
+    );
+    let dir = std::env::temp_dir().join(format!("balie-bench-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let scenario = dir.join("scenario.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"compare-smoke\"\n[target]\nkind = \"balie\"\n[calls]\ncount = 3\njoin_rate = 10.0\nduration = \"5s\"\n\
+         [[participant]]\nrole = \"citizen\"\nmedia = \"simulcast\"\n\
+         [[participant]]\nrole = \"official\"\nmedia = \"simulcast\"\n",
+    )
+    .expect("scenario");
+    let run = Command::new(env!("CARGO_BIN_EXE_balie-bench"))
+        .arg("compare")
+        .arg("--scenario")
+        .arg(&scenario)
+        .args(["--targets", "balie,janus"])
+        .arg("--out")
+        .arg(&dir)
+        .arg("--sfu")
+        .arg(sfu_binary())
+        .output()
+        .expect("balie-bench runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    eprintln!("{stdout}");
+    let text = std::fs::read_to_string(dir.join("compare.json")).expect("compare.json");
+    let c: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let reports = c["reports"].as_array().expect("reports");
+    assert_eq!(reports.len(), 2, "{text}");
+    for (r, name) in reports.iter().zip(["balie-sfu", "janus"]) {
+        assert_eq!(r["target"], name, "{text}");
+        assert_eq!(r["calls_held"], 3, "{name}: {r}");
+        assert_eq!(r["participants"], 6, "{name}: {r}");
+        assert!(
+            r["join_errors"].as_array().is_some_and(Vec::is_empty),
+            "{r}"
+        );
+        // Five seconds of 30 frames/s from each of 6 publishers to one
+        // other: most of 900 frames.
+        assert!(
+            r["frames_received"].as_f64().unwrap_or(0.0) > 500.0,
+            "{name}: {r}"
+        );
+        assert!(r["loss_pct"].as_f64().unwrap_or(100.0) < 5.0, "{name}: {r}");
+        assert!(
+            r["e2e_latency_ms"]["n"].as_f64().unwrap_or(0.0) > 300.0,
+            "{name}: {r}"
+        );
+        assert!(r["server_cpu_seconds"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+        assert!(
+            r["received_per_server_cpu_second"].as_f64().unwrap_or(0.0) > 0.0,
+            "{r}"
+        );
+        let folder = dir.join(name);
+        assert!(folder.join("report.json").exists() && folder.join("latency.svg").exists());
+    }
+    assert_eq!(reports[0]["packets_forwarded_source"], "server");
+    assert_eq!(reports[1]["packets_forwarded_source"], "receivers");
+    let ratios = c["ratios"].as_array().expect("ratios");
+    assert_eq!(ratios.len(), 2);
+    assert_eq!(ratios[0]["received_per_server_cpu_second"], 1.0);
+    assert!(
+        ratios[1]["received_per_server_cpu_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0
+    );
+    let md = std::fs::read_to_string(dir.join("compare.md")).expect("compare.md");
+    assert!(md.contains("| compare-smoke | balie-sfu | janus |"), "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1191,7 +1191,18 @@ impl ShardCore {
                     let measured = track.layers.active(now);
                     let active = super::layers::cap_for_display(&measured, out.display_height);
                     let before = out.choice.target.or(out.choice.current);
-                    if let Some(new) = out.choice.decide(now, budget, active) {
+                    if active.is_empty() {
+                        // Nothing measured yet: start on a first guess, and
+                        // look again at the next frame, so a new
+                        // subscriber's first picture waits for neither.
+                        out.decided_at = None;
+                        if let Some(guess) = track.layers.first_guess(now) {
+                            if out.choice.start_on_guess(guess) {
+                                asks.push(Some(guess));
+                                self.metrics.layer_switch("start", "start", "low");
+                            }
+                        }
+                    } else if let Some(new) = out.choice.decide(now, budget, active) {
                         asks.push(Some(new));
                         let pos = |r: Option<Rid>| {
                             r.and_then(|r| active.iter().position(|(x, _)| *x == r))

@@ -38,6 +38,8 @@ fn with_headroom(bitrate: u64) -> u64 {
 
 /// Measurement window of layer bitrates.
 const WINDOW: Duration = Duration::from_millis(500);
+/// How long layers are seen before [`PublisherLayers::first_guess`].
+const FIRST_GUESS: Duration = Duration::from_millis(100);
 
 /// One layer of a publisher, as measured.
 #[derive(Debug, Clone)]
@@ -90,6 +92,21 @@ impl PublisherLayers {
             layer.bytes = 0;
             layer.window_start = now;
         }
+    }
+
+    /// Before any layer is measured: the layer that has brought the fewest
+    /// bytes so far (likely the lowest), once it has been seen for
+    /// [`FIRST_GUESS`]; a new subscriber starts on it rather than waiting
+    /// a whole window for its first picture.
+    pub fn first_guess(&self, now: Instant) -> Option<Rid> {
+        if self.layers.iter().any(|l| l.bitrate > 0) {
+            return None;
+        }
+        self.layers
+            .iter()
+            .filter(|l| now.saturating_duration_since(l.window_start) >= FIRST_GUESS)
+            .min_by_key(|l| l.bytes)
+            .map(|l| l.rid)
     }
 
     /// Active layers (seen within [`PAUSED_AFTER`] and measured), lowest
@@ -240,6 +257,9 @@ pub struct LayerChoice {
     /// forwarded while waiting for the lower layer's keyframe (a short
     /// freeze beats queueing a layer the link cannot carry).
     draining: bool,
+    /// Started on a first guess before any layer was measured: the first
+    /// real decision is a start, not a step.
+    provisional: bool,
 }
 
 impl Default for LayerChoice {
@@ -255,6 +275,7 @@ impl Default for LayerChoice {
             probe_until: None,
             next_probe: None,
             draining: false,
+            provisional: false,
         }
     }
 }
@@ -267,6 +288,7 @@ impl LayerChoice {
         if active.is_empty() {
             return None;
         }
+        let provisional = std::mem::take(&mut self.provisional);
         // Hysteresis: a layer is kept while it fits the budget, and the next
         // one up is only taken with HEADROOM to spare.
         let keep = active.iter().rposition(|(_, b)| *b <= budget).unwrap_or(0);
@@ -275,11 +297,15 @@ impl LayerChoice {
             .rposition(|(_, b)| with_headroom(*b) <= budget)
             .unwrap_or(0);
         let wanted = self.target.or(self.current);
-        let cur = self.wanted_index(active);
+        let cur = if provisional {
+            None
+        } else {
+            self.wanted_index(active)
+        };
         let next = match cur {
             // Start (or the current layer paused): whatever fits now.
             None => {
-                self.cause = if wanted.is_some() {
+                self.cause = if wanted.is_some() && !provisional {
                     Cause::Paused
                 } else {
                     Cause::Start
@@ -342,6 +368,19 @@ impl LayerChoice {
         }
         self.target = Some(rid);
         Some(rid)
+    }
+
+    /// Start on `rid` before anything is measured (see
+    /// [`PublisherLayers::first_guess`]); the first decision on measured
+    /// layers then starts afresh. Returns whether it started.
+    pub fn start_on_guess(&mut self, rid: Rid) -> bool {
+        if self.target.is_some() || self.current.is_some() {
+            return false;
+        }
+        self.target = Some(rid);
+        self.cause = Cause::Start;
+        self.provisional = true;
+        true
     }
 
     /// A frame on `rid` arrived; `keyframe` if it is one. Returns whether to
@@ -599,5 +638,31 @@ mod tests {
         };
         assert_eq!(c.decide(now, 5_000_000, &active), Some(Rid::from("q")));
         assert_eq!(c.cause, Cause::Paused);
+    }
+
+    #[test]
+    fn a_first_guess_starts_the_picture_and_the_first_decision_starts_afresh() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut p = PublisherLayers::default();
+        for i in 0..4u64 {
+            p.on_frame(Rid::from("f"), 6000, ms(i * 33));
+            p.on_frame(Rid::from("q"), 600, ms(i * 33));
+        }
+        assert_eq!(p.first_guess(ms(70)), None, "too early");
+        assert_eq!(p.first_guess(ms(110)), Some(Rid::from("q")));
+        let mut c = LayerChoice::default();
+        assert!(c.start_on_guess(Rid::from("q")));
+        assert!(!c.start_on_guess(Rid::from("f")), "only once");
+        assert_eq!(c.admit_frame(Rid::from("q"), true), (true, true));
+        // Measured: the budget carries f, and the first decision takes it
+        // at once (a start), not after a hold.
+        let active = layers();
+        assert_eq!(c.decide(ms(600), 2_000_000, &active), Some(Rid::from("f")));
+        assert_eq!(c.cause, Cause::Start);
+        for i in 20..40u64 {
+            p.on_frame(Rid::from("f"), 6000, ms(i * 33));
+        }
+        assert_eq!(p.first_guess(ms(1400)), None, "measured now");
     }
 }

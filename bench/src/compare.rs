@@ -1,0 +1,189 @@
+//! `compare`: one scenario's reports against several targets, side by side
+//! (`compare.json`, schema in docs/bench.md, and a Markdown table).
+
+use serde::Serialize;
+
+use crate::report::{Percentiles, Report};
+use crate::scenario::TargetKind;
+
+/// A target's name in reports and folder names.
+pub fn name(kind: TargetKind) -> &'static str {
+    match kind {
+        TargetKind::Balie => "balie-sfu",
+        TargetKind::Janus => "janus",
+    }
+}
+
+/// How a row of the table reads a report.
+type Cell = Box<dyn Fn(&Report) -> String>;
+
+/// `compare.json`.
+#[derive(Debug, Serialize)]
+pub struct Compare {
+    pub scenario: String,
+    /// The machine both ran on.
+    pub machine: Machine,
+    /// Each target's full report, in the order they ran.
+    pub reports: Vec<Report>,
+    /// Each target's figures over the first target's (the first is 1.0):
+    /// above 1 means more for that target.
+    pub ratios: Vec<Ratios>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu: String,
+}
+
+/// One target's figures relative to the first target's.
+#[derive(Debug, Serialize)]
+pub struct Ratios {
+    pub target: String,
+    /// Datagrams the participants received per server CPU second (the same
+    /// count for every target).
+    pub received_per_server_cpu_second: f64,
+    pub server_cpu_seconds: f64,
+    pub server_rss_bytes: f64,
+    pub join_ms_p50: f64,
+    pub first_frame_ms_p50: f64,
+    pub e2e_latency_ms_p99: f64,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 {
+        0.0
+    } else {
+        a / b
+    }
+}
+
+impl Compare {
+    pub fn new(scenario: &str, reports: Vec<Report>) -> Compare {
+        let ratios = match reports.first() {
+            Some(base) => reports
+                .iter()
+                .map(|r| Ratios {
+                    target: r.target.clone(),
+                    received_per_server_cpu_second: ratio(
+                        r.received_per_server_cpu_second,
+                        base.received_per_server_cpu_second,
+                    ),
+                    server_cpu_seconds: ratio(r.server_cpu_seconds, base.server_cpu_seconds),
+                    server_rss_bytes: ratio(
+                        r.server_rss_bytes as f64,
+                        base.server_rss_bytes as f64,
+                    ),
+                    join_ms_p50: ratio(r.join_ms.p50, base.join_ms.p50),
+                    first_frame_ms_p50: ratio(r.first_frame_ms.p50, base.first_frame_ms.p50),
+                    e2e_latency_ms_p99: ratio(r.e2e_latency_ms.p99, base.e2e_latency_ms.p99),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        Compare {
+            scenario: scenario.into(),
+            machine: Machine {
+                cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                cpu: cpu_model(),
+            },
+            reports,
+            ratios,
+        }
+    }
+
+    /// The side-by-side table: a row per figure, a column per target.
+    pub fn markdown(&self) -> String {
+        let p = |x: &Percentiles| format!("{:.0} / {:.0} / {:.0}", x.p50, x.p95, x.p99);
+        let rows: Vec<(&str, Cell)> = vec![
+            (
+                "calls held",
+                Box::new(|r: &Report| format!("{} of {}", r.calls_held, r.calls)),
+            ),
+            (
+                "join failures",
+                Box::new(|r: &Report| r.join_errors.len().to_string()),
+            ),
+            (
+                "join ms (p50 / p95 / p99)",
+                Box::new(move |r| p(&r.join_ms)),
+            ),
+            (
+                "first frame ms (p50 / p95 / p99)",
+                Box::new(move |r| p(&r.first_frame_ms)),
+            ),
+            (
+                "end-to-end latency ms (p50 / p95 / p99)",
+                Box::new(move |r| p(&r.e2e_latency_ms)),
+            ),
+            ("loss", Box::new(|r| format!("{:.2}%", r.loss_pct))),
+            ("freezes (> 500 ms)", Box::new(|r| r.freezes.to_string())),
+            (
+                "video frames received",
+                Box::new(|r| r.frames_received.to_string()),
+            ),
+            (
+                "server CPU seconds (hold)",
+                Box::new(|r| format!("{:.2}", r.server_cpu_seconds)),
+            ),
+            (
+                "server RSS",
+                Box::new(|r| format!("{:.1} MiB", r.server_rss_bytes as f64 / 1048576.0)),
+            ),
+            (
+                "datagrams received by participants (hold)",
+                Box::new(|r| format!("{:.0}", r.packets_received)),
+            ),
+            (
+                "received per server CPU second",
+                Box::new(|r| format!("{:.0}", r.received_per_server_cpu_second)),
+            ),
+            (
+                "load generator CPU",
+                Box::new(|r| {
+                    format!(
+                        "{:.1}%{}",
+                        r.bench_cpu_pct,
+                        if r.bench_saturated {
+                            " (saturated)"
+                        } else {
+                            ""
+                        }
+                    )
+                }),
+            ),
+        ];
+        let mut out = format!("| {} |", self.scenario);
+        for r in &self.reports {
+            out += &format!(" {} |", r.target);
+        }
+        out += "\n| --- |";
+        out += &" --- |".repeat(self.reports.len());
+        out += "\n";
+        for (label, f) in &rows {
+            out += &format!("| {label} |");
+            for r in &self.reports {
+                out += &format!(" {} |", f(r));
+            }
+            out += "\n";
+        }
+        if let Some(first) = self.reports.first() {
+            out += &format!("| received per server CPU second, over {} |", first.target);
+            for r in &self.ratios {
+                out += &format!(" {:.2}x |", r.received_per_server_cpu_second);
+            }
+            out += "\n";
+        }
+        out
+    }
+}
+
+/// The CPU's model name, from /proc/cpuinfo.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or_else(|| "unknown".into(), |m| m.trim().to_string())
+}
