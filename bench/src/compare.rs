@@ -43,6 +43,9 @@ pub struct Ratios {
     /// Datagrams the participants received per server CPU second (the same
     /// count for every target).
     pub received_per_server_cpu_second: f64,
+    /// Media RTP packets the participants received per server CPU second
+    /// (no padding): the figure to compare servers by.
+    pub media_packets_per_server_cpu_second: f64,
     pub server_cpu_seconds: f64,
     pub server_rss_bytes: f64,
     pub join_ms_p50: f64,
@@ -68,6 +71,10 @@ impl Compare {
                     received_per_server_cpu_second: ratio(
                         r.received_per_server_cpu_second,
                         base.received_per_server_cpu_second,
+                    ),
+                    media_packets_per_server_cpu_second: ratio(
+                        r.media_packets_per_server_cpu_second,
+                        base.media_packets_per_server_cpu_second,
                     ),
                     server_cpu_seconds: ratio(r.server_cpu_seconds, base.server_cpu_seconds),
                     server_rss_bytes: ratio(
@@ -139,6 +146,14 @@ impl Compare {
                 Box::new(|r| format!("{:.0}", r.received_per_server_cpu_second)),
             ),
             (
+                "media packets received (hold)",
+                Box::new(|r| format!("{:.0}", r.media_packets_received)),
+            ),
+            (
+                "media packets per server CPU second",
+                Box::new(|r| format!("{:.0}", r.media_packets_per_server_cpu_second)),
+            ),
+            (
                 "load generator CPU",
                 Box::new(|r| {
                     format!(
@@ -168,9 +183,12 @@ impl Compare {
             out += "\n";
         }
         if let Some(first) = self.reports.first() {
-            out += &format!("| received per server CPU second, over {} |", first.target);
+            out += &format!(
+                "| media packets per server CPU second, over {} |",
+                first.target
+            );
             for r in &self.ratios {
-                out += &format!(" {:.2}x |", r.received_per_server_cpu_second);
+                out += &format!(" {:.2}x |", r.media_packets_per_server_cpu_second);
             }
             out += "\n";
         }

@@ -44,6 +44,8 @@ pub struct Stats {
     pub member: usize,
     /// Offer sent to ICE and DTLS connected.
     pub join: Option<Duration>,
+    /// Offer sent to the server's answer received (signalling alone).
+    pub answer: Option<Duration>,
     /// Offer sent to the first video frame received.
     pub first_frame: Option<Duration>,
     pub frames_received: u64,
@@ -62,6 +64,10 @@ pub struct Stats {
     /// UDP datagrams that came from the server (before downlink
     /// impairments).
     pub datagrams_received: u64,
+    /// Media RTP packets received: datagrams carrying a media codec's
+    /// payload type (VP8, Opus), without padding; retransmissions and
+    /// probes (RTX), padding and RTCP are not counted.
+    pub media_packets_received: u64,
 }
 
 impl Stats {
@@ -73,6 +79,7 @@ impl Stats {
             (Some(a), Some(b)) => Some(a.max(b)),
             _ => None,
         };
+        self.answer = self.answer.or(o.answer);
         self.first_frame = match (self.first_frame, o.first_frame) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -87,6 +94,7 @@ impl Stats {
         self.lost += o.lost;
         self.expected += o.expected;
         self.datagrams_received += o.datagrams_received;
+        self.media_packets_received += o.media_packets_received;
     }
 }
 
@@ -99,6 +107,47 @@ pub enum Dialect {
     /// highest down, the order Janus takes them in (its subscribers then get
     /// the top layer by default).
     Janus,
+}
+
+/// The payload types that carry media (not RTX, RED, FEC or comfort
+/// noise), as the SDPs of a connection name them.
+#[derive(Debug, Clone)]
+pub struct MediaPts([bool; 128]);
+
+impl Default for MediaPts {
+    fn default() -> Self {
+        MediaPts([false; 128])
+    }
+}
+
+impl MediaPts {
+    /// Note the media payload types of `sdp` (`a=rtpmap:PT VP8/90000`).
+    pub fn note(&mut self, sdp: &str) {
+        for line in sdp.lines() {
+            let Some(rest) = line.trim().strip_prefix("a=rtpmap:") else {
+                continue;
+            };
+            let mut parts = rest.split_whitespace();
+            let (Some(pt), Some(codec)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let name = codec.split('/').next().unwrap_or("").to_ascii_lowercase();
+            if matches!(name.as_str(), "vp8" | "vp9" | "h264" | "av1" | "opus") {
+                if let Some(slot) = pt.parse::<usize>().ok().and_then(|i| self.0.get_mut(i)) {
+                    *slot = true;
+                }
+            }
+        }
+    }
+
+    /// Whether `datagram` is an SRTP packet of a media payload type without
+    /// padding (the RTP header is not encrypted).
+    pub fn is_media(&self, datagram: &[u8]) -> bool {
+        let [b0, b1, ..] = datagram else { return false };
+        // RTP version 2; RTCP's packet types 200-207 read as 72-79 here.
+        let pt = usize::from(b1 & 0x7f);
+        (128..192).contains(b0) && b0 & 0x20 == 0 && !(72..80).contains(&pt) && self.0[pt]
+    }
 }
 
 /// Received video on one m-line.
@@ -142,6 +191,8 @@ pub struct Participant {
     pub stats: Stats,
     pub closed: bool,
     buf: Vec<u8>,
+    /// Payload types of media codecs, from the SDPs seen.
+    media_pts: MediaPts,
     /// Impairments of the uplink (what it sends) and the downlink.
     up: Impair,
     down: Impair,
@@ -234,7 +285,9 @@ impl Participant {
             .apply()
             .ok_or_else(|| std::io::Error::other("str0m made no offer"))?;
         p.pending = Some(pending);
-        Ok((p, offer.to_sdp_string()))
+        let offer = offer.to_sdp_string();
+        p.media_pts.note(&offer);
+        Ok((p, offer))
     }
 
     /// A receiving connection that answers the server's `offer` (Janus'
@@ -259,6 +312,7 @@ impl Participant {
         // It sends nothing of its own.
         p.media = Media::None;
         p.offer_at = joined_at;
+        p.media_pts.note(offer);
         let offer = SdpOffer::from_sdp_string(offer).map_err(|e| format!("offer: {e}"))?;
         let answer = p
             .rtc
@@ -319,6 +373,7 @@ impl Participant {
             stats: Stats::default(),
             closed: false,
             buf: vec![0; 2000],
+            media_pts: MediaPts::default(),
             up: Impair::new(&spec.link, seed),
             down: Impair::new(&spec.link, seed ^ 0x5555),
         })
@@ -331,6 +386,7 @@ impl Participant {
 
     /// Apply the server's answer.
     pub fn accept_answer(&mut self, sdp: &str) -> Result<(), String> {
+        self.stats.answer = Some(self.offer_at.elapsed());
         let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| format!("answer: {e}"))?;
         let pending = self.pending.take().ok_or("no offer pending")?;
         self.rtc
@@ -347,13 +403,13 @@ impl Participant {
         loop {
             match self.socket.recv_from(&mut self.buf) {
                 Ok((n, source)) if self.down.is_none() => {
-                    self.stats.datagrams_received += 1;
+                    self.count(n);
                     let data = std::mem::take(&mut self.buf);
                     self.input(now, source, &data[..n]);
                     self.buf = data;
                 }
                 Ok((n, source)) => {
-                    self.stats.datagrams_received += 1;
+                    self.count(n);
                     self.down.push(now, source, self.buf[..n].to_vec());
                 }
                 Err(_) => break,
@@ -389,6 +445,14 @@ impl Participant {
             next
         };
         next.min(media)
+    }
+
+    /// Count a datagram of `n` bytes that arrived in `buf`.
+    fn count(&mut self, n: usize) {
+        self.stats.datagrams_received += 1;
+        if self.media_pts.is_media(&self.buf[..n]) {
+            self.stats.media_packets_received += 1;
+        }
     }
 
     /// A datagram from the network (after the downlink's impairments).
@@ -534,6 +598,7 @@ impl Participant {
             Some("offer") => {
                 self.map_tracks(&v["tracks"]);
                 let sdp = v["sdp"].as_str().unwrap_or("");
+                self.media_pts.note(sdp);
                 if let Ok(offer) = SdpOffer::from_sdp_string(sdp) {
                     if let Ok(answer) = self.rtc.sdp_api().accept_offer(offer) {
                         let msg =
@@ -667,5 +732,26 @@ impl Participant {
         self.poll(now);
         self.rtc.disconnect();
         self.closed = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_packets_are_told_from_rtx_padding_and_rtcp() {
+        let mut pts = MediaPts::default();
+        pts.note("v=0\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=rtpmap:111 opus/48000/2\r\n");
+        let rtp = |b0: u8, pt: u8| [b0, pt, 0, 1, 0, 0, 0, 0];
+        assert!(pts.is_media(&rtp(0x80, 96)));
+        assert!(pts.is_media(&rtp(0x80, 96 | 0x80)), "marker bit set");
+        assert!(pts.is_media(&rtp(0x90, 111)), "with extensions");
+        assert!(!pts.is_media(&rtp(0x80, 97)), "rtx");
+        assert!(!pts.is_media(&rtp(0xa0, 96)), "padding");
+        assert!(!pts.is_media(&rtp(0x80, 200)), "an RTCP sender report");
+        assert!(!pts.is_media(&[0x00, 0x01, 0, 0]), "STUN");
+        assert!(!pts.is_media(&[23, 0xfe, 0xfd]), "DTLS");
+        assert!(!pts.is_media(&[0x80]));
     }
 }

@@ -79,6 +79,8 @@ pub struct Report {
     /// Participants whose join failed (HTTP or SDP), with the reasons.
     pub join_errors: Vec<String>,
     pub join_ms: Percentiles,
+    /// Offer sent to the answer received: the signalling part of `join_ms`.
+    pub answer_ms: Percentiles,
     pub first_frame_ms: Percentiles,
     pub e2e_latency_ms: Percentiles,
     /// Packets lost over packets expected by the receivers, percent.
@@ -103,6 +105,11 @@ pub struct Report {
     /// what `compare` sets side by side.
     pub packets_received: f64,
     pub received_per_server_cpu_second: f64,
+    /// Media RTP packets among `packets_received` (str0m's receiver
+    /// statistics: the padding a bandwidth probe sends is not counted, so
+    /// this compares servers that probe with servers that do not).
+    pub media_packets_received: f64,
+    pub media_packets_per_server_cpu_second: f64,
     pub bench_cpu_seconds: f64,
     /// The bench's own CPU over the cores it had, percent: above 80 the
     /// load generator may have been the bottleneck.
@@ -149,6 +156,7 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         participants: s.len(),
         join_errors: o.join_errors.clone(),
         join_ms: Percentiles::of(s.iter().filter_map(|p| ms(p.join)).collect()),
+        answer_ms: Percentiles::of(s.iter().filter_map(|p| ms(p.answer)).collect()),
         first_frame_ms: Percentiles::of(s.iter().filter_map(|p| ms(p.first_frame)).collect()),
         e2e_latency_ms: Percentiles::of(
             s.iter()
@@ -172,6 +180,9 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         packets_per_server_cpu_second: packets_forwarded / o.server_cpu_seconds.max(1e-9),
         packets_received: o.packets_received,
         received_per_server_cpu_second: o.packets_received / o.server_cpu_seconds.max(1e-9),
+        media_packets_received: o.media_packets_received,
+        media_packets_per_server_cpu_second: o.media_packets_received
+            / o.server_cpu_seconds.max(1e-9),
         bench_cpu_seconds: o.bench_cpu_seconds,
         bench_cpu_pct,
         bench_saturated: bench_cpu_pct > 80.0,
@@ -219,6 +230,7 @@ pub fn markdown(r: &Report) -> String {
         ("participants", r.participants.to_string()),
         ("join failures", r.join_errors.len().to_string()),
         ("join ms (p50 / p95 / p99)", p(&r.join_ms)),
+        ("of which answer ms (p50 / p95 / p99)", p(&r.answer_ms)),
         ("first frame ms (p50 / p95 / p99)", p(&r.first_frame_ms)),
         (
             "end-to-end latency ms (p50 / p95 / p99)",
@@ -254,6 +266,10 @@ pub fn markdown(r: &Report) -> String {
         (
             "packets received per server CPU second",
             format!("{:.0}", r.received_per_server_cpu_second),
+        ),
+        (
+            "media packets received per server CPU second",
+            format!("{:.0}", r.media_packets_per_server_cpu_second),
         ),
         (
             "load generator CPU",

@@ -150,6 +150,9 @@ pub struct Outcome {
     pub packets_sent: Option<f64>,
     /// UDP datagrams the participants received from the server meanwhile.
     pub packets_received: f64,
+    /// Media RTP packets among them (padding and empty packets not
+    /// counted).
+    pub media_packets_received: f64,
     /// Ramp mode: each step and whether its quality held.
     pub steps: Vec<(crate::report::Step, bool)>,
     /// The run over time, once a second.
@@ -522,6 +525,7 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
             cpu: cpu_seconds(pid) - cpu0,
             sent: diff(target.packets_out(), out0),
             received: after.datagrams.saturating_sub(before.datagrams) as f64,
+            media: after.media_packets.saturating_sub(before.media_packets) as f64,
         });
         let q = &scenario.quality;
         let lost = after.lost.saturating_sub(before.lost);
@@ -567,6 +571,7 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
                 cpu,
                 sent,
                 received: after.datagrams.saturating_sub(before.datagrams) as f64,
+                media: after.media_packets.saturating_sub(before.media_packets) as f64,
             }
         }
     };
@@ -591,6 +596,7 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
         join_errors,
         packets_sent: used.sent,
         packets_received: used.received,
+        media_packets_received: used.media,
     })
 }
 
@@ -601,6 +607,8 @@ struct Used {
     sent: Option<f64>,
     /// Datagrams the participants received from it.
     received: f64,
+    /// Media RTP packets among them.
+    media: f64,
 }
 
 fn diff(after: Option<f64>, before: Option<f64>) -> Option<f64> {
@@ -615,6 +623,7 @@ struct Progress {
     expected: AtomicU64,
     freezes: AtomicU64,
     datagrams: AtomicU64,
+    media_packets: AtomicU64,
     /// End-to-end latencies (ms) not yet taken by a ramp step.
     latencies: Mutex<Vec<f64>>,
 }
@@ -626,6 +635,7 @@ struct Snapshot {
     expected: u64,
     freezes: u64,
     datagrams: u64,
+    media_packets: u64,
 }
 
 impl Progress {
@@ -636,6 +646,7 @@ impl Progress {
             expected: self.expected.load(Ordering::Relaxed),
             freezes: self.freezes.load(Ordering::Relaxed),
             datagrams: self.datagrams.load(Ordering::Relaxed),
+            media_packets: self.media_packets.load(Ordering::Relaxed),
         }
     }
 
@@ -744,7 +755,7 @@ fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool, progress: &Progress
     let mut reported = Instant::now();
     // What this worker last added to the shared progress counters, and how
     // many latencies of each participant it passed on.
-    let mut mine = [0u64; 5];
+    let mut mine = [0u64; 6];
     let mut passed: Vec<usize> = Vec::new();
     loop {
         if reported.elapsed() >= Duration::from_millis(500) {
@@ -755,6 +766,7 @@ fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool, progress: &Progress
                 ps.iter().map(|p| p.stats.expected).sum(),
                 ps.iter().map(|p| p.stats.freezes).sum(),
                 ps.iter().map(|p| p.stats.datagrams_received).sum(),
+                ps.iter().map(|p| p.stats.media_packets_received).sum(),
             ];
             let counters = [
                 &progress.connected,
@@ -762,6 +774,7 @@ fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool, progress: &Progress
                 &progress.expected,
                 &progress.freezes,
                 &progress.datagrams,
+                &progress.media_packets,
             ];
             for (i, counter) in counters.into_iter().enumerate() {
                 counter.fetch_add(now[i].wrapping_sub(mine[i]), Ordering::Relaxed);
