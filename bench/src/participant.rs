@@ -98,6 +98,20 @@ impl Stats {
     }
 }
 
+/// Who a new connection is for, and what it is made with.
+pub struct Seat<'a> {
+    pub spec: &'a scenario::Participant,
+    pub clip: Arc<Clip>,
+    pub index: ClipIndex,
+    pub clocks: Clocks,
+    /// Drives its link impairments.
+    pub seed: u64,
+    /// Where its socket binds (port 0: any).
+    pub bind: SocketAddr,
+    pub call: usize,
+    pub member: usize,
+}
+
 /// What the server expects of an offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -237,21 +251,14 @@ impl FrameIndex {
 }
 
 impl Participant {
-    /// A participant as `spec` describes it, sending `clip`, bound to
-    /// `bind` (port 0: any); `seed` drives its link impairments; `dialect`
-    /// shapes the offer for the server. Returns it and its offer.
-    #[allow(clippy::too_many_arguments)]
+    /// A participant as its seat describes it; `dialect` shapes the offer
+    /// for the server. Returns it and its offer.
     pub fn new(
-        spec: &scenario::Participant,
-        clip: Arc<Clip>,
-        index: ClipIndex,
-        clocks: Clocks,
-        seed: u64,
-        bind: SocketAddr,
+        seat: Seat,
         dialect: Dialect,
         now: Instant,
     ) -> std::io::Result<(Participant, String)> {
-        let mut p = Participant::blank(spec, clip, index, clocks, seed, bind, now)?;
+        let mut p = Participant::blank(seat, now)?;
         let clip = p.clip.clone();
         let mut api = p.rtc.sdp_api();
         if p.media.publishes() {
@@ -294,21 +301,15 @@ impl Participant {
     /// subscriber connection), whose `tracks` say which publisher each mid
     /// carries; its join and first frame count from `joined_at`. Returns it
     /// and its answer.
-    #[allow(clippy::too_many_arguments)]
     pub fn answering(
-        spec: &scenario::Participant,
-        clip: Arc<Clip>,
-        index: ClipIndex,
-        clocks: Clocks,
-        seed: u64,
-        bind: SocketAddr,
+        seat: Seat,
         joined_at: Instant,
         offer: &str,
         tracks: &Value,
     ) -> Result<(Participant, String), String> {
         let now = Instant::now();
-        let mut p = Participant::blank(spec, clip, index, clocks, seed, bind, now)
-            .map_err(|e| format!("a participant's socket: {e}"))?;
+        let mut p =
+            Participant::blank(seat, now).map_err(|e| format!("a participant's socket: {e}"))?;
         // It sends nothing of its own.
         p.media = Media::None;
         p.offer_at = joined_at;
@@ -324,15 +325,17 @@ impl Participant {
     }
 
     /// Socket, str0m instance and counters; no media lines yet.
-    fn blank(
-        spec: &scenario::Participant,
-        clip: Arc<Clip>,
-        index: ClipIndex,
-        clocks: Clocks,
-        seed: u64,
-        bind: SocketAddr,
-        now: Instant,
-    ) -> std::io::Result<Participant> {
+    fn blank(seat: Seat, now: Instant) -> std::io::Result<Participant> {
+        let Seat {
+            spec,
+            clip,
+            index,
+            clocks,
+            seed,
+            bind,
+            call,
+            member,
+        } = seat;
         let socket = UdpSocket::bind(bind)?;
         let local = socket.local_addr()?;
         let mut rtc = RtcConfig::new()
@@ -370,7 +373,11 @@ impl Participant {
             video_paused: false,
             tracks: HashMap::new(),
             ingress: HashMap::new(),
-            stats: Stats::default(),
+            stats: Stats {
+                call,
+                member,
+                ..Stats::default()
+            },
             closed: false,
             buf: vec![0; 2000],
             media_pts: MediaPts::default(),

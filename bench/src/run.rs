@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::janus::Janus;
 use crate::media::{make_clip, Clip};
-use crate::participant::{ClipIndex, Clocks, Dialect, FrameIndex, Participant, Stats};
+use crate::participant::{ClipIndex, Clocks, Dialect, FrameIndex, Participant, Seat, Stats};
 use crate::scenario::Scenario;
 use crate::site::Site;
 
@@ -183,6 +183,22 @@ pub struct Shared {
     pub bind: SocketAddr,
 }
 
+impl Shared {
+    /// Participant `i` of call `call`; `salt` tells its connections apart.
+    pub fn seat<'a>(&self, scenario: &'a Scenario, call: usize, i: usize, salt: u64) -> Seat<'a> {
+        Seat {
+            spec: &scenario.participants[i],
+            clip: self.clips[i].clone(),
+            index: self.index.clone(),
+            clocks: self.clocks.clone(),
+            seed: (call * 16 + i) as u64 ^ salt,
+            bind: self.bind,
+            call,
+            member: i,
+        }
+    }
+}
+
 /// A server the bench runs calls against.
 pub trait Target {
     /// Its name in reports.
@@ -246,12 +262,7 @@ impl Target for BalieTarget {
         let mut errors = Vec::new();
         for (i, spec) in scenario.participants.iter().enumerate() {
             let made = Participant::new(
-                spec,
-                shared.clips[i].clone(),
-                shared.index.clone(),
-                shared.clocks.clone(),
-                (call * 16 + i) as u64,
-                shared.bind,
+                shared.seat(scenario, call, i, 0),
                 Dialect::Balie,
                 Instant::now(),
             );
@@ -262,8 +273,6 @@ impl Target for BalieTarget {
                     continue;
                 }
             };
-            p.stats.call = call;
-            p.stats.member = i;
             let answer = self
                 .server
                 .token(&room, &format!("p{call}-{i}"), spec.role.as_str())
@@ -320,26 +329,15 @@ impl JanusTarget {
         let mut members = Vec::new();
         for (i, spec) in scenario.participants.iter().enumerate() {
             let mut session = self.janus.session()?;
-            let seed = (call * 16 + i) as u64;
             let start = Instant::now();
             if !spec.media.publishes() {
                 members.push((session, None, start));
                 continue;
             }
             let handle = session.attach()?;
-            let (mut p, offer) = Participant::new(
-                spec,
-                shared.clips[i].clone(),
-                shared.index.clone(),
-                shared.clocks.clone(),
-                seed,
-                shared.bind,
-                Dialect::Janus,
-                start,
-            )
-            .map_err(|e| format!("a participant's socket: {e}"))?;
-            p.stats.call = call;
-            p.stats.member = i;
+            let (mut p, offer) =
+                Participant::new(shared.seat(scenario, call, i, 0), Dialect::Janus, start)
+                    .map_err(|e| format!("a participant's socket: {e}"))?;
             let (data, jsep) = session.request(
                 handle,
                 serde_json::json!({
@@ -393,19 +391,12 @@ impl JanusTarget {
             let offer = jsep
                 .and_then(|j| j["sdp"].as_str().map(String::from))
                 .ok_or("janus attached a subscriber without an offer")?;
-            let (mut p, answer) = Participant::answering(
-                &scenario.participants[i],
-                shared.clips[i].clone(),
-                shared.index.clone(),
-                shared.clocks.clone(),
-                (call * 16 + i) as u64 ^ 0xabc,
-                shared.bind,
+            let (p, answer) = Participant::answering(
+                shared.seat(scenario, call, i, 0xabc),
                 *start,
                 &offer,
                 &crate::janus::tracks(&data["streams"]),
             )?;
-            p.stats.call = call;
-            p.stats.member = i;
             session.request(
                 handle,
                 serde_json::json!({"request": "start"}),

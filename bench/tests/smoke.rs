@@ -13,33 +13,40 @@ fn sfu_binary() -> PathBuf {
     target.join("debug/balie-sfu")
 }
 
-#[test]
-fn a_smoke_run_against_balie_reports_sane_values() {
+/// Run `balie-bench COMMAND --scenario S --out OUT --sfu ... EXTRA`; its
+/// stdout, once it has succeeded.
+fn bench(command: &str, scenario: &Path, out: &Path, extra: &[&str]) -> String {
     let sfu = sfu_binary();
     assert!(
         sfu.exists(),
         "{} is missing: build it first (cargo build -p balie-sfu; scripts/test does)",
         sfu.display()
     );
-    let out = std::env::temp_dir().join(format!("balie-bench-smoke-{}", std::process::id()));
-    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/bench/smoke.toml");
     let run = Command::new(env!("CARGO_BIN_EXE_balie-bench"))
-        .arg("run")
+        .arg(command)
         .arg("--scenario")
-        .arg(&scenario)
+        .arg(scenario)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .arg("--sfu")
         .arg(&sfu)
+        .args(extra)
         .output()
         .expect("balie-bench runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(
         run.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    eprintln!("{stdout}");
+    stdout
+}
+
+#[test]
+fn a_smoke_run_against_balie_reports_sane_values() {
+    let out = std::env::temp_dir().join(format!("balie-bench-smoke-{}", std::process::id()));
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/bench/smoke.toml");
+    eprintln!("{}", bench("run", &scenario, &out, &[]));
     let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
     let r: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {text}"));
@@ -100,22 +107,7 @@ fn run_text(name: &str, text: &str) -> serde_json::Value {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let scenario = dir.join("scenario.toml");
     std::fs::write(&scenario, text).expect("scenario");
-    let run = Command::new(env!("CARGO_BIN_EXE_balie-bench"))
-        .arg("run")
-        .arg("--scenario")
-        .arg(&scenario)
-        .arg("--out")
-        .arg(&dir)
-        .arg("--sfu")
-        .arg(sfu_binary())
-        .output()
-        .expect("balie-bench runs");
-    assert!(
-        run.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
+    bench("run", &scenario, &dir, &[]);
     let text = std::fs::read_to_string(dir.join("report.json")).expect("report.json");
     let _ = std::fs::remove_dir_all(&dir);
     serde_json::from_str(&text).expect("JSON")
@@ -123,10 +115,6 @@ fn run_text(name: &str, text: &str) -> serde_json::Value {
 
 #[test]
 fn a_ramp_adds_calls_while_quality_holds_and_stops_when_it_fails() {
-    assert!(
-        sfu_binary().exists(),
-        "build balie-sfu first (cargo build -p balie-sfu)"
-    );
     let ramp = |quality: &str| {
         format!(
             "name = \"ramp\"\n[target]\nkind = \"balie\"\n[calls]\ncount = 3\njoin_rate = 10.0\nduration = \"2s\"\n\
@@ -161,10 +149,6 @@ fn a_ramp_adds_calls_while_quality_holds_and_stops_when_it_fails() {
 /// makes (needs root, as CI has).
 #[test]
 fn compare_runs_a_scenario_against_balie_and_janus() {
-    assert!(
-        sfu_binary().exists(),
-        "build balie-sfu first (cargo build -p balie-sfu)"
-    );
     let dir = std::env::temp_dir().join(format!("balie-bench-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let scenario = dir.join("scenario.toml");
@@ -175,24 +159,10 @@ fn compare_runs_a_scenario_against_balie_and_janus() {
          [[participant]]\nrole = \"official\"\nmedia = \"simulcast\"\n",
     )
     .expect("scenario");
-    let run = Command::new(env!("CARGO_BIN_EXE_balie-bench"))
-        .arg("compare")
-        .arg("--scenario")
-        .arg(&scenario)
-        .args(["--targets", "balie,janus"])
-        .arg("--out")
-        .arg(&dir)
-        .arg("--sfu")
-        .arg(sfu_binary())
-        .output()
-        .expect("balie-bench runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+    eprintln!(
+        "{}",
+        bench("compare", &scenario, &dir, &["--targets", "balie,janus"])
     );
-    eprintln!("{stdout}");
     let text = std::fs::read_to_string(dir.join("compare.json")).expect("compare.json");
     let c: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     let reports = c["reports"].as_array().expect("reports");

@@ -172,6 +172,15 @@ pub enum ShardOutput {
 const DECIDE_EVERY: Duration = Duration::from_millis(200);
 /// How soon a keyframe request for a layer switch is repeated while the
 /// keyframe has not come.
+/// The least time between wake-ups for str0m's delay controller alone. Its
+/// timer fires every round-trip time while no TWCC report came within two
+/// round trips (it then does nothing but set the next one): on a LAN or
+/// loopback, every fraction of a millisecond per session. 25 ms is the
+/// controller's own update interval. Measured with balie-bench, 300 audio
+/// calls over loopback: about 95,000 such wake-ups a second per shard
+/// before; server CPU 37 -> 24 s over the 30 s hold, join p99 268 -> 27 ms.
+/// Only when that timer is the session's earliest; others keep their time.
+const BWE_DELAY_TICK: Duration = Duration::from_millis(25);
 const SWITCH_REASK: Duration = Duration::from_millis(350);
 
 /// Bandwidth kept for each audio track a subscriber receives (Opus at
@@ -616,6 +625,11 @@ impl ShardCore {
         let mut events = std::mem::take(&mut self.scratch);
         let outcome = sess.drive(&mut self.transmits, &mut events);
         if let Drive::Timeout(t) = outcome {
+            let t = if sess.rtc.last_timeout_reason() == str0m::Reason::BweDelayControl {
+                t.max(now + BWE_DELAY_TICK)
+            } else {
+                t
+            };
             if sess.deadline != Some(t) {
                 sess.deadline = Some(t);
                 self.timers.schedule(t, TimerKey::Session(sid));
