@@ -121,11 +121,22 @@ fn run(
     print!("{}", plan(&s));
     // Janus needs a namespace (it sends no media over loopback); balie
     // runs on loopback.
-    let site = match s.target.kind {
-        scenario::TargetKind::Balie => site::Site::loopback(),
-        scenario::TargetKind::Janus => site::Site::netns(0)?,
+    let r = if let Some(url) = &s.target.url {
+        let secret = std::env::var(&s.target.secret_env).map_err(|_| {
+            format!(
+                "target.url: the server's HS256 token secret goes in the environment variable {} (target.secret_env)",
+                s.target.secret_env
+            )
+        })?;
+        let mut target = run::BalieTarget::external(url, secret, s.target.pid)?;
+        report_into(&s, &mut target, out)?
+    } else {
+        let site = match s.target.kind {
+            scenario::TargetKind::Balie => site::Site::loopback(),
+            scenario::TargetKind::Janus => site::Site::netns(0)?,
+        };
+        execute(&s, s.target.kind, site, &sfu_path(sfu)?, out)?
     };
-    let r = execute(&s, s.target.kind, site, &sfu_path(sfu)?, out)?;
     print!("{}", report::markdown(&r));
     Ok(())
 }
@@ -137,6 +148,12 @@ fn compare(
     sfu: Option<PathBuf>,
 ) -> Result<(), String> {
     let s = load(scenario)?;
+    if s.target.url.is_some() {
+        return Err(format!(
+            "{}: target.url: compare starts each target itself; drop target.url",
+            scenario.display()
+        ));
+    }
     let kinds = targets
         .split(',')
         .map(|t| match t.trim() {
@@ -173,14 +190,7 @@ fn compare(
 
 /// A scenario, for `run` and `compare`.
 fn load(path: &std::path::Path) -> Result<Scenario, String> {
-    let s = Scenario::load(path).map_err(|e| e.to_string())?;
-    if s.target.url.is_some() {
-        return Err(format!(
-            "{}: target.url: this build runs scenarios against a server it starts itself; external targets are not supported yet",
-            path.display()
-        ));
-    }
-    Ok(s)
+    Scenario::load(path).map_err(|e| e.to_string())
 }
 
 fn sfu_path(sfu: Option<PathBuf>) -> Result<PathBuf, String> {
@@ -210,10 +220,18 @@ fn execute(
         scenario::TargetKind::Balie => Box::new(run::BalieTarget::start(sfu, threads, site)?),
         scenario::TargetKind::Janus => Box::new(run::JanusTarget::start(threads, site)?),
     };
-    let outcome = run::run(s, target.as_mut())?;
-    let name = target.name();
-    drop(target);
-    let r = report::build(&s.name, name, s.participants.len(), &outcome);
+    report_into(s, target.as_mut(), out)
+}
+
+/// Run `s` against `target` and write its report and plots into `out`.
+fn report_into(
+    s: &Scenario,
+    target: &mut dyn run::Target,
+    out: &std::path::Path,
+) -> Result<report::Report, String> {
+    let outcome = run::run(s, target)?;
+    let mut r = report::build(&s.name, target.name(), s.participants.len(), &outcome);
+    r.server_measured = target.pid().is_some();
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     write(
         &out.join("report.json"),

@@ -90,6 +90,9 @@ pub struct Report {
     pub frames_received: u64,
     pub audio_packets_received: u64,
     pub bytes_received: u64,
+    /// Whether the server's CPU and memory were measured (an external
+    /// server without `target.pid`: no, and those figures are 0).
+    pub server_measured: bool,
     pub server_cpu_seconds: f64,
     pub server_rss_bytes: u64,
     /// UDP datagrams the server sent while the calls were held: its own
@@ -173,6 +176,7 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         frames_received: sum(&|x| x.frames_received),
         audio_packets_received: sum(&|x| x.audio_packets_received),
         bytes_received: sum(&|x| x.bytes_received),
+        server_measured: true,
         server_cpu_seconds: o.server_cpu_seconds,
         server_rss_bytes: o.server_rss_bytes,
         packets_forwarded,
@@ -242,7 +246,14 @@ pub fn markdown(r: &Report) -> String {
             "video frames sent / received",
             format!("{} / {}", r.frames_sent, r.frames_received),
         ),
-        ("server CPU seconds", format!("{:.2}", r.server_cpu_seconds)),
+        (
+            "server CPU seconds",
+            if r.server_measured {
+                format!("{:.2}", r.server_cpu_seconds)
+            } else {
+                "not measured (an external server without target.pid)".into()
+            },
+        ),
         (
             "server RSS",
             format!("{:.1} MiB", r.server_rss_bytes as f64 / 1048576.0),

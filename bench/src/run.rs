@@ -21,12 +21,13 @@ use crate::site::Site;
 /// Seconds of clip each profile loops.
 const CLIP_SECONDS: u32 = 4;
 
-/// balie-sfu, started by the bench.
+/// balie-sfu, started by the bench (or already running: `external`).
 pub struct Balie {
-    child: Child,
+    child: Option<Child>,
+    pid: Option<u32>,
     pub url: String,
     secret: String,
-    dir: PathBuf,
+    dir: Option<PathBuf>,
 }
 
 impl Balie {
@@ -74,11 +75,24 @@ impl Balie {
             .recv_timeout(Duration::from_secs(20))
             .map_err(|_| format!("{} did not start within 20 s", binary.display()))?;
         Ok(Balie {
-            child,
+            pid: Some(child.id()),
+            child: Some(child),
             url,
             secret,
-            dir,
+            dir: Some(dir),
         })
+    }
+
+    /// A balie-sfu someone else runs at `url`, whose tokens take `secret`;
+    /// `pid` when it runs on this machine.
+    pub fn external(url: &str, secret: String, pid: Option<u32>) -> Balie {
+        Balie {
+            child: None,
+            pid,
+            url: url.trim_end_matches('/').to_string(),
+            secret,
+            dir: None,
+        }
     }
 
     /// A token as the municipality's portal would issue it.
@@ -99,22 +113,27 @@ impl Balie {
         .map_err(|e| e.to_string())
     }
 
-    /// The server's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// The server's process id, when known.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
     }
 }
 
 impl Drop for Balie {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
 /// CPU seconds (user + system) a process has used, from /proc.
-pub fn cpu_seconds(pid: u32) -> f64 {
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at ')'.
     let rest = stat.rsplit(')').next().unwrap_or_default();
@@ -125,7 +144,8 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Resident memory of a process, bytes.
-pub fn rss_bytes(pid: u32) -> u64 {
+pub fn rss_bytes(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
@@ -204,7 +224,7 @@ pub trait Target {
     /// Its name in reports.
     fn name(&self) -> &'static str;
     /// Its process, for CPU and memory.
-    fn pid(&self) -> u32;
+    fn pid(&self) -> Option<u32>;
     /// Where participants bind to reach it.
     fn client_ip(&self) -> IpAddr;
     /// Join call number `call`: each connection, once answered, goes to
@@ -236,6 +256,16 @@ impl BalieTarget {
             site,
         })
     }
+
+    /// A balie-sfu already running at `url` (the participants bind to the
+    /// address this machine reaches it from).
+    pub fn external(url: &str, secret: String, pid: Option<u32>) -> Result<BalieTarget, String> {
+        Ok(BalieTarget {
+            server: Balie::external(url, secret, pid),
+            http: reqwest::blocking::Client::new(),
+            site: Site::towards(url)?,
+        })
+    }
 }
 
 impl Target for BalieTarget {
@@ -243,7 +273,7 @@ impl Target for BalieTarget {
         "balie-sfu"
     }
 
-    fn pid(&self) -> u32 {
+    fn pid(&self) -> Option<u32> {
         self.server.pid()
     }
 
@@ -413,8 +443,8 @@ impl Target for JanusTarget {
         "janus"
     }
 
-    fn pid(&self) -> u32 {
-        self.janus.pid()
+    fn pid(&self) -> Option<u32> {
+        Some(self.janus.pid())
     }
 
     fn client_ip(&self) -> IpAddr {
@@ -468,7 +498,7 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
         let progress = progress.clone();
         handles.push(std::thread::spawn(move || drive(rx, &stop, &progress)));
     }
-    let bench0 = cpu_seconds(std::process::id());
+    let bench0 = cpu_seconds(Some(std::process::id()));
     let t0 = Instant::now();
     let mut join_errors = Vec::new();
     let gap = Duration::from_secs_f64(1.0 / scenario.calls.join_rate);
@@ -582,7 +612,7 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
         timeline,
         server_cpu_seconds: used.cpu,
         server_rss_bytes,
-        bench_cpu_seconds: cpu_seconds(std::process::id()) - bench0,
+        bench_cpu_seconds: cpu_seconds(Some(std::process::id())) - bench0,
         wall: t0.elapsed(),
         join_errors,
         packets_sent: used.sent,
@@ -653,7 +683,7 @@ impl Progress {
 /// participants connected, calls started per second, loss, the server's CPU.
 struct Line<'a> {
     progress: &'a Progress,
-    pid: u32,
+    pid: Option<u32>,
     calls: usize,
     t0: Instant,
     last: Instant,
@@ -678,7 +708,7 @@ pub struct Sample {
 }
 
 impl<'a> Line<'a> {
-    fn new(progress: &'a Progress, pid: u32, calls: usize) -> Line<'a> {
+    fn new(progress: &'a Progress, pid: Option<u32>, calls: usize) -> Line<'a> {
         Line {
             progress,
             pid,

@@ -71,10 +71,19 @@ pub struct Scenario {
 pub struct Target {
     /// The kind of server; it decides how participants join.
     pub kind: TargetKind,
-    /// An already running server (`http://host:port`). Without it the bench
-    /// starts the server itself on loopback with a generated config.
+    /// An already running server (`http://host:port`; balie only). Without
+    /// it the bench starts the server itself with a generated config.
     #[serde(default)]
     pub url: Option<String>,
+    /// With `url`: the environment variable holding the server's HS256
+    /// token secret (never the secret itself in a file). Default
+    /// `BALIE_BENCH_SECRET`.
+    #[serde(default = "default_secret_env")]
+    pub secret_env: String,
+    /// With `url`: the server's process id when it runs on this machine, so
+    /// that its CPU and memory are measured (else they are not).
+    #[serde(default)]
+    pub pid: Option<u32>,
     /// Worker threads the server gets when the bench starts it (balie's
     /// shards, Janus' event loops). Default 2.
     #[serde(default = "default_threads")]
@@ -83,6 +92,10 @@ pub struct Target {
 
 fn default_threads() -> usize {
     2
+}
+
+fn default_secret_env() -> String {
+    "BALIE_BENCH_SECRET".into()
 }
 
 /// The servers balie-bench has an adapter for.
@@ -303,6 +316,12 @@ impl Scenario {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(format!("target.url: {url:?} is not an http(s) URL"));
             }
+            if self.target.kind != TargetKind::Balie {
+                return Err(
+                    "target.url: only a balie target can be external; the bench starts Janus itself"
+                        .into(),
+                );
+            }
         }
         if self.calls.count == 0 {
             return Err("calls.count: at least 1".into());
@@ -461,6 +480,14 @@ mod tests {
             (
                 GOOD.replace("kind = \"balie\"", "kind = \"mediasoup\""),
                 "unknown variant",
+            ),
+            (
+                GOOD.replace("kind = \"balie\"", "kind = \"balie\"\nurl = \"ftp://x\""),
+                "not an http(s) URL",
+            ),
+            (
+                GOOD.replace("kind = \"balie\"", "kind = \"janus\"\nurl = \"http://x:1\""),
+                "only a balie target can be external",
             ),
             (
                 GOOD.replace("media = \"audio\"", "media = \"audio\"\nvolume = 3"),

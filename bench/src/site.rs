@@ -51,6 +51,45 @@ impl Site {
         }
     }
 
+    /// An external server at `url` (`http://host:port`): participants
+    /// bind to the local address the route to it leaves from.
+    pub fn towards(url: &str) -> Result<Site, String> {
+        let authority = url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .ok_or_else(|| format!("target.url: no host in {url:?}"))?;
+        let with_port = if authority.contains(':') && !authority.ends_with(']') {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let server = std::net::ToSocketAddrs::to_socket_addrs(&with_port)
+            .map_err(|e| format!("target.url: {authority}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("target.url: {authority} resolves to nothing"))?;
+        let any: std::net::SocketAddr = if server.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+        // Connecting a UDP socket sends nothing; it asks the kernel's route.
+        let probe = std::net::UdpSocket::bind(any).map_err(|e| e.to_string())?;
+        probe
+            .connect(server)
+            .map_err(|e| format!("target.url: no route to {server}: {e}"))?;
+        let local = probe.local_addr().map_err(|e| e.to_string())?;
+        Ok(Site {
+            netns: None,
+            server_ip: server.ip(),
+            client_ip: local.ip(),
+            server_if: None,
+            host_if: None,
+        })
+    }
+
     /// A namespace of this process's own (named after its pid and `tag`),
     /// joined by a veth pair: 10.213.N.1 here, 10.213.N.2 inside.
     pub fn netns(tag: u8) -> Result<Site, String> {

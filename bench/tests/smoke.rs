@@ -209,3 +209,89 @@ fn compare_runs_a_scenario_against_balie_and_janus() {
     assert!(md.contains("| compare-smoke | balie-sfu | janus |"), "{md}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An external target: a balie-sfu the test starts itself, named by
+/// `target.url`, its token secret in the environment, its pid for CPU.
+#[test]
+fn a_run_against_an_external_balie_uses_its_url_and_secret() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("balie-bench-external-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let secret = format!("external-{}", std::process::id());
+    let config = dir.join("sfu.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "http = \"127.0.0.1:0\"\n[media]\nudp_bind = \"127.0.0.1\"\nshards = 1\n[auth]\nhs256_secret = \"{secret}\"\n"
+        ),
+    )
+    .expect("config");
+    let mut sfu = Command::new(sfu_binary())
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("balie-sfu starts");
+    let stdout = sfu.stdout.take().expect("stdout");
+    let url = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.split("serving on ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .map(String::from)
+        })
+        .expect("balie-sfu says where it serves");
+    let scenario = dir.join("scenario.toml");
+    let text = |secret_env: &str| {
+        format!(
+            "name = \"external\"\n[target]\nkind = \"balie\"\nurl = \"{url}\"\nsecret_env = \"{secret_env}\"\npid = {}\n\
+             [calls]\ncount = 2\njoin_rate = 10.0\nduration = \"3s\"\n\
+             [[participant]]\nrole = \"citizen\"\nmedia = \"audio\"\n\
+             [[participant]]\nrole = \"official\"\nmedia = \"audio\"\n",
+            sfu.id()
+        )
+    };
+    std::fs::write(&scenario, text("BALIE_BENCH_TEST_SECRET")).expect("scenario");
+    let bench = |envs: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_balie-bench"))
+            .arg("run")
+            .arg("--scenario")
+            .arg(&scenario)
+            .arg("--out")
+            .arg(&dir)
+            .envs(envs.iter().copied())
+            .output()
+            .expect("balie-bench runs")
+    };
+    // Without the secret in the environment: a clear refusal.
+    let refused = bench(&[]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("BALIE_BENCH_TEST_SECRET"), "{err}");
+    let run = bench(&[("BALIE_BENCH_TEST_SECRET", secret.as_str())]);
+    let _ = sfu.kill();
+    let _ = sfu.wait();
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = std::fs::read_to_string(dir.join("report.json")).expect("report.json");
+    let r: serde_json::Value = serde_json::from_str(&report).expect("JSON");
+    assert_eq!(r["calls_held"], 2, "{report}");
+    assert_eq!(r["server_measured"], true, "{report}");
+    assert!(
+        r["server_cpu_seconds"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
+    assert_eq!(r["packets_forwarded_source"], "server", "{report}");
+    assert!(
+        r["audio_packets_received"].as_f64().unwrap_or(0.0) > 50.0,
+        "{report}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
