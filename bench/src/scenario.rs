@@ -6,6 +6,9 @@
 //! name = "smoke"
 //! [target]
 //! kind = "balie"            # or "janus"
+//! threads = 2               # the server's shards / Janus' event loops
+//! # url = "http://10.0.0.5:8080"   # an external balie (secret from $BALIE_BENCH_SECRET)
+//! # pid = 12345                    # its process, if on this machine
 //! [calls]
 //! count = 10                # concurrent calls
 //! join_rate = 20.0          # calls started per second
