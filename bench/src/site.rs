@@ -108,6 +108,7 @@ impl Site {
                     .into(),
             );
         }
+        clean_up_after_the_dead();
         let pid = std::process::id();
         let name = format!("bbench-{pid}-{tag}");
         // Interface names are at most 15 bytes.
@@ -152,6 +153,36 @@ impl Site {
             }
             None => Command::new(program),
         }
+    }
+}
+
+/// Namespaces of earlier runs that were killed before they could remove
+/// them (`bbench-PID-N` whose PID is gone): their processes (a Janus) are
+/// stopped and the namespace deleted, which takes its veth pair along.
+fn clean_up_after_the_dead() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(owner) = name
+            .strip_prefix("bbench-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{owner}")).exists() {
+            continue; // its run is still going
+        }
+        if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+        let _ = ip(&["netns", "del", name]);
     }
 }
 
