@@ -170,8 +170,7 @@ pub enum ShardOutput {
 
 /// How often a subscriber's simulcast layer is reconsidered.
 const DECIDE_EVERY: Duration = Duration::from_millis(200);
-/// How soon a keyframe request for a layer switch is repeated while the
-/// keyframe has not come.
+
 /// What made the shard drive a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Woken {
@@ -185,10 +184,12 @@ enum Woken {
 /// loopback, every fraction of a millisecond per session. 25 ms is the
 /// controller's own update interval. Measured with balie-bench, 300 audio
 /// calls over loopback: about 95,000 such wake-ups a second per shard
-/// before; server CPU 37 -> 24 s over the 30 s hold, join p99 268 -> 27 ms.
+/// before; server CPU 37 -> 22-25 s over the 30 s hold, join p99 268 -> 25-37 ms.
 /// Only when that timer is the session's earliest and the session has no
 /// video; see `drive_on`.
 const BWE_DELAY_TICK: Duration = Duration::from_millis(25);
+/// How soon a keyframe request for a layer switch is repeated while the
+/// keyframe has not come.
 const SWITCH_REASK: Duration = Duration::from_millis(350);
 
 /// Bandwidth kept for each audio track a subscriber receives (Opus at
