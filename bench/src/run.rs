@@ -531,23 +531,8 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
         }
         let Some(r) = &scenario.ramp else { break };
         // Judge the step over `every`, once its calls are up.
-        let before = progress.snapshot();
-        let cpu0 = cpu_seconds(pid);
-        let out0 = target.packets_out();
-        let end = Instant::now() + r.every;
-        while let Some(left) = end.checked_duration_since(Instant::now()) {
-            std::thread::sleep(left.min(Duration::from_millis(250)));
-            line.tick(started);
-        }
-        // Let the workers publish the end of the window.
-        std::thread::sleep(Duration::from_millis(600));
-        let after = progress.snapshot();
-        ramp_cpu = Some(Used {
-            cpu: cpu_seconds(pid) - cpu0,
-            sent: diff(target.packets_out(), out0),
-            received: after.datagrams.saturating_sub(before.datagrams) as f64,
-            media: after.media_packets.saturating_sub(before.media_packets) as f64,
-        });
+        let (used, before, after) = hold(&*target, &progress, &mut line, started, r.every);
+        ramp_cpu = Some(used);
         let q = &scenario.quality;
         let lost = after.lost.saturating_sub(before.lost);
         let expected = after.expected.saturating_sub(before.expected).max(1);
@@ -575,25 +560,14 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
     let used = match ramp_cpu {
         Some(m) => m,
         None => {
-            let before = progress.snapshot();
-            let cpu0 = cpu_seconds(pid);
-            let out0 = target.packets_out();
-            let end = Instant::now() + scenario.calls.duration;
-            while let Some(left) = end.checked_duration_since(Instant::now()) {
-                std::thread::sleep(left.min(Duration::from_millis(250)));
-                line.tick(calls);
-            }
-            let cpu = cpu_seconds(pid) - cpu0;
-            let sent = diff(target.packets_out(), out0);
-            // The workers publish their counts every 500 ms.
-            std::thread::sleep(Duration::from_millis(600));
-            let after = progress.snapshot();
-            Used {
-                cpu,
-                sent,
-                received: after.datagrams.saturating_sub(before.datagrams) as f64,
-                media: after.media_packets.saturating_sub(before.media_packets) as f64,
-            }
+            hold(
+                &*target,
+                &progress,
+                &mut line,
+                calls,
+                scenario.calls.duration,
+            )
+            .0
         }
     };
     line.done();
@@ -632,8 +606,39 @@ struct Used {
     media: f64,
 }
 
-fn diff(after: Option<f64>, before: Option<f64>) -> Option<f64> {
-    Some(after? - before?)
+/// Hold `calls` for `window` with the progress line going: what the server
+/// used meanwhile, and the progress counters at both ends.
+fn hold(
+    target: &dyn Target,
+    progress: &Progress,
+    line: &mut Line,
+    calls: usize,
+    window: Duration,
+) -> (Used, Snapshot, Snapshot) {
+    let pid = target.pid();
+    let before = progress.snapshot();
+    let cpu0 = cpu_seconds(pid);
+    let out0 = target.packets_out();
+    let end = Instant::now() + window;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left.min(Duration::from_millis(250)));
+        line.tick(calls);
+    }
+    let cpu = cpu_seconds(pid) - cpu0;
+    let sent = match (target.packets_out(), out0) {
+        (Some(a), Some(b)) => Some(a - b),
+        _ => None,
+    };
+    // The workers publish their counts every 500 ms.
+    std::thread::sleep(Duration::from_millis(600));
+    let after = progress.snapshot();
+    let used = Used {
+        cpu,
+        sent,
+        received: after.datagrams.saturating_sub(before.datagrams) as f64,
+        media: after.media_packets.saturating_sub(before.media_packets) as f64,
+    };
+    (used, before, after)
 }
 
 /// Totals the workers publish for the live progress line.
