@@ -1,0 +1,15 @@
+//! balie-transcoder: the worker that makes simulcast layers for publishers
+//! that send one layer only, reached by balie-sfu over QUIC
+//! (`balie-offload`). See ARCHITECTURE.md, "Offload".
+//!
+//! - [`server`]: the QUIC server (mutual TLS), control stream, groups in
+//!   and out.
+//! - [`session`]: one thread per transcode session, a short queue in front.
+//! - [`pipeline`]: the CPU backend (decode, scale, encode through FFmpeg).
+//! - [`clip`]: generated test clips (VP8, H.264) for tests and the benchmark.
+
+pub mod clip;
+pub mod metrics;
+pub mod pipeline;
+pub mod server;
+pub mod session;

@@ -1,0 +1,131 @@
+//! The worker's Prometheus metrics, served on `/metrics`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// All metric families of the worker.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// SFU connections open.
+    pub connections: IntGauge,
+    /// Transcode sessions open.
+    pub sessions: IntGauge,
+    /// Sessions opened, by outcome (`opened`, or the refusal's code).
+    pub opens: IntCounterVec,
+    /// Source frames received.
+    pub frames_in: IntCounter,
+    /// Layer frames sent.
+    pub frames_out: IntCounter,
+    /// Source frames dropped, by reason (`deadline`: decoded but too late to
+    /// encode; `queue`: the session's queue was full; `broken`: waiting for a
+    /// keyframe after a decode error).
+    pub dropped: IntCounterVec,
+    /// Stage times per source frame, seconds, by stage (decode, scale, encode).
+    pub stage_seconds: HistogramVec,
+    /// Source frames waiting in session queues.
+    pub queue_depth: IntGauge,
+    /// Protocol errors from peers, by code (malformed, too_large, ...).
+    pub protocol_errors: IntCounterVec,
+    /// Connections refused or lost during the handshake (e.g. no valid
+    /// client certificate).
+    pub handshake_failures: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let ns = |name: &str, help: &str| Opts::new(name, help).namespace("balie_transcoder");
+        let connections =
+            IntGauge::with_opts(ns("connections", "SFU connections open")).expect("valid metric");
+        let sessions =
+            IntGauge::with_opts(ns("sessions", "Transcode sessions open")).expect("valid metric");
+        let opens = IntCounterVec::new(
+            ns("session_opens_total", "Session open requests by outcome"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let frames_in = IntCounter::with_opts(ns("frames_in_total", "Source frames received"))
+            .expect("valid metric");
+        let frames_out = IntCounter::with_opts(ns("frames_out_total", "Layer frames sent"))
+            .expect("valid metric");
+        let dropped = IntCounterVec::new(
+            ns(
+                "frames_dropped_total",
+                "Source frames not transcoded, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let stage_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "stage_seconds",
+                "Time per source frame in each stage (decode, scale, encode)",
+            )
+            .namespace("balie_transcoder")
+            .buckets(vec![
+                0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.033, 0.066, 0.133,
+            ]),
+            &["stage"],
+        )
+        .expect("valid metric");
+        let queue_depth =
+            IntGauge::with_opts(ns("queue_depth", "Source frames waiting in session queues"))
+                .expect("valid metric");
+        let protocol_errors = IntCounterVec::new(
+            ns(
+                "protocol_errors_total",
+                "Protocol errors from peers, by code",
+            ),
+            &["code"],
+        )
+        .expect("valid metric");
+        let handshake_failures = IntCounter::with_opts(ns(
+            "handshake_failures_total",
+            "Connections that failed the QUIC/TLS handshake (e.g. no valid client certificate)",
+        ))
+        .expect("valid metric");
+        for c in [
+            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(sessions.clone()),
+            Box::new(opens.clone()),
+            Box::new(frames_in.clone()),
+            Box::new(frames_out.clone()),
+            Box::new(dropped.clone()),
+            Box::new(stage_seconds.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(protocol_errors.clone()),
+            Box::new(handshake_failures.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            connections,
+            sessions,
+            opens,
+            frames_in,
+            frames_out,
+            dropped,
+            stage_seconds,
+            queue_depth,
+            protocol_errors,
+            handshake_failures,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

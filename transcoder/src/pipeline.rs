@@ -1,0 +1,369 @@
+//! The CPU backend: one session's decode -> scale -> encode, through
+//! FFmpeg's libavcodec and libswscale (ffmpeg-next).
+//!
+//! ffmpeg-next is chosen because one wrapper gives the decoders (VP8,
+//! H.264), the scaler and both encoders a browser can receive (libvpx VP8,
+//! libx264 H.264) with the options real-time video needs, and the same
+//! library opens NVDEC (`*_cuvid`) for the `cuda` backend.
+//!
+//! Every source frame is decoded (a decoder cannot skip a reference frame),
+//! but only frames still before their deadline are scaled and encoded: a
+//! late frame is dropped, never queued. Layers keep the source frame's RTP
+//! timestamp and are keyframes exactly where the source is one (so a switch
+//! between a layer and the source lines up), or where a layer was asked for
+//! one.
+
+use std::time::{Duration, Instant};
+
+use balie_offload::{Codec, LayerSpec, Size};
+use ffmpeg::format::Pixel;
+use ffmpeg_next as ffmpeg;
+
+/// Why a session's pipeline failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("FFmpeg has no {0} (install Debian's libavcodec59, which has libvpx and libx264)")]
+    Missing(&'static str),
+    #[error("{what}: {source}")]
+    Ffmpeg {
+        what: &'static str,
+        source: ffmpeg::Error,
+    },
+    #[error("source picture {0}x{1} is not usable")]
+    BadSize(u32, u32),
+}
+
+fn ff(what: &'static str) -> impl FnOnce(ffmpeg::Error) -> PipelineError {
+    move |source| PipelineError::Ffmpeg { what, source }
+}
+
+/// Start FFmpeg once per process (idempotent) and quieten its log.
+pub fn init() -> Result<(), PipelineError> {
+    ffmpeg::init().map_err(ff("initialising FFmpeg"))?;
+    ffmpeg::util::log::set_level(ffmpeg::util::log::Level::Fatal);
+    Ok(())
+}
+
+/// RTP video clock.
+pub const RTP_HZ: i32 = 90_000;
+
+/// A frame the pipeline made.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// 1-based layer index, as on the wire.
+    pub track: u8,
+    pub rtp_time: u32,
+    pub key: bool,
+    pub data: Vec<u8>,
+}
+
+/// Time spent in each stage on one source frame.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    pub decode: Duration,
+    /// Zero when the frame was past its deadline (not scaled).
+    pub scale: Duration,
+    pub encode: Duration,
+}
+
+/// What became of one source frame.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    pub timings: Timings,
+    /// Decoded, but past its deadline: nothing was encoded.
+    pub late: bool,
+    /// The source size is new: the sizes of source and layers.
+    pub layout: Option<(Size, Vec<Size>)>,
+    /// The decoder could not use the frame (a reference is missing):
+    /// the SFU should ask the publisher for a keyframe.
+    pub need_keyframe: bool,
+}
+
+/// A video decoder for one stream.
+pub struct Decoder {
+    dec: ffmpeg::decoder::Video,
+    frame: ffmpeg::frame::Video,
+}
+
+impl Decoder {
+    pub fn new(codec: Codec) -> Result<Decoder, PipelineError> {
+        let (id, name) = match codec {
+            Codec::Vp8 => (ffmpeg::codec::Id::VP8, "VP8 decoder"),
+            Codec::H264 => (ffmpeg::codec::Id::H264, "H.264 decoder"),
+        };
+        let c = ffmpeg::decoder::find(id).ok_or(PipelineError::Missing(name))?;
+        let mut ctx = ffmpeg::codec::context::Context::new_with_codec(c);
+        // One thread per session: sessions run in parallel, and frame
+        // threading would hold frames back.
+        ctx.set_threading(ffmpeg::threading::Config {
+            kind: ffmpeg::threading::Type::Slice,
+            count: 1,
+            ..Default::default()
+        });
+        let dec = ctx.decoder().video().map_err(ff("opening the decoder"))?;
+        Ok(Decoder {
+            dec,
+            frame: ffmpeg::frame::Video::empty(),
+        })
+    }
+
+    /// Decode one encoded frame; the picture, if one came out. An error is
+    /// a frame the decoder could not use (missing reference, corrupt data).
+    pub fn decode(
+        &mut self,
+        data: &[u8],
+        pts: i64,
+    ) -> Result<Option<&ffmpeg::frame::Video>, ffmpeg::Error> {
+        let mut packet = ffmpeg::Packet::copy(data);
+        packet.set_pts(Some(pts));
+        self.dec.send_packet(&packet)?;
+        match self.dec.receive_frame(&mut self.frame) {
+            Ok(()) => Ok(Some(&self.frame)),
+            Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::util::error::EAGAIN => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// One layer: scaler and encoder for one size.
+struct Layer {
+    size: Size,
+    scaler: ffmpeg::software::scaling::Context,
+    picture: ffmpeg::frame::Video,
+    encoder: ffmpeg::encoder::video::Encoder,
+    want_key: bool,
+}
+
+/// The encoder of a layer, set up as a browser's real-time encoder.
+pub fn open_encoder(
+    codec: Codec,
+    size: Size,
+    bitrate_kbps: u32,
+) -> Result<ffmpeg::encoder::video::Encoder, PipelineError> {
+    let (name, label) = match codec {
+        Codec::Vp8 => ("libvpx", "libvpx (VP8 encoder)"),
+        Codec::H264 => ("libx264", "libx264 (H.264 encoder)"),
+    };
+    let c = ffmpeg::encoder::find_by_name(name).ok_or(PipelineError::Missing(label))?;
+    let mut ctx = ffmpeg::codec::context::Context::new_with_codec(c);
+    ctx.set_threading(ffmpeg::threading::Config {
+        kind: ffmpeg::threading::Type::Slice,
+        count: 1,
+        ..Default::default()
+    });
+    let mut enc = ctx.encoder().video().map_err(ff("encoder"))?;
+    enc.set_width(u32::from(size.width));
+    enc.set_height(u32::from(size.height));
+    enc.set_format(Pixel::YUV420P);
+    enc.set_time_base((1, RTP_HZ));
+    enc.set_frame_rate(Some((30, 1)));
+    enc.set_bit_rate(bitrate_kbps as usize * 1000);
+    enc.set_max_bit_rate(bitrate_kbps as usize * 1000 * 3 / 2);
+    // Keyframes only where the source has one or a subscriber asks.
+    enc.set_gop(u32::MAX / 2);
+    let mut opts = ffmpeg::Dictionary::new();
+    match codec {
+        Codec::Vp8 => {
+            opts.set("deadline", "realtime");
+            opts.set("cpu-used", "8");
+            opts.set("lag-in-frames", "0");
+            opts.set("auto-alt-ref", "0");
+            opts.set("error-resilient", "1");
+        }
+        Codec::H264 => {
+            // Constrained baseline (what every WebRTC H.264 decoder takes),
+            // no lookahead, SPS/PPS before every IDR, forced keyframes IDR.
+            opts.set("preset", "veryfast");
+            opts.set("tune", "zerolatency");
+            opts.set("profile", "baseline");
+            opts.set("forced-idr", "1");
+            opts.set("x264-params", "repeat-headers=1:bframes=0:scenecut=0");
+        }
+    }
+    enc.open_with(opts).map_err(ff("opening the encoder"))
+}
+
+/// Layer size: the source divided by the scale, rounded down to even, at
+/// least 16x16.
+pub fn layer_size(source: Size, scale_down: u8) -> Size {
+    let f = |v: u16| ((v / u16::from(scale_down.max(1))) & !1).max(16);
+    Size {
+        width: f(source.width),
+        height: f(source.height),
+    }
+}
+
+/// A session's pipeline.
+pub struct Pipeline {
+    codec: Codec,
+    specs: Vec<LayerSpec>,
+    decoder: Decoder,
+    source: Option<Size>,
+    layers: Vec<Layer>,
+    /// The RTP time unwrapped to a monotonic 64-bit clock (encoders need
+    /// increasing timestamps).
+    last_rtp: Option<(u32, i64)>,
+    /// Decoding failed: skip frames until a keyframe.
+    broken: bool,
+    packet: ffmpeg::Packet,
+}
+
+impl Pipeline {
+    pub fn new(codec: Codec, layers: Vec<LayerSpec>) -> Result<Pipeline, PipelineError> {
+        // Fail at open, not at the first frame, when an encoder is missing.
+        let probe = Size {
+            width: 64,
+            height: 64,
+        };
+        drop(open_encoder(codec, probe, 100)?);
+        Ok(Pipeline {
+            codec,
+            specs: layers,
+            decoder: Decoder::new(codec)?,
+            source: None,
+            layers: Vec::new(),
+            last_rtp: None,
+            broken: false,
+            packet: ffmpeg::Packet::empty(),
+        })
+    }
+
+    /// Ask for a keyframe on `track` (1-based) with the next frame.
+    pub fn request_keyframe(&mut self, track: u8) {
+        if let Some(l) = (track as usize)
+            .checked_sub(1)
+            .and_then(|i| self.layers.get_mut(i))
+        {
+            l.want_key = true;
+        }
+    }
+
+    /// Decode one source frame; when it is not late, scale and encode it
+    /// into every layer, appending what the encoders give to `out`.
+    pub fn push(
+        &mut self,
+        rtp_time: u32,
+        key: bool,
+        data: &[u8],
+        deadline: Instant,
+        out: &mut Vec<Encoded>,
+    ) -> Result<Pushed, PipelineError> {
+        let mut pushed = Pushed::default();
+        if self.broken && !key {
+            pushed.need_keyframe = true;
+            return Ok(pushed);
+        }
+        let Some(pts) = self.unwrap_rtp(rtp_time) else {
+            // A repeated or older timestamp: an encoder would refuse it.
+            return Ok(pushed);
+        };
+        let t0 = Instant::now();
+        let decoded = self.decoder.decode(data, pts);
+        pushed.timings.decode = t0.elapsed();
+        let picture = match decoded {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(pushed),
+            Err(_) => {
+                self.broken = true;
+                pushed.need_keyframe = true;
+                return Ok(pushed);
+            }
+        };
+        self.broken = false;
+        let size = Size {
+            width: u16::try_from(picture.width()).unwrap_or(0),
+            height: u16::try_from(picture.height()).unwrap_or(0),
+        };
+        if size.width < 16 || size.height < 16 || picture.format() != Pixel::YUV420P {
+            return Err(PipelineError::BadSize(picture.width(), picture.height()));
+        }
+        if self.source != Some(size) {
+            self.layers = self
+                .specs
+                .iter()
+                .map(|spec| -> Result<Layer, PipelineError> {
+                    let lsize = layer_size(size, spec.scale_down);
+                    Ok(Layer {
+                        size: lsize,
+                        scaler: ffmpeg::software::scaling::Context::get(
+                            Pixel::YUV420P,
+                            u32::from(size.width),
+                            u32::from(size.height),
+                            Pixel::YUV420P,
+                            u32::from(lsize.width),
+                            u32::from(lsize.height),
+                            ffmpeg::software::scaling::Flags::BILINEAR,
+                        )
+                        .map_err(ff("scaler"))?,
+                        picture: ffmpeg::frame::Video::new(
+                            Pixel::YUV420P,
+                            u32::from(lsize.width),
+                            u32::from(lsize.height),
+                        ),
+                        encoder: open_encoder(self.codec, lsize, spec.bitrate_kbps)?,
+                        want_key: true,
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            self.source = Some(size);
+            pushed.layout = Some((size, self.layers.iter().map(|l| l.size).collect()));
+        }
+        if Instant::now() > deadline {
+            pushed.late = true;
+            return Ok(pushed);
+        }
+        let source_key = key || picture.is_key();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let t = Instant::now();
+            layer
+                .scaler
+                .run(picture, &mut layer.picture)
+                .map_err(ff("scaling"))?;
+            pushed.timings.scale += t.elapsed();
+            let t = Instant::now();
+            layer.picture.set_pts(Some(pts));
+            let force = source_key || layer.want_key;
+            layer.picture.set_kind(if force {
+                ffmpeg::picture::Type::I
+            } else {
+                ffmpeg::picture::Type::None
+            });
+            layer.want_key = false;
+            layer
+                .encoder
+                .send_frame(&layer.picture)
+                .map_err(ff("encoding"))?;
+            while layer.encoder.receive_packet(&mut self.packet).is_ok() {
+                out.push(Encoded {
+                    track: (i + 1) as u8,
+                    rtp_time: self.packet.pts().unwrap_or(pts) as u32,
+                    key: self.packet.is_key(),
+                    data: self.packet.data().unwrap_or_default().to_vec(),
+                });
+            }
+            pushed.timings.encode += t.elapsed();
+        }
+        Ok(pushed)
+    }
+
+    fn unwrap_rtp(&mut self, rtp: u32) -> Option<i64> {
+        let ext = match self.last_rtp {
+            None => i64::from(rtp),
+            Some((last, ext)) => {
+                let delta = rtp.wrapping_sub(last) as i32;
+                if delta <= 0 {
+                    return None;
+                }
+                ext + i64::from(delta)
+            }
+        };
+        self.last_rtp = Some((rtp, ext));
+        Some(ext)
+    }
+
+    /// The sizes of source and layers, once known.
+    pub fn layout(&self) -> Option<(Size, Vec<Size>)> {
+        self.source
+            .map(|s| (s, self.layers.iter().map(|l| l.size).collect()))
+    }
+}

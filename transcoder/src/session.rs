@@ -1,0 +1,216 @@
+//! One transcode session: a thread that owns the session's [`Pipeline`]
+//! (FFmpeg contexts stay on one thread), fed through a short bounded queue.
+//!
+//! A queue that is full means the session cannot keep up: the frame is
+//! dropped, and so is every frame until the next keyframe (the decoder
+//! would only produce garbage without the dropped reference), and the SFU is
+//! asked for a keyframe. A frame that waited past its deadline is decoded
+//! but not encoded ([`Pipeline::push`]).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use balie_offload::{Codec, Control, ErrorCode, Frame, LayerSpec};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::pipeline::{Encoded, Pipeline};
+
+/// Source frames a session may have waiting (about a second at 30 fps).
+pub const QUEUE: usize = 32;
+
+enum Job {
+    Frame { frame: Frame, arrived: Instant },
+    Keyframe(u8),
+}
+
+/// What a session sends towards the SFU.
+#[derive(Debug)]
+pub enum Out {
+    /// A layer frame, for the media writer.
+    Media { session: u64, frame: Encoded },
+    /// A control message.
+    Control(Control),
+    /// The session was closed: finish its layers' streams.
+    Closed { session: u64 },
+}
+
+/// The connection's handle on a running session. Dropping it stops the
+/// session's thread (after the frame it is working on).
+pub struct Session {
+    jobs: SyncSender<Job>,
+    queued: Arc<AtomicUsize>,
+    /// Dropping frames until the next keyframe.
+    skipping: bool,
+    metrics: Metrics,
+}
+
+impl Session {
+    /// Start a session's thread and its pipeline. Fails (with the code to
+    /// tell the SFU) when the pipeline cannot be built.
+    pub async fn start(
+        id: u64,
+        codec: Codec,
+        layers: Vec<LayerSpec>,
+        out: mpsc::Sender<Out>,
+        metrics: Metrics,
+    ) -> Result<Session, (ErrorCode, String)> {
+        let (jobs, rx) = sync_channel(QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let q = queued.clone();
+        let m = metrics.clone();
+        std::thread::Builder::new()
+            .name(format!("session-{id}"))
+            .spawn(move || match Pipeline::new(codec, layers) {
+                Ok(p) => {
+                    let _ = ready_tx.send(Ok(()));
+                    run(id, p, rx, q, out, m);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                }
+            })
+            .map_err(|e| (ErrorCode::Internal, format!("starting a thread: {e}")))?;
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(Session {
+                jobs,
+                queued,
+                skipping: false,
+                metrics,
+            }),
+            Ok(Err(why)) => Err((ErrorCode::Unsupported, why)),
+            Err(_) => Err((ErrorCode::Internal, "the session thread ended".into())),
+        }
+    }
+
+    /// Queue a source frame. Returns true when the SFU should be asked for a
+    /// keyframe (a frame had to be dropped).
+    pub fn push(&mut self, frame: Frame, arrived: Instant) -> bool {
+        self.metrics.frames_in.inc();
+        if self.skipping && !frame.key {
+            self.metrics.dropped.with_label_values(&["queue"]).inc();
+            return false;
+        }
+        self.skipping = false;
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.metrics.queue_depth.inc();
+        match self.jobs.try_send(Job::Frame { frame, arrived }) {
+            Ok(()) => false,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.queue_depth.dec();
+                self.metrics.dropped.with_label_values(&["queue"]).inc();
+                self.skipping = true;
+                true
+            }
+        }
+    }
+
+    /// Ask for a keyframe on a layer (1-based track).
+    pub fn keyframe(&self, track: u8) {
+        let _ = self.jobs.try_send(Job::Keyframe(track));
+    }
+
+    /// Frames waiting.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Frames still queued are dropped with the channel.
+        let left = self.queued.swap(0, Ordering::Relaxed);
+        self.metrics.queue_depth.sub(left as i64);
+    }
+}
+
+fn run(
+    id: u64,
+    mut pipeline: Pipeline,
+    jobs: Receiver<Job>,
+    queued: Arc<AtomicUsize>,
+    out: mpsc::Sender<Out>,
+    metrics: Metrics,
+) {
+    let mut encoded = Vec::new();
+    let stage = |name: &str| metrics.stage_seconds.with_label_values(&[name]);
+    let (decode_h, scale_h, encode_h) = (stage("decode"), stage("scale"), stage("encode"));
+    // While the decoder waits for a keyframe, ask the SFU again every
+    // second (a publisher may drop a request that follows another closely).
+    let mut asked_key: Option<Instant> = None;
+    while let Ok(job) = jobs.recv() {
+        let (frame, arrived) = match job {
+            Job::Keyframe(track) => {
+                pipeline.request_keyframe(track);
+                continue;
+            }
+            Job::Frame { frame, arrived } => (frame, arrived),
+        };
+        // The session's handle may have been dropped and reset the count.
+        if queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+            .is_ok()
+        {
+            metrics.queue_depth.dec();
+        }
+        let deadline = arrived + Duration::from_millis(u64::from(frame.deadline_ms));
+        let pushed = match pipeline.push(
+            frame.rtp_time,
+            frame.key,
+            &frame.data,
+            deadline,
+            &mut encoded,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = out.blocking_send(Out::Control(Control::Ended {
+                    session: id,
+                    code: ErrorCode::Media,
+                    reason: e.to_string(),
+                }));
+                return;
+            }
+        };
+        decode_h.observe(pushed.timings.decode.as_secs_f64());
+        if pushed.late {
+            metrics.dropped.with_label_values(&["deadline"]).inc();
+        } else if !pushed.timings.scale.is_zero() {
+            scale_h.observe(pushed.timings.scale.as_secs_f64());
+            encode_h.observe(pushed.timings.encode.as_secs_f64());
+        }
+        if pushed.need_keyframe {
+            metrics.dropped.with_label_values(&["broken"]).inc();
+            if asked_key.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                asked_key = Some(Instant::now());
+                let _ = out.blocking_send(Out::Control(Control::Keyframe {
+                    session: id,
+                    track: 0,
+                }));
+            }
+        } else {
+            asked_key = None;
+        }
+        if let Some((source, layers)) = pushed.layout {
+            let msg = Control::Layout {
+                session: id,
+                source,
+                layers,
+            };
+            if out.blocking_send(Out::Control(msg)).is_err() {
+                return;
+            }
+        }
+        for frame in encoded.drain(..) {
+            if out
+                .blocking_send(Out::Media { session: id, frame })
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
