@@ -85,13 +85,13 @@ fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 }
 
 /// QUIC transport settings of both sides. A worker that stops answering is
-/// declared lost after 1.5 s without a packet (keep-alives every 300 ms), so
-/// the SFU moves its sessions within the 2 s it promises.
+/// declared lost after [`LOST_AFTER`] without a packet (keep-alives every
+/// 250 ms), so the SFU moves its sessions within the 2 s it promises.
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_millis(300)));
+    t.keep_alive_interval(Some(Duration::from_millis(250)));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(LOST_AFTER).expect("1.5 s is a valid idle timeout"),
+        quinn::IdleTimeout::try_from(LOST_AFTER).expect("a second is a valid idle timeout"),
     ));
     // One media stream per group (GOP) and track; a few dozen sessions per
     // connection, each with a source and up to four layers open at once.
@@ -100,8 +100,11 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// How long a silent peer is given before its connection is closed.
-pub const LOST_AFTER: Duration = Duration::from_millis(1500);
+/// How long a silent peer is given before its connection is closed: four
+/// keep-alives lost in a row. Short, because a lost worker's sessions must
+/// be moved within 2 s; a link that drops out for longer costs a move, not
+/// a call.
+pub const LOST_AFTER: Duration = Duration::from_millis(1000);
 
 /// The worker's side: its certificate, and SFUs must show one of the CA's.
 pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, TlsError> {

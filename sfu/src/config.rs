@@ -32,6 +32,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Graceful shutdown.
     pub drain: DrainConfig,
+    /// Transcoder workers for single-layer publishers (off by default).
+    pub offload: crate::offload::OffloadConfig,
 }
 
 /// The media plane: shards and their UDP sockets.
@@ -108,6 +110,7 @@ impl Default for Config {
             rooms: RoomsConfig::default(),
             auth: AuthConfig::default(),
             drain: DrainConfig::default(),
+            offload: crate::offload::OffloadConfig::default(),
         }
     }
 }
@@ -175,6 +178,7 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        self.offload.check()?;
         if self.rooms.max_participants < 2 {
             return Err("rooms.max_participants must be at least 2".into());
         }

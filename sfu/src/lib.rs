@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod metrics;
+pub mod offload;
 pub mod registry;
 pub mod server;
 pub mod shard;

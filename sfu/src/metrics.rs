@@ -96,6 +96,11 @@ impl ShardMetrics {
 }
 
 impl Metrics {
+    /// The registry (for families registered elsewhere, e.g. offload).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Create and register every family.
     pub fn new() -> Metrics {
         let registry =

@@ -1,0 +1,793 @@
+//! The SFU's side of the offload: a pool of transcoder workers, one QUIC
+//! connection per (shard, worker), reached with `balie-offload`.
+//!
+//! A shard hands the pool commands (open a session for a track, its source
+//! frames, keyframe requests, close) and gets back [`PoolEvent`]s (layer
+//! frames, layouts, keyframe needs, moves). The pool places each session on
+//! the least-loaded worker that is up (by the capacity each worker reports
+//! and the sessions placed since), writes the source one group (GOP) per
+//! stream, and when a worker is lost (its connection closes, or is silent
+//! for [`balie_offload::tls::LOST_AFTER`]) moves its sessions to another
+//! worker at once and tells the shard ([`PoolEvent::Moved`]), so the shard
+//! can forward the top layer meanwhile and ask the publisher for a keyframe
+//! for the new worker. With no worker up, sessions wait ([`PoolEvent::Lost`])
+//! and are placed when one comes back; a call never depends on a worker.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use balie_offload::link::{client_endpoint, GroupSender, Link, LinkEvent};
+use balie_offload::tls::{client_config, TlsFiles};
+use balie_offload::{Capacity, Codec, Control, ErrorCode, Frame, GroupHeader, LayerSpec, Size};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+/// `[offload]` in the SFU's config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffloadConfig {
+    /// Workers as `host:port`. A host name that resolves to several
+    /// addresses (a headless service) gives one worker per address. Empty:
+    /// no offload (single-layer publishers are forwarded as they are).
+    pub workers: Vec<String>,
+    /// The name the workers' certificates carry; default: each entry's host.
+    pub server_name: Option<String>,
+    /// The CA that issued the workers' certificates (PEM).
+    pub ca: PathBuf,
+    /// The SFU's client certificate (PEM).
+    pub cert: PathBuf,
+    /// The SFU's private key (PEM).
+    pub key: PathBuf,
+    /// The layers asked for, lowest first (each the source scaled down).
+    pub layers: Vec<LayerConfig>,
+    /// How long a source frame stays worth transcoding after it reaches the
+    /// worker. Default 150 ms.
+    pub deadline_ms: u16,
+}
+
+/// One layer a worker makes.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerConfig {
+    pub scale_down: u8,
+    pub bitrate_kbps: u32,
+}
+
+impl Default for OffloadConfig {
+    fn default() -> Self {
+        OffloadConfig {
+            workers: Vec::new(),
+            server_name: None,
+            ca: PathBuf::new(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            layers: vec![
+                LayerConfig {
+                    scale_down: 4,
+                    bitrate_kbps: 150,
+                },
+                LayerConfig {
+                    scale_down: 2,
+                    bitrate_kbps: 500,
+                },
+            ],
+            deadline_ms: 150,
+        }
+    }
+}
+
+impl OffloadConfig {
+    /// Whether offload is configured.
+    pub fn enabled(&self) -> bool {
+        !self.workers.is_empty()
+    }
+
+    /// Check what can be checked without the network.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        for (name, p) in [
+            ("offload.ca", &self.ca),
+            ("offload.cert", &self.cert),
+            ("offload.key", &self.key),
+        ] {
+            if p.as_os_str().is_empty() {
+                return Err(format!("{name} must be set when offload.workers is"));
+            }
+        }
+        if self.layers.is_empty() || self.layers.len() > balie_offload::wire::MAX_LAYERS {
+            return Err("offload.layers must list 1 to 4 layers".into());
+        }
+        for l in &self.layers {
+            if !(2..=16).contains(&l.scale_down) || !(10..=50_000).contains(&l.bitrate_kbps) {
+                return Err("offload.layers: scale_down 2 to 16, bitrate_kbps 10 to 50000".into());
+            }
+        }
+        for w in &self.workers {
+            if w.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(format!("offload.workers: {w:?} is not host:port"));
+            }
+        }
+        Ok(())
+    }
+
+    fn specs(&self) -> Vec<LayerSpec> {
+        self.layers
+            .iter()
+            .map(|l| LayerSpec {
+                scale_down: l.scale_down,
+                bitrate_kbps: l.bitrate_kbps,
+            })
+            .collect()
+    }
+}
+
+/// The offload metrics (shared by all shards' pools).
+#[derive(Clone)]
+pub struct OffloadMetrics {
+    /// Workers connected, per shard.
+    pub workers_up: IntGaugeVec,
+    /// Offload sessions placed on a worker.
+    pub sessions: IntGauge,
+    /// Frames to and from workers (`direction` = `to_worker`, `from_worker`).
+    pub frames: IntCounterVec,
+    /// Sessions moved to another worker after a loss, or left waiting.
+    pub moves: IntCounterVec,
+    /// Worker round-trip time, microseconds, per worker address.
+    pub rtt_us: IntGaugeVec,
+    /// Protocol errors and refusals from workers, by code.
+    pub errors: IntCounterVec,
+}
+
+impl OffloadMetrics {
+    pub fn new(registry: &Registry) -> OffloadMetrics {
+        let m = OffloadMetrics {
+            workers_up: IntGaugeVec::new(
+                Opts::new("offload_workers_up", "Transcoder workers connected."),
+                &["shard"],
+            )
+            .expect("valid metric"),
+            sessions: IntGauge::with_opts(Opts::new(
+                "offload_sessions",
+                "Offload sessions placed on a worker.",
+            ))
+            .expect("valid metric"),
+            frames: IntCounterVec::new(
+                Opts::new("offload_frames_total", "Frames to and from workers."),
+                &["direction"],
+            )
+            .expect("valid metric"),
+            moves: IntCounterVec::new(
+                Opts::new(
+                    "offload_moves_total",
+                    "Sessions moved after a worker was lost (moved) or left waiting (waiting).",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+            rtt_us: IntGaugeVec::new(
+                Opts::new("offload_worker_rtt_microseconds", "Worker round-trip time."),
+                &["worker"],
+            )
+            .expect("valid metric"),
+            errors: IntCounterVec::new(
+                Opts::new(
+                    "offload_errors_total",
+                    "Refusals and protocol errors from workers, by code.",
+                ),
+                &["code"],
+            )
+            .expect("valid metric"),
+        };
+        for c in [
+            Box::new(m.workers_up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.sessions.clone()),
+            Box::new(m.frames.clone()),
+            Box::new(m.moves.clone()),
+            Box::new(m.rtt_us.clone()),
+            Box::new(m.errors.clone()),
+        ] {
+            // Registered once per process; a second registration (tests that
+            // build several) is harmless.
+            let _ = registry.register(c);
+        }
+        m
+    }
+}
+
+/// What a shard asks of its pool.
+#[derive(Debug)]
+pub enum PoolCommand {
+    /// Start transcoding a track; `key` is the shard's name for it.
+    Open { key: u64, codec: Codec },
+    /// A source frame of the track.
+    Frame { key: u64, frame: Frame },
+    /// A subscriber wants a keyframe of a layer (1-based track).
+    Keyframe { key: u64, track: u8 },
+    /// Nobody needs the layers any more.
+    Close { key: u64 },
+}
+
+/// What the pool tells its shard.
+#[derive(Debug)]
+pub enum PoolEvent {
+    /// A frame of layer `track` (1-based, lowest first as configured).
+    Frame { key: u64, track: u8, frame: Frame },
+    /// The sizes of the source and of each layer.
+    Layout {
+        key: u64,
+        source: Size,
+        layers: Vec<Size>,
+    },
+    /// The worker needs a keyframe of the source (placed, moved, or its
+    /// decoder lost a reference): ask the publisher.
+    NeedKeyframe { key: u64 },
+    /// The session's worker was lost and the session is now on another one:
+    /// its layers stop until the new worker sends them.
+    Moved { key: u64 },
+    /// No worker can take the session now; it will be placed when one can.
+    Lost { key: u64, reason: String },
+}
+
+/// A shard's handle on its pool.
+#[derive(Clone)]
+pub struct Pool {
+    cmds: mpsc::UnboundedSender<PoolCommand>,
+}
+
+impl Pool {
+    /// Start a pool on the current tokio runtime.
+    pub fn start(
+        config: &OffloadConfig,
+        agent: String,
+        shard: String,
+        metrics: OffloadMetrics,
+    ) -> Result<(Pool, mpsc::UnboundedReceiver<PoolEvent>), String> {
+        let tls = client_config(&TlsFiles {
+            ca: config.ca.clone(),
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+        })
+        .map_err(|e| format!("offload: {e}"))?;
+        let (cmds, cmd_rx) = mpsc::unbounded_channel();
+        let (events, ev_rx) = mpsc::unbounded_channel();
+        let manager = Manager {
+            config: config.clone(),
+            specs: config.specs(),
+            tls,
+            endpoints: HashMap::new(),
+            agent,
+            shard,
+            metrics,
+            workers: Vec::new(),
+            sessions: HashMap::new(),
+            events,
+        };
+        tokio::spawn(manager.run(cmd_rx));
+        Ok((Pool { cmds }, ev_rx))
+    }
+
+    /// Hand the pool a command; false when the pool is gone.
+    pub fn send(&self, cmd: PoolCommand) -> bool {
+        self.cmds.send(cmd).is_ok()
+    }
+}
+
+struct WorkerSlot {
+    entry: String,
+    addr: SocketAddr,
+    server_name: String,
+    link: Option<Link>,
+    /// Bumped on every (re)connection; events of older links are ignored.
+    generation: u64,
+    capacity: Capacity,
+    /// Sessions we placed since its last capacity report.
+    placed: u32,
+    connecting: bool,
+    next_try: Instant,
+    failures: u32,
+}
+
+struct SessionState {
+    codec: Codec,
+    /// The worker it is on; None while waiting for one.
+    worker: Option<usize>,
+    writer: Option<mpsc::UnboundedSender<Frame>>,
+}
+
+enum Internal {
+    Connected {
+        idx: usize,
+        link: Link,
+        events: mpsc::UnboundedReceiver<LinkEvent>,
+    },
+    Failed {
+        idx: usize,
+        why: String,
+    },
+    Link {
+        idx: usize,
+        generation: u64,
+        event: LinkEvent,
+    },
+    Resolved(Vec<(String, SocketAddr, String)>),
+}
+
+struct Manager {
+    config: OffloadConfig,
+    specs: Vec<LayerSpec>,
+    tls: quinn::ClientConfig,
+    /// One client endpoint per address family.
+    endpoints: HashMap<bool, quinn::Endpoint>,
+    agent: String,
+    shard: String,
+    metrics: OffloadMetrics,
+    workers: Vec<WorkerSlot>,
+    sessions: HashMap<u64, SessionState>,
+    events: mpsc::UnboundedSender<PoolEvent>,
+}
+
+/// How often unreachable workers are tried again and DNS is read again.
+const RETRY: Duration = Duration::from_millis(500);
+
+impl Manager {
+    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<PoolCommand>) {
+        let (itx, mut irx) = mpsc::unbounded_channel::<Internal>();
+        resolve(self.config.clone(), itx.clone());
+        let mut tick = tokio::time::interval(RETRY);
+        loop {
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                Some(msg) = irx.recv() => self.internal(msg, &itx),
+                _ = tick.tick() => self.tick(&itx),
+            }
+        }
+        for w in &self.workers {
+            if let Some(l) = &w.link {
+                l.conn
+                    .close((ErrorCode::Closed as u32).into(), b"shard stopped");
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: PoolCommand) {
+        match cmd {
+            PoolCommand::Open { key, codec } => {
+                if self.sessions.contains_key(&key) {
+                    return;
+                }
+                self.sessions.insert(
+                    key,
+                    SessionState {
+                        codec,
+                        worker: None,
+                        writer: None,
+                    },
+                );
+                if !self.place(key) {
+                    self.metrics.moves.with_label_values(&["waiting"]).inc();
+                    let _ = self.events.send(PoolEvent::Lost {
+                        key,
+                        reason: "no transcoder worker available".into(),
+                    });
+                }
+            }
+            PoolCommand::Frame { key, frame } => {
+                if let Some(w) = self.sessions.get(&key).and_then(|s| s.writer.as_ref()) {
+                    let _ = w.send(frame);
+                }
+            }
+            PoolCommand::Keyframe { key, track } => {
+                if let Some(link) = self.link_of(key) {
+                    link.send(Control::Keyframe {
+                        session: key,
+                        track,
+                    });
+                }
+            }
+            PoolCommand::Close { key } => {
+                if let Some(link) = self.link_of(key) {
+                    link.send(Control::Close { session: key });
+                }
+                if let Some(s) = self.sessions.remove(&key) {
+                    if s.worker.is_some() {
+                        self.metrics.sessions.dec();
+                    }
+                }
+            }
+        }
+    }
+
+    fn link_of(&self, key: u64) -> Option<&Link> {
+        let idx = self.sessions.get(&key)?.worker?;
+        self.workers.get(idx)?.link.as_ref()
+    }
+
+    /// The least-loaded worker that is up and has room.
+    fn pick(&self) -> Option<usize> {
+        self.workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.link.is_some())
+            .filter_map(|(i, w)| {
+                let max = w.capacity.max_sessions.max(1);
+                let used = w.capacity.sessions + w.placed;
+                (used < max).then(|| {
+                    let share = f64::from(used + 1) / f64::from(max);
+                    (i, share, w.capacity.load_permille)
+                })
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.2.cmp(&b.2)))
+            .map(|(i, _, _)| i)
+    }
+
+    /// Place a session on a worker: open it there and start its writer.
+    fn place(&mut self, key: u64) -> bool {
+        let Some(idx) = self.pick() else {
+            return false;
+        };
+        let Some(state) = self.sessions.get_mut(&key) else {
+            return false;
+        };
+        let w = &mut self.workers[idx];
+        let Some(link) = w.link.as_ref() else {
+            return false;
+        };
+        link.send(Control::Open {
+            session: key,
+            codec: state.codec,
+            layers: self.specs.clone(),
+        });
+        w.placed += 1;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_groups(
+            link.conn.clone(),
+            key,
+            rx,
+            self.config.deadline_ms,
+            self.metrics.clone(),
+        ));
+        if state.worker.is_none() {
+            self.metrics.sessions.inc();
+        }
+        state.worker = Some(idx);
+        state.writer = Some(tx);
+        // The new worker's decoder starts at a keyframe.
+        let _ = self.events.send(PoolEvent::NeedKeyframe { key });
+        true
+    }
+
+    fn internal(&mut self, msg: Internal, itx: &mpsc::UnboundedSender<Internal>) {
+        match msg {
+            Internal::Resolved(found) => {
+                for (entry, addr, server_name) in found {
+                    if self.workers.iter().any(|w| w.addr == addr) {
+                        continue;
+                    }
+                    self.workers.push(WorkerSlot {
+                        entry,
+                        addr,
+                        server_name,
+                        link: None,
+                        generation: 0,
+                        capacity: Capacity::default(),
+                        placed: 0,
+                        connecting: false,
+                        next_try: Instant::now(),
+                        failures: 0,
+                    });
+                }
+                self.tick(itx);
+            }
+            Internal::Connected {
+                idx,
+                link,
+                mut events,
+            } => {
+                let w = &mut self.workers[idx];
+                w.connecting = false;
+                w.failures = 0;
+                w.generation += 1;
+                w.capacity = Capacity {
+                    max_sessions: link.max_sessions,
+                    ..Capacity::default()
+                };
+                w.placed = 0;
+                tracing::info!(worker = %w.entry, agent = %link.agent, "offload worker connected");
+                w.link = Some(link);
+                self.metrics
+                    .workers_up
+                    .with_label_values(&[&self.shard])
+                    .inc();
+                let generation = w.generation;
+                let tx = itx.clone();
+                tokio::spawn(async move {
+                    while let Some(event) = events.recv().await {
+                        let last = matches!(event, LinkEvent::Closed(_));
+                        if tx
+                            .send(Internal::Link {
+                                idx,
+                                generation,
+                                event,
+                            })
+                            .is_err()
+                            || last
+                        {
+                            break;
+                        }
+                    }
+                });
+                // Sessions that were waiting for a worker.
+                let waiting: Vec<u64> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.worker.is_none())
+                    .map(|(k, _)| *k)
+                    .collect();
+                for key in waiting {
+                    if self.place(key) {
+                        self.metrics.moves.with_label_values(&["moved"]).inc();
+                        let _ = self.events.send(PoolEvent::Moved { key });
+                    }
+                }
+            }
+            Internal::Failed { idx, why } => {
+                let w = &mut self.workers[idx];
+                w.connecting = false;
+                w.failures += 1;
+                // 0.5 s, 1 s, 2 s, then every 4 s.
+                w.next_try = Instant::now() + RETRY * (1 << w.failures.min(4)) / 2;
+                tracing::debug!(worker = %w.entry, %why, "offload worker unreachable");
+            }
+            Internal::Link {
+                idx,
+                generation,
+                event,
+            } => {
+                if self.workers.get(idx).map(|w| w.generation) != Some(generation) {
+                    return;
+                }
+                self.link_event(idx, event);
+            }
+        }
+    }
+
+    fn link_event(&mut self, idx: usize, event: LinkEvent) {
+        match event {
+            LinkEvent::Frame { header, frame } => {
+                if self.sessions.get(&header.session).and_then(|s| s.worker) == Some(idx) {
+                    self.metrics
+                        .frames
+                        .with_label_values(&["from_worker"])
+                        .inc();
+                    let _ = self.events.send(PoolEvent::Frame {
+                        key: header.session,
+                        track: header.track,
+                        frame,
+                    });
+                }
+            }
+            LinkEvent::Control(Control::Capacity(c)) => {
+                let w = &mut self.workers[idx];
+                w.capacity = c;
+                w.placed = 0;
+                if let Some(l) = &w.link {
+                    self.metrics
+                        .rtt_us
+                        .with_label_values(&[&w.entry])
+                        .set(l.rtt().as_micros() as i64);
+                }
+            }
+            LinkEvent::Control(Control::Layout {
+                session,
+                source,
+                layers,
+            }) => {
+                let _ = self.events.send(PoolEvent::Layout {
+                    key: session,
+                    source,
+                    layers,
+                });
+            }
+            LinkEvent::Control(Control::Keyframe { session, .. }) => {
+                let _ = self.events.send(PoolEvent::NeedKeyframe { key: session });
+            }
+            LinkEvent::Control(Control::Ended {
+                session,
+                code,
+                reason,
+            }) => {
+                self.metrics.errors.with_label_values(&[code.name()]).inc();
+                tracing::warn!(code = code.name(), %reason, "offload session ended by the worker");
+                if self.sessions.get(&session).and_then(|s| s.worker) == Some(idx) {
+                    // Try elsewhere (a full worker, or a media error there).
+                    self.unplace(session);
+                    if code == ErrorCode::Capacity {
+                        self.workers[idx].placed = self.workers[idx].capacity.max_sessions;
+                    }
+                    self.replace(session, reason);
+                }
+            }
+            LinkEvent::Control(Control::Error { code, reason }) => {
+                self.metrics.errors.with_label_values(&[code.name()]).inc();
+                tracing::warn!(code = code.name(), %reason, "offload worker reported a protocol error");
+            }
+            LinkEvent::Control(other) => {
+                tracing::debug!(?other, "unexpected control message from a worker");
+            }
+            LinkEvent::BadStream(why) => {
+                self.metrics.errors.with_label_values(&["malformed"]).inc();
+                tracing::warn!(%why, "malformed media stream from a worker");
+            }
+            LinkEvent::Closed(why) => {
+                let w = &mut self.workers[idx];
+                tracing::warn!(worker = %w.entry, %why, "offload worker lost");
+                w.link = None;
+                w.generation += 1;
+                w.next_try = Instant::now() + RETRY;
+                self.metrics
+                    .workers_up
+                    .with_label_values(&[&self.shard])
+                    .dec();
+                let keys: Vec<u64> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.worker == Some(idx))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for key in keys {
+                    self.unplace(key);
+                    self.replace(key, format!("worker lost: {why}"));
+                }
+            }
+        }
+    }
+
+    fn unplace(&mut self, key: u64) {
+        if let Some(s) = self.sessions.get_mut(&key) {
+            if s.worker.take().is_some() {
+                self.metrics.sessions.dec();
+            }
+            s.writer = None;
+        }
+    }
+
+    fn replace(&mut self, key: u64, reason: String) {
+        if self.place(key) {
+            self.metrics.moves.with_label_values(&["moved"]).inc();
+            let _ = self.events.send(PoolEvent::Moved { key });
+        } else {
+            self.metrics.moves.with_label_values(&["waiting"]).inc();
+            let _ = self.events.send(PoolEvent::Lost { key, reason });
+        }
+    }
+
+    fn tick(&mut self, itx: &mpsc::UnboundedSender<Internal>) {
+        let now = Instant::now();
+        for (idx, w) in self.workers.iter_mut().enumerate() {
+            if w.link.is_some() || w.connecting || now < w.next_try {
+                continue;
+            }
+            let ep = match self.endpoints.get(&w.addr.is_ipv6()) {
+                Some(ep) => ep.clone(),
+                None => match client_endpoint(self.tls.clone(), w.addr) {
+                    Ok(ep) => {
+                        self.endpoints.insert(w.addr.is_ipv6(), ep.clone());
+                        ep
+                    }
+                    Err(e) => {
+                        tracing::warn!("offload: no client endpoint: {e}");
+                        return;
+                    }
+                },
+            };
+            w.connecting = true;
+            let (addr, name, agent, tx) = (
+                w.addr,
+                w.server_name.clone(),
+                self.agent.clone(),
+                itx.clone(),
+            );
+            tokio::spawn(async move {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    Link::connect(&ep, addr, &name, &agent),
+                )
+                .await;
+                let _ = tx.send(match r {
+                    Ok(Ok((link, events))) => Internal::Connected { idx, link, events },
+                    Ok(Err(e)) => Internal::Failed {
+                        idx,
+                        why: e.to_string(),
+                    },
+                    Err(_) => Internal::Failed {
+                        idx,
+                        why: "connection timed out".into(),
+                    },
+                });
+            });
+        }
+    }
+}
+
+/// Resolve the configured workers (host names through DNS) and report
+/// them to the manager.
+fn resolve(config: OffloadConfig, tx: mpsc::UnboundedSender<Internal>) {
+    tokio::spawn(async move {
+        let mut found = Vec::new();
+        for entry in &config.workers {
+            let host = entry
+                .rsplit_once(':')
+                .map_or(entry.as_str(), |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let name = config.server_name.clone().unwrap_or_else(|| host.clone());
+            match tokio::net::lookup_host(entry.as_str()).await {
+                Ok(addrs) => {
+                    for a in addrs {
+                        found.push((format!("{entry} ({a})"), a, name.clone()));
+                    }
+                }
+                Err(e) => tracing::warn!(worker = %entry, "offload: cannot resolve: {e}"),
+            }
+        }
+        let _ = tx.send(Internal::Resolved(found));
+    });
+}
+
+/// Write a session's source frames to its worker, a group (stream) per
+/// GOP. Frames before the first keyframe (and after a failed write, until
+/// the next keyframe) are dropped: the worker could not decode them.
+async fn write_groups(
+    conn: quinn::Connection,
+    key: u64,
+    mut frames: mpsc::UnboundedReceiver<Frame>,
+    deadline_ms: u16,
+    metrics: OffloadMetrics,
+) {
+    let mut group: Option<GroupSender> = None;
+    let mut number = 0u32;
+    while let Some(mut frame) = frames.recv().await {
+        frame.deadline_ms = deadline_ms;
+        if frame.key {
+            if let Some(g) = group.take() {
+                g.finish();
+            }
+            number = number.wrapping_add(1);
+            let header = GroupHeader {
+                session: key,
+                track: 0,
+                group: number,
+            };
+            match GroupSender::open(&conn, header).await {
+                Ok(g) => group = Some(g),
+                Err(_) => {
+                    if conn.close_reason().is_some() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(g) = group.as_mut() else { continue };
+        if g.frame(frame).await.is_ok() {
+            metrics.frames.with_label_values(&["to_worker"]).inc();
+        } else {
+            group = None;
+        }
+    }
+    if let Some(g) = group {
+        g.finish();
+    }
+}

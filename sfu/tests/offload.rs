@@ -1,0 +1,334 @@
+//! The SFU's worker pool against real balie-transcoder workers on loopback:
+//! placement on the least-loaded worker, layers that decode, and a session
+//! moved within 2 s when its worker dies without a word.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use balie_offload::tls::{make_dev_certs, TlsFiles};
+use balie_offload::{Codec, Frame, Size};
+use balie_sfu::offload::{OffloadConfig, OffloadMetrics, Pool, PoolCommand, PoolEvent};
+use balie_transcoder::clip::{self, ClipFrame};
+use balie_transcoder::metrics::Metrics as WorkerMetrics;
+use balie_transcoder::pipeline::Decoder;
+use balie_transcoder::server::{Worker, WorkerConfig};
+
+/// A worker on its own runtime and thread, so that it can die abruptly:
+/// shutting the runtime down stops its endpoint without a close frame, as
+/// a crashed process or a lost node would.
+struct TestWorker {
+    addr: SocketAddr,
+    metrics: WorkerMetrics,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl TestWorker {
+    fn start(dir: &Path) -> TestWorker {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let metrics = WorkerMetrics::new();
+        let worker = {
+            let _in_runtime = runtime.enter();
+            Worker::bind(
+                &WorkerConfig {
+                    listen: "127.0.0.1:0".parse().expect("addr"),
+                    tls: TlsFiles::dev_worker(dir),
+                    max_sessions: 4,
+                },
+                metrics.clone(),
+            )
+            .expect("worker binds")
+        };
+        let addr = worker.local_addr().expect("addr");
+        runtime.spawn(worker.run());
+        TestWorker {
+            addr,
+            metrics,
+            runtime: Some(runtime),
+        }
+    }
+
+    fn sessions(&self) -> i64 {
+        self.metrics.sessions.get()
+    }
+
+    fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn config(dir: &Path, workers: &[&TestWorker]) -> OffloadConfig {
+    OffloadConfig {
+        workers: workers.iter().map(|w| w.addr.to_string()).collect(),
+        server_name: Some("localhost".into()),
+        ca: dir.join("ca.pem"),
+        cert: dir.join("sfu.pem"),
+        key: dir.join("sfu.key"),
+        ..OffloadConfig::default()
+    }
+}
+
+/// A source as a publisher sends it: the clip, and on request the same
+/// picture as a keyframe (from an all-keyframe encoding).
+struct Source {
+    clip: Vec<ClipFrame>,
+    keys: Vec<ClipFrame>,
+    next: usize,
+    want_key: bool,
+}
+
+impl Source {
+    fn new() -> Source {
+        static CLIPS: std::sync::OnceLock<(Vec<ClipFrame>, Vec<ClipFrame>)> =
+            std::sync::OnceLock::new();
+        let (clip, keys) = CLIPS.get_or_init(|| {
+            let hd = Size {
+                width: 1280,
+                height: 720,
+            };
+            (
+                clip::make(Codec::Vp8, hd, 150, 150, 1500).expect("clip"),
+                clip::make(Codec::Vp8, hd, 150, 1, 1500).expect("key clip"),
+            )
+        });
+        Source {
+            clip: clip.clone(),
+            keys: keys.clone(),
+            next: 0,
+            want_key: false,
+        }
+    }
+
+    fn frame(&mut self) -> Frame {
+        let i = self.next % self.clip.len();
+        self.next += 1;
+        let f = if std::mem::take(&mut self.want_key) {
+            &self.keys[i]
+        } else {
+            &self.clip[i]
+        };
+        Frame {
+            rtp_time: (self.next as u32) * 3000,
+            deadline_ms: 0,
+            key: f.key,
+            data: f.data.clone().into(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    frames: HashMap<(u64, u8), Vec<(Instant, Frame)>>,
+    moved: Vec<(u64, Instant)>,
+    layouts: Vec<(u64, Vec<Size>)>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_spread_over_workers_and_move_within_2_s_when_one_dies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_dev_certs(dir.path(), &["localhost".into()]).expect("certs");
+    let mut a = TestWorker::start(dir.path());
+    let b = TestWorker::start(dir.path());
+    let cfg = config(dir.path(), &[&a, &b]);
+    cfg.check().expect("valid config");
+    let registry = prometheus::Registry::new();
+    let (pool, mut events) = Pool::start(
+        &cfg,
+        "test-sfu".into(),
+        "0".into(),
+        OffloadMetrics::new(&registry),
+    )
+    .expect("pool");
+    // Let both connections come up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut sources: HashMap<u64, Source> = [(1, Source::new()), (2, Source::new())].into();
+    for key in [1, 2] {
+        assert!(pool.send(PoolCommand::Open {
+            key,
+            codec: Codec::Vp8
+        }));
+    }
+    let mut seen = Seen::default();
+    let start = Instant::now();
+    let mut killed_at = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(33));
+    while start.elapsed() < Duration::from_secs(7) {
+        tokio::select! {
+            _ = tick.tick() => {
+                for (key, src) in sources.iter_mut() {
+                    pool.send(PoolCommand::Frame { key: *key, frame: src.frame() });
+                }
+            }
+            Some(ev) = events.recv() => match ev {
+                PoolEvent::Frame { key, track, frame } => {
+                    seen.frames.entry((key, track)).or_default().push((Instant::now(), frame));
+                }
+                PoolEvent::NeedKeyframe { key } => {
+                    if let Some(s) = sources.get_mut(&key) { s.want_key = true; }
+                }
+                PoolEvent::Moved { key } => seen.moved.push((key, Instant::now())),
+                PoolEvent::Layout { key, layers, .. } => seen.layouts.push((key, layers)),
+                PoolEvent::Lost { key, reason } => panic!("session {key} lost: {reason}"),
+            }
+        }
+        if killed_at.is_none() && start.elapsed() >= Duration::from_secs(3) {
+            // One session on each worker: the least loaded was chosen.
+            assert_eq!((a.sessions(), b.sessions()), (1, 1));
+            a.kill();
+            killed_at = Some(Instant::now());
+        }
+    }
+    let killed_at = killed_at.expect("killed");
+
+    // Both sessions had both layers, decoding at the configured sizes
+    // (lowest first: a quarter, then half of 1280x720).
+    for key in [1, 2] {
+        for (track, size) in [(1u8, (320, 180)), (2, (640, 360))] {
+            let frames = &seen.frames[&(key, track)];
+            let before: Vec<_> = frames.iter().filter(|(t, _)| *t < killed_at).collect();
+            assert!(
+                before.len() >= 60,
+                "session {key} track {track}: {}",
+                before.len()
+            );
+            let mut dec = Decoder::new(Codec::Vp8).expect("decoder");
+            let mut sizes = Vec::new();
+            for (_, f) in &before {
+                if let Ok(Some(p)) = dec.decode(&f.data, i64::from(f.rtp_time)) {
+                    sizes.push((p.width(), p.height()));
+                }
+            }
+            assert!(
+                sizes.len() >= 60 && sizes.iter().all(|s| *s == size),
+                "{sizes:?}"
+            );
+        }
+    }
+    // The session on the dead worker moved, and its low layer came back
+    // within 2 s of the kill; the other session never stopped.
+    assert_eq!(seen.moved.len(), 1, "{:?}", seen.moved);
+    let (moved_key, moved_at) = seen.moved[0];
+    let back = seen.frames[&(moved_key, 1)]
+        .iter()
+        .find(|(t, _)| *t > moved_at)
+        .map(|(t, _)| *t)
+        .expect("layer frames after the move");
+    let gap = back.duration_since(killed_at);
+    eprintln!(
+        "worker killed: moved after {:?}, low layer back after {gap:?}",
+        moved_at.duration_since(killed_at)
+    );
+    assert!(
+        gap <= Duration::from_secs(2),
+        "low layer back after {gap:?}"
+    );
+    assert_eq!(b.sessions(), 2);
+    let other = 3 - moved_key;
+    let after = seen.frames[&(other, 1)]
+        .iter()
+        .filter(|(t, _)| *t > killed_at)
+        .count();
+    assert!(
+        after >= 90,
+        "the other session got {after} frames after the kill"
+    );
+    assert!(seen.layouts.iter().all(|(_, l)| l
+        == &[
+            Size {
+                width: 320,
+                height: 180
+            },
+            Size {
+                width: 640,
+                height: 360
+            }
+        ]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_worker_a_session_waits_and_is_placed_when_one_comes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_dev_certs(dir.path(), &["localhost".into()]).expect("certs");
+    // A port with no worker yet.
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = probe.local_addr().expect("addr");
+    drop(probe);
+    let mut cfg = config(dir.path(), &[]);
+    cfg.workers = vec![addr.to_string()];
+    let (pool, mut events) = Pool::start(
+        &cfg,
+        "test-sfu".into(),
+        "0".into(),
+        OffloadMetrics::new(&prometheus::Registry::new()),
+    )
+    .expect("pool");
+    pool.send(PoolCommand::Open {
+        key: 5,
+        codec: Codec::Vp8,
+    });
+    let ev = tokio::time::timeout(Duration::from_secs(2), events.recv())
+        .await
+        .expect("an event")
+        .expect("open");
+    assert!(matches!(ev, PoolEvent::Lost { key: 5, .. }), "{ev:?}");
+    // A worker comes up on that port: the session is placed.
+    let metrics = WorkerMetrics::new();
+    let worker = Worker::bind(
+        &WorkerConfig {
+            listen: addr,
+            tls: TlsFiles::dev_worker(dir.path()),
+            max_sessions: 2,
+        },
+        metrics.clone(),
+    )
+    .expect("bind");
+    tokio::spawn(worker.run());
+    let moved = tokio::time::timeout(Duration::from_secs(6), async {
+        while let Some(ev) = events.recv().await {
+            if matches!(ev, PoolEvent::Moved { key: 5 }) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(moved, Ok(true));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(metrics.sessions.get(), 1);
+}
+
+#[test]
+fn offload_config_errors_name_the_field() {
+    let base = "[auth]\nhs256_secret = \"x\"\n[media]\nudp_bind = \"127.0.0.1\"\n";
+    for (extra, words) in [
+        ("[offload]\nworkers = [\"w:4470\"]\n", "offload.ca"),
+        (
+            "[offload]\nworkers = [\"w\"]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+            "not host:port",
+        ),
+        (
+            "[offload]\nworkers = [\"w:1\"]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nlayers = [{ scale_down = 1, bitrate_kbps = 100 }]\n",
+            "scale_down",
+        ),
+        ("[offload]\nworkerz = []\n", "unknown field"),
+    ] {
+        let err = balie_sfu::Config::parse(&format!("{base}{extra}"), "test")
+            .expect_err("invalid")
+            .to_string();
+        assert!(err.contains(words), "{err} lacks {words}");
+    }
+}
