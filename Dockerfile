@@ -1,4 +1,12 @@
-# balie-sfu image: multi-stage, slim Debian runtime.
+# balie images, multi-stage:
+#   target sfu (always name the target: the last stage is the worker's):
+#     docker build --target sfu -t balie-sfu .
+#   target transcoder: the offload worker on an NVIDIA CUDA runtime base
+#     docker build --target transcoder -t balie-transcoder .
+#     docker run --gpus all -e NVIDIA_DRIVER_CAPABILITIES=compute,video,utility \
+#       -p 4470:4470/udp -v /etc/balie/offload:/etc/balie/offload balie-transcoder
+#
+# balie-sfu: slim Debian runtime.
 # The build runs the same command as CI's release build: cargo build --release --locked.
 #
 #   docker build -t balie-sfu .
@@ -26,3 +34,41 @@ USER balie
 EXPOSE 8080/tcp
 ENTRYPOINT ["/usr/local/bin/balie-sfu"]
 CMD ["--config", "/etc/balie/sfu.toml"]
+
+# balie-transcoder. Built on Ubuntu 24.04, the distribution of the CUDA
+# runtime image below, so that it links the FFmpeg libraries (6.1) that the
+# runtime stage installs. FFmpeg loads NVDEC (libnvcuvid) and libcuda at run
+# time from the driver, which the NVIDIA container toolkit mounts when
+# NVIDIA_DRIVER_CAPABILITIES includes `video` and `compute`.
+FROM ubuntu:24.04 AS build-transcoder
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      ca-certificates curl gcc libc6-dev pkg-config clang libclang-dev \
+      libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev \
+      libavfilter-dev libavdevice-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0
+ENV PATH=/root/.cargo/bin:$PATH
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p balie-transcoder \
+ && install -D target/release/balie-transcoder /out/balie-transcoder
+
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS transcoder
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      libavcodec60 libavformat60 libavutil58 libswscale7 libswresample4 \
+      libavfilter9 libavdevice60 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home balie
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,video,utility \
+    BALIE_TRANSCODER_LISTEN=0.0.0.0:4470 \
+    BALIE_TRANSCODER_METRICS=0.0.0.0:9471 \
+    BALIE_TRANSCODER_CA=/etc/balie/offload/ca.pem \
+    BALIE_TRANSCODER_CERT=/etc/balie/offload/worker.pem \
+    BALIE_TRANSCODER_KEY=/etc/balie/offload/worker.key
+COPY --from=build-transcoder /out/balie-transcoder /usr/local/bin/balie-transcoder
+USER balie
+EXPOSE 4470/udp 9471/tcp
+ENTRYPOINT ["/usr/local/bin/balie-transcoder"]
+CMD ["serve"]

@@ -7,7 +7,9 @@
 //! - [`session`]: one thread per transcode session, a short queue in front.
 //! - [`pipeline`]: the CPU backend (decode, scale, encode through FFmpeg).
 //! - [`clip`]: generated test clips (VP8, H.264) for tests and the benchmark.
+//! - [`bench`]: sessions held in real time, beside the `ffmpeg` command line.
 
+pub mod bench;
 pub mod clip;
 pub mod metrics;
 pub mod pipeline;

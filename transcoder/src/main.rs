@@ -26,6 +26,12 @@ enum Backend {
     Cuda,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchCodec {
+    Vp8,
+    H264,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve SFUs over QUIC with mutual TLS.
@@ -58,6 +64,22 @@ enum Command {
         metrics: SocketAddr,
         #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
+    },
+    /// How many transcode sessions (720p30 in, 360p and 180p out) this
+    /// machine holds in real time: the CPU backend, then the `ffmpeg`
+    /// command line doing the same job.
+    Bench {
+        #[arg(long, value_enum, default_value = "vp8")]
+        codec: BenchCodec,
+        /// Seconds per step.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Most sessions tried.
+        #[arg(long, default_value_t = 16)]
+        max: usize,
+        /// Skip the `ffmpeg` side.
+        #[arg(long)]
+        no_ffmpeg: bool,
     },
     /// Write a development CA and certificates for a worker and an SFU
     /// (ca.pem, worker.pem/.key, sfu.pem/.key). Not for production.
@@ -100,6 +122,20 @@ fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
+        Command::Bench {
+            codec,
+            seconds,
+            max,
+            no_ffmpeg,
+        } => bench(
+            match codec {
+                BenchCodec::Vp8 => balie_offload::Codec::Vp8,
+                BenchCodec::H264 => balie_offload::Codec::H264,
+            },
+            seconds,
+            max,
+            !no_ffmpeg,
+        ),
         Command::Serve {
             listen,
             ca,
@@ -158,5 +194,67 @@ async fn serve(config: WorkerConfig, metrics_addr: SocketAddr) -> Result<(), Str
             endpoint.wait_idle().await;
         }
     }
+    Ok(())
+}
+
+fn bench(
+    codec: balie_offload::Codec,
+    seconds: u32,
+    max: usize,
+    ffmpeg: bool,
+) -> Result<(), String> {
+    use balie_transcoder::bench;
+    balie_transcoder::pipeline::init().map_err(|e| e.to_string())?;
+    let clip = bench::source(codec, seconds)?;
+    let dir = std::env::temp_dir().join(format!("balie-transcoder-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let file = dir.join(match codec {
+        balie_offload::Codec::Vp8 => "clip.ivf",
+        balie_offload::Codec::H264 => "clip.h264",
+    });
+    bench::write_clip(codec, &clip, &file).map_err(|e| e.to_string())?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "codec {}, 1280x720 at 30 fps in, 640x360 at 500 kbit/s and 320x180 at 150 kbit/s out; \
+         {seconds} s per step; {cores} cores",
+        codec.name()
+    );
+    println!("| backend | sessions | held | late frames | cores busy |");
+    println!("| --- | ---: | --- | ---: | ---: |");
+    let mut best = [0usize; 2];
+    for (i, name) in ["balie cpu", "ffmpeg CLI"].iter().enumerate() {
+        if i == 1 && !ffmpeg {
+            break;
+        }
+        for n in 1..=max {
+            let step = if i == 0 {
+                bench::ours(codec, &clip, n)
+            } else {
+                bench::ffmpeg(codec, &file, seconds, n)?
+            };
+            println!(
+                "| {name} | {n} | {} | {} of {} | {:.2} |",
+                if step.held { "yes" } else { "no" },
+                step.late,
+                step.frames,
+                step.cores
+            );
+            if !step.held {
+                break;
+            }
+            best[i] = n;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!();
+    println!(
+        "held in real time: balie cpu {}, ffmpeg CLI {}",
+        best[0],
+        if ffmpeg {
+            best[1].to_string()
+        } else {
+            "not run".into()
+        }
+    );
     Ok(())
 }

@@ -1,0 +1,244 @@
+//! `balie-transcoder bench`: how many transcode sessions this machine holds
+//! in real time, the CPU backend beside the `ffmpeg` command line doing the
+//! same job (720p30 in, 360p and 180p out, in the source's codec) in the
+//! same run.
+//!
+//! A step runs `n` sessions at once for a fixed time. Our sessions are the
+//! worker's own pipelines (no QUIC: the network is not what is measured),
+//! each on its own thread, fed a frame every 33 ms; a frame not encoded by
+//! 100 ms after it was due is late (the worker would drop it). A step holds
+//! when under 1% of frames are late. An `ffmpeg` step runs `n` processes,
+//! each reading the same clip at its native rate (`-re`) and encoding both
+//! layers with the same settings (one thread per codec context, bilinear
+//! scaling, the same encoder options); it holds when every process finished
+//! within 3% (plus 0.5 s of start-up) of the clip's length.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use balie_offload::{Codec, LayerSpec, Size};
+
+use crate::clip::{self, ClipFrame, FPS};
+use crate::pipeline::Pipeline;
+
+/// One step's outcome.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub sessions: usize,
+    pub frames: u64,
+    pub late: u64,
+    pub held: bool,
+    /// CPU seconds used per second of wall time (cores busy).
+    pub cores: f64,
+}
+
+pub const LAYERS: [LayerSpec; 2] = [
+    LayerSpec {
+        scale_down: 2,
+        bitrate_kbps: 500,
+    },
+    LayerSpec {
+        scale_down: 4,
+        bitrate_kbps: 150,
+    },
+];
+
+/// The 720p source clip of `seconds` seconds, a keyframe every 2 s.
+pub fn source(codec: Codec, seconds: u32) -> Result<Vec<ClipFrame>, String> {
+    let hd = Size {
+        width: 1280,
+        height: 720,
+    };
+    clip::make(codec, hd, seconds * FPS, 2 * FPS, 1500).map_err(|e| e.to_string())
+}
+
+/// Run `n` of our sessions over the clip in real time.
+pub fn ours(codec: Codec, clip: &[ClipFrame], n: usize) -> Step {
+    let cpu0 = cpu_seconds();
+    let wall = Instant::now();
+    let start = Instant::now() + Duration::from_millis(100);
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let clip = clip.to_vec();
+            std::thread::spawn(move || {
+                let mut p = Pipeline::new(codec, LAYERS.to_vec()).map_err(|e| e.to_string())?;
+                let mut out = Vec::new();
+                let (mut frames, mut late) = (0u64, 0u64);
+                // Sessions start a little apart, as calls do.
+                let offset = Duration::from_millis(33 * i as u64 / n.max(1) as u64);
+                for (k, f) in clip.iter().enumerate() {
+                    let due = start + offset + Duration::from_micros(33_333 * k as u64);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let deadline = due + Duration::from_millis(100);
+                    let r = p
+                        .push(f.rtp_time, f.key, &f.data, deadline, &mut out)
+                        .map_err(|e| e.to_string())?;
+                    frames += 1;
+                    if r.late || Instant::now() > deadline {
+                        late += 1;
+                    }
+                    out.clear();
+                }
+                Ok::<_, String>((frames, late))
+            })
+        })
+        .collect();
+    let (mut frames, mut late) = (0, 0);
+    for t in threads {
+        if let Ok(Ok((f, l))) = t.join() {
+            frames += f;
+            late += l;
+        }
+    }
+    let cores = (cpu_seconds() - cpu0) / wall.elapsed().as_secs_f64();
+    Step {
+        sessions: n,
+        frames,
+        late,
+        held: frames > 0 && (late as f64) < 0.01 * frames as f64,
+        cores,
+    }
+}
+
+/// Write the clip as a file `ffmpeg` reads: IVF for VP8, Annex B for H.264.
+pub fn write_clip(codec: Codec, clip: &[ClipFrame], path: &Path) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    match codec {
+        Codec::Vp8 => {
+            buf.extend_from_slice(b"DKIF");
+            buf.extend_from_slice(&0u16.to_le_bytes());
+            buf.extend_from_slice(&32u16.to_le_bytes());
+            buf.extend_from_slice(b"VP80");
+            buf.extend_from_slice(&1280u16.to_le_bytes());
+            buf.extend_from_slice(&720u16.to_le_bytes());
+            buf.extend_from_slice(&FPS.to_le_bytes());
+            buf.extend_from_slice(&1u32.to_le_bytes());
+            buf.extend_from_slice(&(clip.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&0u32.to_le_bytes());
+            for (i, f) in clip.iter().enumerate() {
+                buf.extend_from_slice(&(f.data.len() as u32).to_le_bytes());
+                buf.extend_from_slice(&(i as u64).to_le_bytes());
+                buf.extend_from_slice(&f.data);
+            }
+        }
+        Codec::H264 => {
+            for f in clip {
+                buf.extend_from_slice(&f.data);
+            }
+        }
+    }
+    std::fs::write(path, buf)
+}
+
+/// Run `n` `ffmpeg` processes over the clip file.
+pub fn ffmpeg(codec: Codec, file: &Path, seconds: u32, n: usize) -> Result<Step, String> {
+    let (input_fmt, encoder, extra): (&[&str], &str, &[&str]) = match codec {
+        Codec::Vp8 => (
+            &["-f", "ivf"],
+            "libvpx",
+            &[
+                "-deadline",
+                "realtime",
+                "-cpu-used",
+                "8",
+                "-lag-in-frames",
+                "0",
+                "-auto-alt-ref",
+                "0",
+                "-error-resilient",
+                "1",
+            ],
+        ),
+        Codec::H264 => (
+            &["-f", "h264", "-r", "30"],
+            "libx264",
+            &[
+                "-preset",
+                "veryfast",
+                "-tune",
+                "zerolatency",
+                "-profile:v",
+                "baseline",
+                "-x264-params",
+                "bframes=0:scenecut=0",
+            ],
+        ),
+    };
+    let cpu0 = children_cpu_seconds();
+    let wall = Instant::now();
+    let mut procs = Vec::new();
+    for _ in 0..n {
+        let mut cmd = Command::new("ffmpeg");
+        // The same job as ours: one thread per codec context, bilinear
+        // scaling, the same encoder settings.
+        cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+            .args(["-threads", "1"])
+            .args(input_fmt)
+            .arg("-i")
+            .arg(file)
+            .args([
+                "-filter_complex_threads",
+                "1",
+                "-filter_complex",
+                "[0:v]split=2[a][b];[a]scale=640:360:flags=bilinear[h];\
+                 [b]scale=320:180:flags=bilinear[q]",
+            ]);
+        for (label, rate) in [("[h]", "500k"), ("[q]", "150k")] {
+            cmd.args([
+                "-map", label, "-c:v", encoder, "-b:v", rate, "-threads", "1",
+            ])
+            .args(extra)
+            .args(["-f", "null", "-"]);
+        }
+        let started = Instant::now();
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("running ffmpeg (apt-get install ffmpeg): {e}"))?;
+        procs.push((started, child));
+    }
+    let limit = Duration::from_secs_f64(f64::from(seconds) * 1.03 + 0.5);
+    let mut held = true;
+    for (started, mut child) in procs {
+        let status = child.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("ffmpeg failed: {status}"));
+        }
+        held &= started.elapsed() <= limit;
+    }
+    let cores = (children_cpu_seconds() - cpu0) / wall.elapsed().as_secs_f64();
+    Ok(Step {
+        sessions: n,
+        frames: u64::from(seconds * FPS) * n as u64,
+        late: 0,
+        held,
+        cores,
+    })
+}
+
+fn stat_seconds(fields: &[usize]) -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields
+        .iter()
+        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// This process's CPU time (utime + stime), seconds.
+pub(crate) fn cpu_seconds() -> f64 {
+    stat_seconds(&[11, 12])
+}
+
+/// CPU time of waited-for children (cutime + cstime).
+fn children_cpu_seconds() -> f64 {
+    stat_seconds(&[13, 14])
+}
