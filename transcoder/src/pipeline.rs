@@ -79,6 +79,18 @@ pub struct Pushed {
     pub need_keyframe: bool,
 }
 
+/// A codec context on one thread: sessions run in parallel, one thread
+/// each, and frame threading would hold frames back.
+fn single_threaded(codec: ffmpeg::Codec) -> ffmpeg::codec::context::Context {
+    let mut ctx = ffmpeg::codec::context::Context::new_with_codec(codec);
+    ctx.set_threading(ffmpeg::threading::Config {
+        kind: ffmpeg::threading::Type::Slice,
+        count: 1,
+        ..Default::default()
+    });
+    ctx
+}
+
 /// A video decoder for one stream.
 pub struct Decoder {
     dec: ffmpeg::decoder::Video,
@@ -92,15 +104,10 @@ impl Decoder {
             Codec::H264 => (ffmpeg::codec::Id::H264, "H.264 decoder"),
         };
         let c = ffmpeg::decoder::find(id).ok_or(PipelineError::Missing(name))?;
-        let mut ctx = ffmpeg::codec::context::Context::new_with_codec(c);
-        // One thread per session: sessions run in parallel, and frame
-        // threading would hold frames back.
-        ctx.set_threading(ffmpeg::threading::Config {
-            kind: ffmpeg::threading::Type::Slice,
-            count: 1,
-            ..Default::default()
-        });
-        let dec = ctx.decoder().video().map_err(ff("opening the decoder"))?;
+        let dec = single_threaded(c)
+            .decoder()
+            .video()
+            .map_err(ff("opening the decoder"))?;
         Ok(Decoder {
             dec,
             frame: ffmpeg::frame::Video::empty(),
@@ -145,13 +152,10 @@ pub fn open_encoder(
         Codec::H264 => ("libx264", "libx264 (H.264 encoder)"),
     };
     let c = ffmpeg::encoder::find_by_name(name).ok_or(PipelineError::Missing(label))?;
-    let mut ctx = ffmpeg::codec::context::Context::new_with_codec(c);
-    ctx.set_threading(ffmpeg::threading::Config {
-        kind: ffmpeg::threading::Type::Slice,
-        count: 1,
-        ..Default::default()
-    });
-    let mut enc = ctx.encoder().video().map_err(ff("encoder"))?;
+    let mut enc = single_threaded(c)
+        .encoder()
+        .video()
+        .map_err(ff("encoder"))?;
     enc.set_width(u32::from(size.width));
     enc.set_height(u32::from(size.height));
     enc.set_format(Pixel::YUV420P);
@@ -359,11 +363,5 @@ impl Pipeline {
         };
         self.last_rtp = Some((rtp, ext));
         Some(ext)
-    }
-
-    /// The sizes of source and layers, once known.
-    pub fn layout(&self) -> Option<(Size, Vec<Size>)> {
-        self.source
-            .map(|s| (s, self.layers.iter().map(|l| l.size).collect()))
     }
 }
