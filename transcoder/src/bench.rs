@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use balie_offload::{Codec, LayerSpec, Size};
 
 use crate::clip::{self, ClipFrame, FPS};
+use crate::metrics::{children_cpu_seconds, cpu_seconds};
 use crate::pipeline::Pipeline;
 
 /// One step's outcome.
@@ -216,29 +217,4 @@ pub fn ffmpeg(codec: Codec, file: &Path, seconds: u32, n: usize) -> Result<Step,
         held,
         cores,
     })
-}
-
-fn stat_seconds(fields: &[usize]) -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields
-        .iter()
-        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
-    ticks as f64 / 100.0
-}
-
-/// This process's CPU time (utime + stime), seconds.
-pub(crate) fn cpu_seconds() -> f64 {
-    stat_seconds(&[11, 12])
-}
-
-/// CPU time of waited-for children (cutime + cstime).
-fn children_cpu_seconds() -> f64 {
-    stat_seconds(&[13, 14])
 }

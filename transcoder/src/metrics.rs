@@ -129,3 +129,30 @@ impl Default for Metrics {
         Metrics::new()
     }
 }
+
+/// Sum of fields of /proc/self/stat (after the command name), in seconds
+/// (Linux counts them in ticks of 1/100 s).
+fn stat_seconds(fields: &[usize]) -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields
+        .iter()
+        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// This process's CPU time (utime + stime), seconds.
+pub fn cpu_seconds() -> f64 {
+    stat_seconds(&[11, 12])
+}
+
+/// CPU time of waited-for children (cutime + cstime).
+pub fn children_cpu_seconds() -> f64 {
+    stat_seconds(&[13, 14])
+}

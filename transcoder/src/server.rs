@@ -585,9 +585,9 @@ async fn report_capacity(shared: Arc<Shared>, sessions: Sessions, ctl: mpsc::Sen
 }
 
 /// The process's CPU use since the last reading, in thousandths of all
-/// cores (from /proc/self/stat).
+/// cores.
 struct CpuLoad {
-    last: Option<(Instant, u64)>,
+    last: Option<(Instant, f64)>,
     value: u16,
 }
 
@@ -601,26 +601,19 @@ impl CpuLoad {
 
     fn permille(&mut self) -> u16 {
         let now = Instant::now();
-        let Some(ticks) = cpu_ticks() else {
-            return self.value;
-        };
-        if let Some((t, before)) = self.last {
-            let wall = now.duration_since(t).as_secs_f64();
-            if wall >= 0.5 {
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-                // Linux reports CPU time in clock ticks of 1/100 s.
-                let busy = ticks.saturating_sub(before) as f64 / 100.0;
-                self.value = ((busy / wall / cores) * 1000.0).clamp(0.0, 1000.0) as u16;
-                self.last = Some((now, ticks));
+        let cpu = crate::metrics::cpu_seconds();
+        match self.last {
+            Some((t, before)) => {
+                let wall = now.duration_since(t).as_secs_f64();
+                if wall >= 0.5 {
+                    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+                    let busy = (cpu - before).max(0.0);
+                    self.value = ((busy / wall / cores) * 1000.0).clamp(0.0, 1000.0) as u16;
+                    self.last = Some((now, cpu));
+                }
             }
-        } else {
-            self.last = Some((now, ticks));
+            None => self.last = Some((now, cpu)),
         }
         self.value
     }
-}
-
-fn cpu_ticks() -> Option<u64> {
-    // In clock ticks of 1/100 s, as `permille` counts.
-    Some((crate::bench::cpu_seconds() * 100.0).round() as u64)
 }
