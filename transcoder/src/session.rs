@@ -7,7 +7,7 @@
 //! asked for a keyframe. A frame that waited past its deadline is decoded
 //! but not encoded ([`Pipeline::push`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,10 +38,12 @@ pub enum Out {
 }
 
 /// The connection's handle on a running session. Dropping it stops the
-/// session's thread (after the frame it is working on).
+/// session's thread after the frame it is working on; frames still queued
+/// are dropped, not transcoded for nobody.
 pub struct Session {
     jobs: SyncSender<Job>,
     queued: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
     /// Dropping frames until the next keyframe.
     skipping: bool,
     metrics: Metrics,
@@ -60,14 +62,15 @@ impl Session {
         let (jobs, rx) = sync_channel(QUEUE);
         let queued = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = oneshot::channel();
-        let q = queued.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (q, st) = (queued.clone(), stop.clone());
         let m = metrics.clone();
         std::thread::Builder::new()
             .name(format!("session-{id}"))
             .spawn(move || match Pipeline::new(codec, layers) {
                 Ok(p) => {
                     let _ = ready_tx.send(Ok(()));
-                    run(id, p, rx, q, out, m);
+                    run(id, p, rx, q, st, out, m);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e.to_string()));
@@ -78,6 +81,7 @@ impl Session {
             Ok(Ok(())) => Ok(Session {
                 jobs,
                 queued,
+                stop,
                 skipping: false,
                 metrics,
             }),
@@ -122,7 +126,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // Frames still queued are dropped with the channel.
+        self.stop.store(true, Ordering::Relaxed);
         let left = self.queued.swap(0, Ordering::Relaxed);
         self.metrics.queue_depth.sub(left as i64);
     }
@@ -133,6 +137,7 @@ fn run(
     mut pipeline: Pipeline,
     jobs: Receiver<Job>,
     queued: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
     out: mpsc::Sender<Out>,
     metrics: Metrics,
 ) {
@@ -142,7 +147,12 @@ fn run(
     // While the decoder waits for a keyframe, ask the SFU again every
     // second (a publisher may drop a request that follows another closely).
     let mut asked_key: Option<Instant> = None;
+    // A receiver still yields queued jobs after its sender is gone: the
+    // stop flag ends the session at once.
     while let Ok(job) = jobs.recv() {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
         let (frame, arrived) = match job {
             Job::Keyframe(track) => {
                 pipeline.request_keyframe(track);
