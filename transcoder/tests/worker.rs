@@ -11,6 +11,7 @@ use balie_offload::io::{read_control, write_control};
 use balie_offload::link::{client_endpoint, Link, LinkEvent};
 use balie_offload::tls::{client_config, make_dev_certs, TlsFiles};
 use balie_offload::{Codec, Control, ErrorCode, Frame, GroupHeader, LayerSpec, Size, VERSION};
+use balie_transcoder::bench::LAYERS as TWO_LAYERS;
 use balie_transcoder::clip::{self, ClipFrame};
 use balie_transcoder::metrics::Metrics;
 use balie_transcoder::pipeline::Decoder;
@@ -134,16 +135,7 @@ async fn layers_decode_to_the_sizes_asked_for(codec: Codec) {
     assert!(link.send(Control::Open {
         session: 7,
         codec,
-        layers: vec![
-            LayerSpec {
-                scale_down: 2,
-                bitrate_kbps: 500
-            },
-            LayerSpec {
-                scale_down: 4,
-                bitrate_kbps: 150
-            },
-        ],
+        layers: TWO_LAYERS.to_vec(),
     }));
     publish(&link, 7, &clip).await;
     let got = collect(&mut events, Duration::from_millis(1500)).await;
@@ -224,16 +216,7 @@ async fn a_keyframe_request_gives_a_keyframe_on_that_layer_only() {
     let (link, mut events) = connect(dir.path(), addr).await;
     // One GOP of 60 frames: the only source keyframe is the first.
     let clip = clip::make(Codec::Vp8, HD, 60, 600, 1500).expect("clip");
-    let layers = vec![
-        LayerSpec {
-            scale_down: 2,
-            bitrate_kbps: 500,
-        },
-        LayerSpec {
-            scale_down: 4,
-            bitrate_kbps: 150,
-        },
-    ];
+    let layers = TWO_LAYERS.to_vec();
     assert!(link.send(Control::Open {
         session: 1,
         codec: Codec::Vp8,
