@@ -32,6 +32,7 @@ pub struct Metrics {
     layer_switches_done: IntCounterVec,
     bwe_estimate: HistogramVec,
     loss_caps: IntCounterVec,
+    offload_tracks: IntGaugeVec,
     draining: IntGauge,
 }
 
@@ -81,6 +82,10 @@ pub struct ShardMetrics {
     /// Stats intervals in which a subscriber lost much more than usual of what we
     /// sent (`shard::layers::LossWatch`), so its budget was capped at what got through.
     pub loss_caps: IntCounter,
+    /// Keyframe requests sent to a transcoder worker (for one of its layers).
+    pub keyframe_requests_worker: IntCounter,
+    /// Single-layer video tracks with a worker session open.
+    pub offload_opened: IntGauge,
     layer_switches: IntCounterVec,
     shard: String,
 }
@@ -146,7 +151,7 @@ impl Metrics {
             keyframe_requests: IntCounterVec::new(
                 Opts::new(
                     "keyframe_requests_total",
-                    "Keyframe requests sent to publishers, by cause (layer_switch or other).",
+                    "Keyframe requests sent to publishers, by cause (layer_switch or other), and to transcoder workers (worker).",
                 ),
                 &["shard", "cause"],
             )
@@ -212,6 +217,14 @@ impl Metrics {
                 shard,
             )
             .expect("valid metric"),
+            offload_tracks: IntGaugeVec::new(
+                Opts::new(
+                    "offload_tracks",
+                    "Single-layer video tracks whose lower layers a transcoder worker is asked to make.",
+                ),
+                shard,
+            )
+            .expect("valid metric"),
             draining: IntGauge::new("draining", "1 while the node drains after SIGTERM.")
                 .expect("valid metric"),
             registry,
@@ -235,6 +248,7 @@ impl Metrics {
             Box::new(m.layer_switches_done.clone()),
             Box::new(m.bwe_estimate.clone()),
             Box::new(m.loss_caps.clone()),
+            Box::new(m.offload_tracks.clone()),
             Box::new(m.draining.clone()),
         ] {
             r.register(c).expect("metric names are unique");
@@ -270,6 +284,8 @@ impl Metrics {
             layer_switches_done: self.layer_switches_done.with_label_values(&[s]),
             bwe_estimate: self.bwe_estimate.with_label_values(&[s]),
             loss_caps: self.loss_caps.with_label_values(&[s]),
+            keyframe_requests_worker: self.keyframe_requests.with_label_values(&[s, "worker"]),
+            offload_opened: self.offload_tracks.with_label_values(&[s]),
             layer_switches: self.layer_switches.clone(),
             shard: s.to_string(),
         }

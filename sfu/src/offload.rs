@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use balie_offload::link::{client_endpoint, GroupSender, Link, LinkEvent};
@@ -236,6 +237,106 @@ pub enum PoolEvent {
     Lost { key: u64, reason: String },
 }
 
+/// What a shard needs to start its pool.
+#[derive(Clone)]
+pub struct OffloadSetup {
+    /// `[offload]` from the config.
+    pub config: OffloadConfig,
+    /// How the SFU introduces itself in its hello.
+    pub agent: String,
+    /// The offload metrics.
+    pub metrics: OffloadMetrics,
+    /// Where the pool reports its workers (for `/readyz`).
+    pub status: PoolStatus,
+}
+
+impl OffloadSetup {
+    /// Check that the TLS files load (before any shard starts).
+    pub fn check_tls(&self) -> Result<(), String> {
+        client_config(&self.tls_files())
+            .map(|_| ())
+            .map_err(|e| format!("offload: {e}"))
+    }
+
+    fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.config.ca.clone(),
+            cert: self.config.cert.clone(),
+            key: self.config.key.clone(),
+        }
+    }
+}
+
+/// One worker as a pool sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerStatus {
+    /// The config entry and the address it resolved to.
+    pub worker: String,
+    /// Connected.
+    pub up: bool,
+    /// Round-trip time, microseconds (0 while down).
+    pub rtt_us: u64,
+    /// Sessions and the most it takes, as it last reported.
+    pub sessions: u32,
+    pub max_sessions: u32,
+    /// Its load as it last reported, per mille.
+    pub load_permille: u16,
+}
+
+/// The workers of one pool, as last seen (shared with the HTTP layer).
+#[derive(Clone, Default)]
+pub struct PoolStatus(Arc<Mutex<Vec<WorkerStatus>>>);
+
+impl PoolStatus {
+    /// The workers now.
+    pub fn snapshot(&self) -> Vec<WorkerStatus> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+/// The `/readyz` lines on the workers, over every shard's pool: a worker
+/// counts as up on the shards connected to it.
+pub fn readiness(pools: &[PoolStatus]) -> String {
+    if pools.is_empty() {
+        return String::new();
+    }
+    let mut by_worker: Vec<(String, usize, WorkerStatus)> = Vec::new();
+    for w in pools.iter().flat_map(|p| p.snapshot()) {
+        match by_worker.iter_mut().find(|(name, _, _)| *name == w.worker) {
+            Some((_, up, seen)) => {
+                *up += usize::from(w.up);
+                if w.up {
+                    seen.rtt_us = seen.rtt_us.max(w.rtt_us);
+                    seen.sessions = w.sessions;
+                    seen.max_sessions = w.max_sessions;
+                    seen.load_permille = w.load_permille;
+                }
+            }
+            None => by_worker.push((w.worker.clone(), usize::from(w.up), w)),
+        }
+    }
+    let shards = pools.len();
+    let up = by_worker.iter().filter(|(_, n, _)| *n > 0).count();
+    let mut out = format!("offload: {up} of {} workers up\n", by_worker.len());
+    if up == 0 {
+        out.push_str("offload: no worker up; single-layer video is forwarded as sent\n");
+    }
+    for (name, n, w) in &by_worker {
+        if *n == 0 {
+            out.push_str(&format!("worker {name}: down\n"));
+        } else {
+            out.push_str(&format!(
+                "worker {name}: up on {n} of {shards} shards, rtt {:.1} ms, sessions {}/{}, load {:.1}%\n",
+                w.rtt_us as f64 / 1000.0,
+                w.sessions,
+                w.max_sessions,
+                f64::from(w.load_permille) / 10.0
+            ));
+        }
+    }
+    out
+}
+
 /// A shard's handle on its pool.
 #[derive(Clone)]
 pub struct Pool {
@@ -243,29 +344,23 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Start a pool on the current tokio runtime.
+    /// Start a pool for shard `shard` on the current tokio runtime.
     pub fn start(
-        config: &OffloadConfig,
-        agent: String,
+        setup: &OffloadSetup,
         shard: String,
-        metrics: OffloadMetrics,
     ) -> Result<(Pool, mpsc::UnboundedReceiver<PoolEvent>), String> {
-        let tls = client_config(&TlsFiles {
-            ca: config.ca.clone(),
-            cert: config.cert.clone(),
-            key: config.key.clone(),
-        })
-        .map_err(|e| format!("offload: {e}"))?;
+        let tls = client_config(&setup.tls_files()).map_err(|e| format!("offload: {e}"))?;
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (events, ev_rx) = mpsc::unbounded_channel();
         let manager = Manager {
-            config: config.clone(),
-            specs: config.specs(),
+            config: setup.config.clone(),
+            specs: setup.config.specs(),
             tls,
             endpoints: HashMap::new(),
-            agent,
+            agent: setup.agent.clone(),
             shard,
-            metrics,
+            metrics: setup.metrics.clone(),
+            status: setup.status.clone(),
             workers: Vec::new(),
             sessions: HashMap::new(),
             events,
@@ -329,6 +424,7 @@ struct Manager {
     agent: String,
     shard: String,
     metrics: OffloadMetrics,
+    status: PoolStatus,
     workers: Vec<WorkerSlot>,
     sessions: HashMap<u64, SessionState>,
     events: mpsc::UnboundedSender<PoolEvent>,
@@ -408,6 +504,25 @@ impl Manager {
         }
     }
 
+    /// Report the workers to [`PoolStatus`].
+    fn publish(&self) {
+        let now: Vec<WorkerStatus> = self
+            .workers
+            .iter()
+            .map(|w| WorkerStatus {
+                worker: w.entry.clone(),
+                up: w.link.is_some(),
+                rtt_us: w.link.as_ref().map_or(0, |l| l.rtt().as_micros() as u64),
+                sessions: w.capacity.sessions,
+                max_sessions: w.capacity.max_sessions,
+                load_permille: w.capacity.load_permille,
+            })
+            .collect();
+        if let Ok(mut v) = self.status.0.lock() {
+            *v = now;
+        }
+    }
+
     fn link_of(&self, key: u64) -> Option<&Link> {
         let idx = self.sessions.get(&key)?.worker?;
         self.workers.get(idx)?.link.as_ref()
@@ -456,6 +571,7 @@ impl Manager {
             rx,
             self.config.deadline_ms,
             self.metrics.clone(),
+            self.events.clone(),
         ));
         if state.worker.is_none() {
             self.metrics.sessions.inc();
@@ -487,6 +603,7 @@ impl Manager {
                         failures: 0,
                     });
                 }
+                self.publish();
                 self.tick(itx);
             }
             Internal::Connected {
@@ -510,6 +627,7 @@ impl Manager {
                     .with_label_values(&[&self.shard])
                     .inc();
                 let generation = w.generation;
+                self.publish();
                 let tx = itx.clone();
                 tokio::spawn(async move {
                     while let Some(event) = events.recv().await {
@@ -587,6 +705,7 @@ impl Manager {
                         .with_label_values(&[&w.entry])
                         .set(l.rtt().as_micros() as i64);
                 }
+                self.publish();
             }
             LinkEvent::Control(Control::Layout {
                 session,
@@ -639,6 +758,7 @@ impl Manager {
                     .workers_up
                     .with_label_values(&[&self.shard])
                     .dec();
+                self.publish();
                 let keys: Vec<u64> = self
                     .sessions
                     .iter()
@@ -746,18 +866,28 @@ fn resolve(config: OffloadConfig, tx: mpsc::UnboundedSender<Internal>) {
     });
 }
 
+/// While frames are dropped waiting for a keyframe, the publisher is asked
+/// again this often: a browser drops a request that follows another within
+/// 300 ms (Chromium), and the worker must not wait for the next natural
+/// keyframe, seconds away.
+const KEYFRAME_REASK: Duration = Duration::from_millis(350);
+
 /// Write a session's source frames to its worker, a group (stream) per
 /// GOP. Frames before the first keyframe (and after a failed write, until
-/// the next keyframe) are dropped: the worker could not decode them.
+/// the next keyframe) are dropped: the worker could not decode them; the
+/// shard is asked again for a keyframe every [`KEYFRAME_REASK`] meanwhile.
 async fn write_groups(
     conn: quinn::Connection,
     key: u64,
     mut frames: mpsc::UnboundedReceiver<Frame>,
     deadline_ms: u16,
     metrics: OffloadMetrics,
+    events: mpsc::UnboundedSender<PoolEvent>,
 ) {
     let mut group: Option<GroupSender> = None;
     let mut number = 0u32;
+    // `place` asked for the first keyframe.
+    let mut asked = Instant::now();
     while let Some(mut frame) = frames.recv().await {
         frame.deadline_ms = deadline_ms;
         if frame.key {
@@ -780,7 +910,13 @@ async fn write_groups(
                 }
             }
         }
-        let Some(g) = group.as_mut() else { continue };
+        let Some(g) = group.as_mut() else {
+            if asked.elapsed() >= KEYFRAME_REASK {
+                asked = Instant::now();
+                let _ = events.send(PoolEvent::NeedKeyframe { key });
+            }
+            continue;
+        };
         if g.frame(frame).await.is_ok() {
             metrics.frames.with_label_values(&["to_worker"]).inc();
         } else {
@@ -789,5 +925,43 @@ async fn write_groups(
     }
     if let Some(g) = group {
         g.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(workers: &[(&str, bool, u32)]) -> PoolStatus {
+        let p = PoolStatus::default();
+        *p.0.lock().expect("lock") = workers
+            .iter()
+            .map(|(name, up, sessions)| WorkerStatus {
+                worker: (*name).into(),
+                up: *up,
+                rtt_us: if *up { 400 } else { 0 },
+                sessions: *sessions,
+                max_sessions: 8,
+                load_permille: 125,
+            })
+            .collect();
+        p
+    }
+
+    #[test]
+    fn readiness_sums_the_shards_pools_per_worker() {
+        assert_eq!(readiness(&[]), "");
+        let text = readiness(&[
+            pool(&[("a", true, 2), ("b", false, 0)]),
+            pool(&[("a", true, 2), ("b", false, 0)]),
+        ]);
+        assert!(text.contains("offload: 1 of 2 workers up\n"), "{text}");
+        assert!(
+            text.contains("worker a: up on 2 of 2 shards, rtt 0.4 ms, sessions 2/8, load 12.5%\n"),
+            "{text}"
+        );
+        assert!(text.contains("worker b: down\n"), "{text}");
+        let text = readiness(&[pool(&[("a", false, 0)])]);
+        assert!(text.contains("no worker up"), "{text}");
     }
 }

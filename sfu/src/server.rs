@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::ids::ShardId;
 use crate::metrics::Metrics;
+use crate::offload::{OffloadMetrics, OffloadSetup, PoolStatus};
 use crate::registry::Registry;
 use crate::shard::session::SessionSetup;
 use crate::shard::{self, Command, LeaveReason, ShardConfig, ShardEvent, ShardHandle};
@@ -50,16 +51,19 @@ impl Server {
             .map_err(|_| Error::Rtc("cannot generate the DTLS certificate".into()))?;
 
         let count = config.shard_count();
-        let shard_config = ShardConfig {
+        let mut shard_config = ShardConfig {
             simulcast_layer: config.rooms.simulcast_layer.clone(),
             reconnect_grace: config.rooms.reconnect_grace,
             keyframe_request_interval: config.rooms.keyframe_request_interval,
             empty_grace: config.rooms.empty_grace,
             adaptive_layers: config.rooms.adaptive_layers,
+            offload_layers: 0,
         };
+        let offload = Self::offload_setup(&config, &metrics, &mut shard_config)?;
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
         let mut shards = Vec::with_capacity(count);
         let mut links = Vec::with_capacity(count);
+        let mut pool_status = Vec::new();
         for i in 0..count {
             let port = match config.media.udp_port_base {
                 0 => 0,
@@ -73,6 +77,14 @@ impl Server {
                 shard_config.clone(),
                 metrics.shard(id),
                 events_tx.clone(),
+                offload.as_ref().map(|o| {
+                    let status = PoolStatus::default();
+                    pool_status.push(status.clone());
+                    OffloadSetup {
+                        status,
+                        ..o.clone()
+                    }
+                }),
             )?;
             let candidates = config
                 .advertise_ips()
@@ -98,6 +110,7 @@ impl Server {
             metrics,
             draining: Arc::new(AtomicBool::new(false)),
             setup,
+            offload: pool_status,
         });
 
         // Shards report closed sessions and rooms back to the registry.
@@ -137,6 +150,36 @@ impl Server {
             http_stop: Some(stop_tx),
             events,
         })
+    }
+
+    /// The offload setup, when `[offload]` lists workers: the TLS files
+    /// are loaded once here, so a bad path fails the start with its name.
+    /// Offload needs adaptive layers (the worker's layers are chosen like
+    /// simulcast layers); without them it is switched off with a warning.
+    fn offload_setup(
+        config: &Config,
+        metrics: &Metrics,
+        shard_config: &mut ShardConfig,
+    ) -> Result<Option<OffloadSetup>, Error> {
+        if !config.offload.enabled() {
+            return Ok(None);
+        }
+        if !config.rooms.adaptive_layers {
+            tracing::warn!("offload needs rooms.adaptive_layers = true: offload is off");
+            return Ok(None);
+        }
+        let setup = OffloadSetup {
+            config: config.offload.clone(),
+            agent: format!("balie-sfu/{}", env!("CARGO_PKG_VERSION")),
+            metrics: OffloadMetrics::new(metrics.registry()),
+            status: PoolStatus::default(),
+        };
+        setup.check_tls().map_err(|reason| Error::Config {
+            origin: "[offload]".into(),
+            reason,
+        })?;
+        shard_config.offload_layers = config.offload.layers.len() as u8;
+        Ok(Some(setup))
     }
 
     /// Whether development conveniences are on (`dev = true`).

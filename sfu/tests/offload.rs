@@ -2,73 +2,22 @@
 //! placement on the least-loaded worker, layers that decode, and a session
 //! moved within 2 s when its worker dies without a word.
 
+mod common;
+
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use balie_offload::tls::{make_dev_certs, TlsFiles};
 use balie_offload::{Codec, Frame, Size};
-use balie_sfu::offload::{OffloadConfig, OffloadMetrics, Pool, PoolCommand, PoolEvent};
+use balie_sfu::offload::{
+    OffloadConfig, OffloadMetrics, OffloadSetup, Pool, PoolCommand, PoolEvent, PoolStatus,
+};
 use balie_transcoder::clip::{self, ClipFrame};
 use balie_transcoder::metrics::Metrics as WorkerMetrics;
 use balie_transcoder::pipeline::Decoder;
 use balie_transcoder::server::{Worker, WorkerConfig};
-
-/// A worker on its own runtime and thread, so that it can die abruptly:
-/// shutting the runtime down stops its endpoint without a close frame, as
-/// a crashed process or a lost node would.
-struct TestWorker {
-    addr: SocketAddr,
-    metrics: WorkerMetrics,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl TestWorker {
-    fn start(dir: &Path) -> TestWorker {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let metrics = WorkerMetrics::new();
-        let worker = {
-            let _in_runtime = runtime.enter();
-            Worker::bind(
-                &WorkerConfig {
-                    listen: "127.0.0.1:0".parse().expect("addr"),
-                    tls: TlsFiles::dev_worker(dir),
-                    max_sessions: 4,
-                },
-                metrics.clone(),
-            )
-            .expect("worker binds")
-        };
-        let addr = worker.local_addr().expect("addr");
-        runtime.spawn(worker.run());
-        TestWorker {
-            addr,
-            metrics,
-            runtime: Some(runtime),
-        }
-    }
-
-    fn sessions(&self) -> i64 {
-        self.metrics.sessions.get()
-    }
-
-    fn kill(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Drop for TestWorker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use common::worker::TestWorker;
 
 fn config(dir: &Path, workers: &[&TestWorker]) -> OffloadConfig {
     OffloadConfig {
@@ -78,6 +27,15 @@ fn config(dir: &Path, workers: &[&TestWorker]) -> OffloadConfig {
         cert: dir.join("sfu.pem"),
         key: dir.join("sfu.key"),
         ..OffloadConfig::default()
+    }
+}
+
+fn setup(config: &OffloadConfig, registry: &prometheus::Registry) -> OffloadSetup {
+    OffloadSetup {
+        config: config.clone(),
+        agent: "test-sfu".into(),
+        metrics: OffloadMetrics::new(registry),
+        status: PoolStatus::default(),
     }
 }
 
@@ -145,13 +103,7 @@ async fn sessions_spread_over_workers_and_move_within_2_s_when_one_dies() {
     let cfg = config(dir.path(), &[&a, &b]);
     cfg.check().expect("valid config");
     let registry = prometheus::Registry::new();
-    let (pool, mut events) = Pool::start(
-        &cfg,
-        "test-sfu".into(),
-        "0".into(),
-        OffloadMetrics::new(&registry),
-    )
-    .expect("pool");
+    let (pool, mut events) = Pool::start(&setup(&cfg, &registry), "0".into()).expect("pool");
     // Let both connections come up.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -269,13 +221,8 @@ async fn without_a_worker_a_session_waits_and_is_placed_when_one_comes() {
     drop(probe);
     let mut cfg = config(dir.path(), &[]);
     cfg.workers = vec![addr.to_string()];
-    let (pool, mut events) = Pool::start(
-        &cfg,
-        "test-sfu".into(),
-        "0".into(),
-        OffloadMetrics::new(&prometheus::Registry::new()),
-    )
-    .expect("pool");
+    let (pool, mut events) =
+        Pool::start(&setup(&cfg, &prometheus::Registry::new()), "0".into()).expect("pool");
     pool.send(PoolCommand::Open {
         key: 5,
         codec: Codec::Vp8,

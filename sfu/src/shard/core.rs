@@ -12,6 +12,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use str0m::bwe::BweKind;
@@ -30,6 +31,7 @@ use super::session::{Drive, LeaveReason, OutState, Session, SessionKind, TrackOu
 use super::timers::{TimerKey, TimerQueue};
 use crate::ids::{RoomId, SessionId, ShardId, TrackId};
 use crate::metrics::ShardMetrics;
+use crate::offload::{PoolCommand, PoolEvent};
 use crate::signal::channel::{ClientMessage, ServerMessage, TrackInfo, CHANNEL_LABEL};
 use crate::token::{Claims, Role};
 
@@ -47,6 +49,9 @@ pub struct ShardConfig {
     /// Choose each subscriber's simulcast layer from its bandwidth estimate
     /// (else everyone gets `simulcast_layer`).
     pub adaptive_layers: bool,
+    /// Layers a transcoder worker makes for single-layer video (0: no
+    /// offload). Needs `adaptive_layers`.
+    pub offload_layers: u8,
 }
 
 impl Default for ShardConfig {
@@ -57,6 +62,7 @@ impl Default for ShardConfig {
             keyframe_request_interval: Duration::from_millis(500),
             empty_grace: Duration::from_secs(5),
             adaptive_layers: true,
+            offload_layers: 0,
         }
     }
 }
@@ -132,6 +138,8 @@ pub enum ShardInput<'a> {
     Timeout(Instant),
     /// A command from the HTTP layer.
     Command(Instant, Command),
+    /// News from the shard's transcoder pool.
+    Offload(Instant, PoolEvent),
 }
 
 /// Things the driver must know about, besides transmits.
@@ -164,8 +172,25 @@ pub enum ShardOutput {
     Transmit(Transmit),
     /// Something happened.
     Event(ShardEvent),
+    /// A command for the shard's transcoder pool.
+    Offload(PoolCommand),
     /// Call `handle_input(Timeout)` at this instant at the latest.
     Timeout(Instant),
+}
+
+mod transcode;
+pub use self::transcode::SOURCE;
+
+/// A frame to write into a track's subscribers: one its publisher sent, or
+/// a layer a transcoder worker made of it.
+struct Fanout {
+    rid: Option<Rid>,
+    time: str0m::media::MediaTime,
+    network_time: Instant,
+    params: str0m::format::PayloadParams,
+    keyframe: bool,
+    contiguous: bool,
+    data: Arc<[u8]>,
 }
 
 /// How often a subscriber's simulcast layer is reconsidered.
@@ -219,6 +244,10 @@ pub struct ShardCore {
     next_track: u64,
     metrics: ShardMetrics,
     scratch: Vec<Event>,
+    /// Commands for the transcoder pool, polled out as `ShardOutput::Offload`.
+    pool_out: VecDeque<PoolCommand>,
+    /// The room of each track with a worker session open (by pool key).
+    offload_rooms: HashMap<u64, RoomId>,
 }
 
 impl ShardCore {
@@ -241,6 +270,8 @@ impl ShardCore {
             next_track: 0,
             metrics,
             scratch: Vec::new(),
+            pool_out: VecDeque::new(),
+            offload_rooms: HashMap::new(),
         }
     }
 
@@ -310,6 +341,10 @@ impl ShardCore {
             } => self.handle_datagram(now, source, destination, data),
             ShardInput::Timeout(now) => self.handle_timeout(now),
             ShardInput::Command(now, cmd) => self.handle_command(now, cmd),
+            ShardInput::Offload(now, event) => {
+                self.on_pool_event(now, event);
+                self.settle(now);
+            }
         }
     }
 
@@ -320,6 +355,9 @@ impl ShardCore {
         }
         if let Some(e) = self.events.pop_front() {
             return ShardOutput::Event(e);
+        }
+        if let Some(c) = self.pool_out.pop_front() {
+            return ShardOutput::Offload(c);
         }
         match self.timers.next() {
             Some(t) => ShardOutput::Timeout(t),
@@ -553,6 +591,11 @@ impl ShardCore {
                 let mine = t.owner == sid;
                 if mine {
                     gone_tracks.push(t.id);
+                    if t.offload.as_ref().is_some_and(|o| o.open) {
+                        self.pool_out.push_back(PoolCommand::Close { key: t.id.0 });
+                        self.offload_rooms.remove(&t.id.0);
+                        self.metrics.offload_opened.dec();
+                    }
                 }
                 !mine
             });
@@ -895,6 +938,10 @@ impl ShardCore {
                     layers: Default::default(),
                     keyframe_asked: Vec::new(),
                     paused: false,
+                    offload: (m.kind == MediaKind::Video
+                        && layer.is_none()
+                        && self.config.offload_layers > 0)
+                        .then(Default::default),
                 };
                 let others: Vec<SessionId> = match self.rooms.get_mut(&room_id) {
                     Some(room) => {
@@ -1163,24 +1210,55 @@ impl ShardCore {
 
     /// Write a publisher's frame into every subscriber that receives its track.
     /// For a simulcast track each subscriber gets the layer chosen for it
-    /// (`shard::layers`), switching on a keyframe of the new layer.
+    /// (`shard::layers`), switching on a keyframe of the new layer. A
+    /// single-layer video track that a worker can add layers to counts as
+    /// layer [`SOURCE`], and its frames also go to the worker while a
+    /// session is open there (`core/transcode.rs`).
     fn forward(&mut self, now: Instant, sid: SessionId, data: MediaData) {
         let Some(room_id) = self.sessions.get(&sid).map(|s| s.room.clone()) else {
             return;
         };
-        let Some(room) = self.rooms.get_mut(&room_id) else {
-            return;
-        };
-        // Field by field, so the track and the member list borrow apart.
-        let Some(track) = room
-            .tracks
-            .iter_mut()
-            .find(|t| t.owner == sid && t.mid == data.mid)
+        let Some(track) = self
+            .rooms
+            .get_mut(&room_id)
+            .and_then(|r| r.track_by_source(sid, data.mid))
         else {
             return; // not published (e.g. an observer sending media)
         };
-        let adaptive = track.simulcast() && self.config.adaptive_layers;
-        if track.simulcast() {
+        let track_id = track.id;
+        let offloaded = track.offload.is_some();
+        let frame = Fanout {
+            rid: if offloaded { Some(SOURCE) } else { data.rid },
+            time: data.time,
+            network_time: data.network_time,
+            params: data.params,
+            keyframe: data.is_keyframe(),
+            contiguous: data.contiguous,
+            data: data.data,
+        };
+        if offloaded {
+            self.offload_source(now, &room_id, track_id, &frame);
+        }
+        self.fan_out(now, &room_id, track_id, frame);
+        if offloaded {
+            self.offload_maintain(now, &room_id, track_id);
+        }
+    }
+
+    /// Write one frame of `track` (the publisher's, or a layer a worker
+    /// made) into every subscriber that receives the track; for a layered
+    /// track, into those whose chosen layer it is.
+    fn fan_out(&mut self, now: Instant, room_id: &RoomId, track_id: TrackId, data: Fanout) {
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        // Field by field, so the track and the member list borrow apart.
+        let Some(track) = room.tracks.iter_mut().find(|t| t.id == track_id) else {
+            return;
+        };
+        let sid = track.owner;
+        let adaptive = track.layered() && self.config.adaptive_layers;
+        if track.layered() {
             if let Some(rid) = data.rid {
                 track.layers.on_frame(rid, data.data.len(), now);
             }
@@ -1188,9 +1266,8 @@ impl ShardCore {
                 return;
             }
         }
-        let track_id = track.id;
         let kind = track.kind;
-        let keyframe = data.is_keyframe();
+        let keyframe = data.keyframe;
         let mut failed = Vec::new();
         let mut asks: Vec<Option<Rid>> = Vec::new();
         let mut retarget = Vec::new();
@@ -1228,7 +1305,13 @@ impl ShardCore {
                 if due {
                     out.decided_at = Some(now);
                     let measured = track.layers.active(now);
-                    let active = super::layers::cap_for_display(&measured, out.display_height);
+                    let active = match &track.offload {
+                        Some(o) => transcode::cap_for_display(o, &measured, out.display_height),
+                        None => super::layers::cap_for_display(&measured, out.display_height),
+                    };
+                    if let Some(o) = track.offload.as_mut() {
+                        transcode::note_need(o, out, now, budget, &measured);
+                    }
                     let before = out.choice.target.or(out.choice.current);
                     if active.is_empty() {
                         // Nothing measured yet: start on a first guess, and
@@ -1307,7 +1390,7 @@ impl ShardCore {
                 }
                 let writer = sub.rtc.writer(mid)?;
                 let pt = writer.match_params(data.params)?;
-                Some(writer.write(pt, data.network_time, rtp_time, data.data.clone()))
+                Some(writer.write(pt, data.network_time, rtp_time, Arc::clone(&data.data)))
             }));
             match written {
                 Ok(Some(Ok(()))) => {
@@ -1337,12 +1420,12 @@ impl ShardCore {
         }
         asks.dedup();
         for rid in asks {
-            self.request_keyframe(now, &room_id, track_id, rid, KeyframeRequestKind::Fir, true);
+            self.request_keyframe(now, room_id, track_id, rid, KeyframeRequestKind::Fir, true);
         }
         if kind == MediaKind::Video && !data.contiguous {
             self.request_keyframe(
                 now,
-                &room_id,
+                room_id,
                 track_id,
                 data.rid,
                 KeyframeRequestKind::Fir,
@@ -1382,14 +1465,14 @@ impl ShardCore {
         track: TrackId,
         kind: KeyframeRequestKind,
     ) {
-        let simulcast = self
+        let layered = self
             .rooms
             .get(room)
             .and_then(|r| r.tracks.iter().find(|t| t.id == track))
-            .is_some_and(|t| t.simulcast());
+            .is_some_and(|t| t.layered());
         let rid = self.subscribed_rid(sub, room, track);
         // A simulcast layer not chosen yet gets its keyframe request when it is.
-        if simulcast && rid.is_none() {
+        if layered && rid.is_none() {
             return;
         }
         self.request_keyframe(now, room, track, rid, kind, false);
@@ -1437,6 +1520,17 @@ impl ShardCore {
             None => t.keyframe_asked.push((rid, now)),
         }
         let (owner, mid) = (t.owner, t.mid);
+        // A worker's layer: the worker makes the keyframe.
+        if let Some(layer) = rid.and_then(transcode::worker_track) {
+            self.pool_out.push_back(PoolCommand::Keyframe {
+                key: track.0,
+                track: layer,
+            });
+            self.metrics.keyframe_requests_worker.inc();
+            return;
+        }
+        // The source of an offloaded track is the publisher's only layer.
+        let rid = rid.filter(|r| *r != SOURCE);
         let Some(publisher) = self.sessions.get_mut(&owner) else {
             return;
         };

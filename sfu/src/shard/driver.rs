@@ -19,6 +19,7 @@ use super::core::{Command, ShardConfig, ShardCore, ShardEvent, ShardInput, Shard
 use crate::error::Error;
 use crate::ids::ShardId;
 use crate::metrics::ShardMetrics;
+use crate::offload::{OffloadSetup, Pool, PoolEvent};
 
 /// What the rest of the process holds of a running shard.
 pub struct ShardHandle {
@@ -51,13 +52,15 @@ impl ShardHandle {
 }
 
 /// Bind the shard's socket and start its thread. Events (session closed,
-/// room closed, ...) are sent to `events`.
+/// room closed, ...) are sent to `events`. With `offload`, the shard runs
+/// its own transcoder pool (one QUIC connection per worker) on its thread.
 pub fn spawn(
     id: ShardId,
     bind: SocketAddr,
     config: ShardConfig,
     metrics: ShardMetrics,
     events: mpsc::UnboundedSender<(ShardId, ShardEvent)>,
+    offload: Option<OffloadSetup>,
 ) -> Result<ShardHandle, Error> {
     let socket = bind_socket(bind)?;
     let local_addr = socket
@@ -78,7 +81,7 @@ pub fn spawn(
                 }
             };
             let core = ShardCore::new(id, config, metrics.clone());
-            if let Err(e) = rt.block_on(run(core, socket, rx, events, metrics)) {
+            if let Err(e) = rt.block_on(run(core, socket, rx, events, metrics, offload)) {
                 tracing::error!(shard = %id, "shard stopped: {e}");
             }
         })
@@ -114,11 +117,26 @@ async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<(ShardId, ShardEvent)>,
     metrics: ShardMetrics,
+    offload: Option<OffloadSetup>,
 ) -> io::Result<()> {
     let state = UdpSocketState::new((&socket).into())?;
     let socket = UdpSocket::from_std(socket)?;
     let local = socket.local_addr()?;
     let id = core.id();
+    // The pool's tasks run on this thread's runtime; without offload the
+    // event channel stays open and empty.
+    let (pool, mut pool_events, _keep) = match offload.map(|o| Pool::start(&o, id.to_string())) {
+        Some(Ok((pool, events))) => (Some(pool), events, None),
+        Some(Err(e)) => {
+            tracing::error!(shard = %id, "offload disabled: {e}");
+            let (tx, rx) = mpsc::unbounded_channel::<PoolEvent>();
+            (None, rx, Some(tx))
+        }
+        None => {
+            let (tx, rx) = mpsc::unbounded_channel::<PoolEvent>();
+            (None, rx, Some(tx))
+        }
+    };
 
     // One buffer per datagram of a batch, large enough for GRO-coalesced runs.
     let buf_len = (state.gro_segments() * 1500).max(2048);
@@ -137,6 +155,11 @@ async fn run(
                 ShardOutput::Event(e) => {
                     let _ = events.send((id, e));
                 }
+                ShardOutput::Offload(cmd) => {
+                    if let Some(p) = &pool {
+                        p.send(cmd);
+                    }
+                }
                 ShardOutput::Timeout(t) => break t,
             }
         };
@@ -153,6 +176,9 @@ async fn run(
                 Some(Command::Stop) | None => break,
                 Some(cmd) => core.handle_input(ShardInput::Command(Instant::now(), cmd)),
             },
+            Some(ev) = pool_events.recv() => {
+                core.handle_input(ShardInput::Offload(Instant::now(), ev));
+            }
             ready = socket.readable() => {
                 ready?;
                 // Read until the socket is empty, a batch at a time.

@@ -50,6 +50,10 @@ struct Layer {
     /// Bits per second over the last complete window (smoothed).
     bitrate: u64,
     last_seen: Instant,
+    /// Left out of [`PublisherLayers::active`] until its next frame (its
+    /// source stopped: a transcoder worker was lost); the bitrate is kept,
+    /// so the layer counts again from its first frame.
+    suspended: bool,
 }
 
 /// What a simulcast publisher sends right now.
@@ -70,6 +74,7 @@ impl PublisherLayers {
                     window_start: now,
                     bitrate: 0,
                     last_seen: now,
+                    suspended: false,
                 });
                 // Just pushed.
                 let last = self.layers.len() - 1;
@@ -78,6 +83,7 @@ impl PublisherLayers {
         };
         layer.bytes += len as u64;
         layer.last_seen = now;
+        layer.suspended = false;
         let elapsed = now.saturating_duration_since(layer.window_start);
         if elapsed >= WINDOW {
             let rate = (layer.bytes as f64 * 8.0 / elapsed.as_secs_f64()) as u64;
@@ -109,13 +115,30 @@ impl PublisherLayers {
             .map(|l| l.rid)
     }
 
-    /// Active layers (seen within [`PAUSED_AFTER`] and measured), lowest
-    /// bitrate first, with their bitrates.
+    /// Leave layer `rid` out of [`PublisherLayers::active`] until its next
+    /// frame.
+    pub fn suspend(&mut self, rid: Rid) {
+        if let Some(l) = self.layers.iter_mut().find(|l| l.rid == rid) {
+            l.suspended = true;
+        }
+    }
+
+    /// Forget layer `rid` (it will not come back, or starts afresh).
+    pub fn forget(&mut self, rid: Rid) {
+        self.layers.retain(|l| l.rid != rid);
+    }
+
+    /// Active layers (seen within [`PAUSED_AFTER`], measured and not
+    /// suspended), lowest bitrate first, with their bitrates.
     pub fn active(&self, now: Instant) -> Vec<(Rid, u64)> {
         let mut v: Vec<(Rid, u64)> = self
             .layers
             .iter()
-            .filter(|l| now.saturating_duration_since(l.last_seen) < PAUSED_AFTER && l.bitrate > 0)
+            .filter(|l| {
+                !l.suspended
+                    && now.saturating_duration_since(l.last_seen) < PAUSED_AFTER
+                    && l.bitrate > 0
+            })
             .map(|l| (l.rid, l.bitrate))
             .collect();
         v.sort_by_key(|(_, b)| *b);
@@ -129,11 +152,20 @@ impl PublisherLayers {
 /// browsers' default simulcast ladder); layers up to the first one at least
 /// as tall as the display are kept.
 pub fn cap_for_display(active: &[(Rid, u64)], height: Option<u32>) -> &[(Rid, u64)] {
-    let Some(h) = height else { return active };
     let n = active.len();
-    for i in 0..n {
-        let lines = 720u32 >> (n - 1 - i).min(31);
-        if lines >= h {
+    cap_for_display_by(active, height, |i, _| 720u32 >> (n - 1 - i).min(31))
+}
+
+/// As [`cap_for_display`], with each layer's height given by `lines(index,
+/// rid)` (known for the layers a transcoder worker makes).
+pub fn cap_for_display_by(
+    active: &[(Rid, u64)],
+    height: Option<u32>,
+    lines: impl Fn(usize, Rid) -> u32,
+) -> &[(Rid, u64)] {
+    let Some(h) = height else { return active };
+    for (i, (rid, _)) in active.iter().enumerate() {
+        if lines(i, *rid) >= h {
             return &active[..=i];
         }
     }
@@ -609,6 +641,40 @@ mod tests {
             1,
             "two layers: 360 and 720"
         );
+    }
+
+    #[test]
+    fn known_layer_heights_cap_the_layer() {
+        let l = layers();
+        // A 360-line source with its 180 and 90 line layers.
+        let heights = |i: usize, _| [90, 180, 360][i];
+        assert_eq!(cap_for_display_by(&l, Some(100), heights).len(), 2);
+        assert_eq!(cap_for_display_by(&l, Some(90), heights).len(), 1);
+        assert_eq!(cap_for_display_by(&l, Some(720), heights).len(), 3);
+        assert_eq!(cap_for_display_by(&l, None, heights).len(), 3);
+    }
+
+    #[test]
+    fn a_suspended_layer_counts_again_from_its_next_frame() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut p = PublisherLayers::default();
+        for i in 0..30u64 {
+            p.on_frame(Rid::from("q"), 600, ms(i * 33));
+            p.on_frame(Rid::from("f"), 6000, ms(i * 33));
+        }
+        assert_eq!(p.active(ms(1000)).len(), 2);
+        p.suspend(Rid::from("q"));
+        let active = p.active(ms(1000));
+        assert_eq!(active.len(), 1);
+        assert_eq!(active[0].0, Rid::from("f"));
+        // One frame brings it back with the bitrate it had.
+        p.on_frame(Rid::from("q"), 600, ms(1010));
+        let active = p.active(ms(1010));
+        assert_eq!(active.len(), 2);
+        assert!(active[0].1 > 100_000, "{active:?}");
+        p.forget(Rid::from("q"));
+        assert_eq!(p.active(ms(1010)).len(), 1);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 
 use std::time::Instant;
 
-use str0m::media::{MediaKind, Mid, Rid};
+use str0m::format::PayloadParams;
+use str0m::media::{MediaKind, MediaTime, Mid, Rid};
 
 use super::layers::PublisherLayers;
 use crate::ids::{RoomId, SessionId, TrackId};
@@ -29,6 +30,10 @@ pub struct Track {
     pub keyframe_asked: Vec<(Option<Rid>, Instant)>,
     /// Nobody shows this video: the publisher was told to stop sending it.
     pub paused: bool,
+    /// A single-layer video track whose lower layers a transcoder worker
+    /// can make (`[offload]` configured): its frames count as layer
+    /// [`super::core::SOURCE`] and the worker's as `w1`, `w2`, ...
+    pub offload: Option<Offloaded>,
 }
 
 impl Track {
@@ -36,6 +41,34 @@ impl Track {
     pub fn simulcast(&self) -> bool {
         self.layer.is_some()
     }
+
+    /// Whether subscribers choose between layers: simulcast, or a track
+    /// that a worker can add layers to.
+    pub fn layered(&self) -> bool {
+        self.simulcast() || self.offload.is_some()
+    }
+}
+
+/// The offload state of a single-layer video track (see `shard/core/transcode.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct Offloaded {
+    /// The source's payload parameters (from its first frame), written
+    /// with the worker's layers too: they are in the same codec.
+    pub params: Option<PayloadParams>,
+    /// The source's codec, when the workers take it (VP8, H.264).
+    pub codec: Option<balie_offload::Codec>,
+    /// A worker session is open (asked of the pool, placed or waiting).
+    pub open: bool,
+    /// The source's latest RTP time, to extend the layers' 32-bit times.
+    pub last_time: Option<MediaTime>,
+    /// Heights from the worker's layout: the source's, and each layer's.
+    pub source_height: Option<u32>,
+    pub layer_heights: Vec<u32>,
+    /// When a subscriber last needed less than the source.
+    pub needed_at: Option<Instant>,
+    /// When the worker's last layer frame came; `None` once it stalled
+    /// (until the next one).
+    pub layer_at: Option<Instant>,
 }
 
 /// A room.

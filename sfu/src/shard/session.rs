@@ -112,6 +112,9 @@ pub struct TrackOut {
     /// Whether str0m was told to send this (video) stream unpaced; see
     /// `Core::forward`.
     pub unpaced: bool,
+    /// Since when this subscriber has needed less than a single-layer
+    /// source sends (offload; see `shard/core/transcode.rs`).
+    pub need_since: Option<Instant>,
 }
 
 impl TrackOut {
@@ -132,6 +135,7 @@ impl TrackOut {
             choice: LayerChoice::default(),
             bwe_want: (0, 0),
             unpaced: false,
+            need_since: None,
             decided_at: None,
             ts_offset: 0,
             last_out: None,

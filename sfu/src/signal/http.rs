@@ -55,6 +55,8 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// What sessions are built with (the shared DTLS certificate and buffers).
     pub setup: SessionSetup,
+    /// Each shard's transcoder pool (empty without offload).
+    pub offload: Vec<crate::offload::PoolStatus>,
 }
 
 /// The HTTP router.
@@ -84,12 +86,22 @@ fn new_session(kind: SessionKind) -> MethodRouter<Arc<AppState>> {
     )
 }
 
+/// 503 while draining, else 200. The body's further lines give the
+/// transcoder workers' health: a node without workers still serves calls
+/// (single-layer video is forwarded as sent), so they do not fail it.
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
-    if st.draining.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    let mut body = if st.draining.load(Ordering::Relaxed) {
+        String::from("draining\n")
     } else {
-        "ready\n".into_response()
-    }
+        String::from("ready\n")
+    };
+    body.push_str(&crate::offload::readiness(&st.offload));
+    let status = if st.draining.load(Ordering::Relaxed) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, body).into_response()
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {

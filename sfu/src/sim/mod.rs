@@ -276,6 +276,8 @@ impl Sim {
                     }
                 }
                 ShardOutput::Event(e) => self.events.push(e),
+                // The simulation runs no transcoder pool (offload is off).
+                ShardOutput::Offload(_) => {}
                 ShardOutput::Timeout(_) => break,
             }
         }

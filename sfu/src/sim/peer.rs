@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -79,6 +80,20 @@ pub struct Received {
     pub decodable: bool,
     /// Video frames dropped as not decodable.
     pub undecodable: u64,
+    /// Video frames as received (with [`Peer::keep_video`]): arrival and data.
+    pub video: Vec<(Instant, Arc<[u8]>)>,
+}
+
+/// Real encoded video for a peer to publish instead of synthetic frames
+/// (a test decodes what reaches the other side).
+#[derive(Clone)]
+pub struct Clip {
+    /// The frames in order, (keyframe, data), played in a loop; the first
+    /// is a keyframe.
+    pub frames: Arc<Vec<(bool, Vec<u8>)>>,
+    /// The same pictures each encoded as a keyframe: the frame sent when a
+    /// keyframe was asked for.
+    pub keys: Arc<Vec<(bool, Vec<u8>)>>,
 }
 
 /// A synthetic participant.
@@ -131,6 +146,10 @@ pub struct Peer {
     /// every 250 ms (bit/s; `None`: no REMB).
     pub remb: Option<u64>,
     next_remb: Instant,
+    /// Publish this instead of synthetic video (one layer).
+    pub clip: Option<Clip>,
+    /// Keep every video frame received (`Received::video`).
+    pub keep_video: bool,
 }
 
 /// Keyframe requests closer than this to the last honoured one are dropped,
@@ -229,6 +248,8 @@ impl Peer {
             key_honoured: None,
             remb: None,
             next_remb: now,
+            clip: None,
+            keep_video: false,
         };
         (peer, offer)
     }
@@ -343,6 +364,9 @@ impl Peer {
                     }
                 }
                 r.frames += 1;
+                if self.keep_video && kind == Some(MediaKind::Video) {
+                    r.video.push((d.network_time, d.data.clone()));
+                }
                 match check_frame(&d.data) {
                     Some(tag) => {
                         if !r.tags.contains(&tag) {
@@ -426,12 +450,24 @@ impl Peer {
                 self.video_frames_sent += 1;
                 self.next_video += Duration::from_millis(33);
                 self.frame_no += 1;
-                let key = self.force_keyframe || self.frame_no % 60 == 1;
+                let forced = self.force_keyframe;
+                let key = forced || self.frame_no % 60 == 1;
                 self.force_keyframe = false;
                 let size = 800 + (self.frame_no as usize * 397) % 4000;
                 let codec = self.video_codec;
                 let rtp = MediaTime::new(self.frame_no as u64 * 3000, Frequency::NINETY_KHZ);
-                if self.simulcast {
+                if let Some(clip) = &self.clip {
+                    let i = (self.frame_no as usize - 1) % clip.frames.len().max(1);
+                    let source = if forced && i != 0 {
+                        &clip.keys
+                    } else {
+                        &clip.frames
+                    };
+                    if let Some((_, data)) = source.get(i) {
+                        let data = data.clone();
+                        self.write(mid, None, codec, now, rtp, data);
+                    }
+                } else if self.simulcast {
                     // Layer i (q, h, f) carries tag | (i + 1) << 24, at about
                     // 150 kbit/s, 500 kbit/s and 1.5 Mbit/s (keyframes 3x).
                     for (i, rid) in LAYERS.iter().enumerate() {

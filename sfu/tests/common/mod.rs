@@ -2,6 +2,8 @@
 //! ([`balie_sfu::sim::Peer`]) over real loopback UDP.
 #![allow(dead_code)]
 
+pub mod worker;
+
 use std::net::UdpSocket;
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};

@@ -1,0 +1,63 @@
+//! A balie-transcoder worker in the test process, able to die abruptly.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use balie_offload::tls::TlsFiles;
+use balie_transcoder::metrics::Metrics as WorkerMetrics;
+use balie_transcoder::server::{Worker, WorkerConfig};
+
+/// A worker on its own runtime and thread, so that it can die abruptly:
+/// shutting the runtime down stops its endpoint without a close frame, as
+/// a crashed process or a lost node would.
+pub struct TestWorker {
+    pub addr: SocketAddr,
+    pub metrics: WorkerMetrics,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl TestWorker {
+    pub fn start(dir: &Path) -> TestWorker {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let metrics = WorkerMetrics::new();
+        let worker = {
+            let _in_runtime = runtime.enter();
+            Worker::bind(
+                &WorkerConfig {
+                    listen: "127.0.0.1:0".parse().expect("addr"),
+                    tls: TlsFiles::dev_worker(dir),
+                    max_sessions: 4,
+                },
+                metrics.clone(),
+            )
+            .expect("worker binds")
+        };
+        let addr = worker.local_addr().expect("addr");
+        runtime.spawn(worker.run());
+        TestWorker {
+            addr,
+            metrics,
+            runtime: Some(runtime),
+        }
+    }
+
+    pub fn sessions(&self) -> i64 {
+        self.metrics.sessions.get()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,332 @@
+//! Offload end to end: balie-sfu and real balie-transcoder workers on
+//! loopback, a str0m publisher sending one 720p layer of real VP8 or
+//! H.264, and a subscriber that shows the video small. What the subscriber
+//! receives is decoded to check its size.
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use balie_offload::tls::make_dev_certs;
+use balie_offload::{Codec, Size};
+use balie_sfu::offload::OffloadConfig;
+use balie_sfu::sim::peer::Clip;
+use balie_sfu::token::Role;
+use balie_transcoder::clip;
+use balie_transcoder::pipeline::Decoder;
+use common::worker::TestWorker;
+use common::{run_until, token, Client, Join, TestServer};
+use str0m::media::MediaKind;
+
+const HD: Size = Size {
+    width: 1280,
+    height: 720,
+};
+
+/// A 3 s loop of 720p at 1.5 Mbit/s with one keyframe, and the same
+/// pictures as keyframes (sent when a keyframe is asked for).
+fn clip_of(codec: Codec) -> Clip {
+    static VP8: OnceLock<Clip> = OnceLock::new();
+    static H264: OnceLock<Clip> = OnceLock::new();
+    let cell = match codec {
+        Codec::Vp8 => &VP8,
+        Codec::H264 => &H264,
+    };
+    cell.get_or_init(|| {
+        let frames = |gop| {
+            clip::make(codec, HD, 90, gop, 1500)
+                .expect("clip")
+                .into_iter()
+                .map(|f| (f.key, f.data))
+                .collect::<Vec<_>>()
+        };
+        Clip {
+            frames: Arc::new(frames(90)),
+            keys: Arc::new(frames(1)),
+        }
+    })
+    .clone()
+}
+
+fn str0m_codec(codec: Codec) -> str0m::format::Codec {
+    match codec {
+        Codec::Vp8 => str0m::format::Codec::Vp8,
+        Codec::H264 => str0m::format::Codec::H264,
+    }
+}
+
+fn offload(dir: &Path, workers: &[&TestWorker]) -> OffloadConfig {
+    OffloadConfig {
+        workers: workers.iter().map(|w| w.addr.to_string()).collect(),
+        server_name: Some("localhost".into()),
+        ca: dir.join("ca.pem"),
+        cert: dir.join("sfu.pem"),
+        key: dir.join("sfu.key"),
+        ..OffloadConfig::default()
+    }
+}
+
+/// A publisher sending `codec` from the clip, and a viewer keeping what it
+/// receives, both in `room`.
+fn call(srv: &TestServer, room: &str, codec: Codec) -> (Client, Client) {
+    let c = str0m_codec(codec);
+    let mut publisher = Client::join_with(
+        srv,
+        room,
+        "publisher",
+        &token(room, "publisher", Role::Official),
+        Join::Api,
+        c,
+    );
+    publisher.clip = Some(clip_of(codec));
+    let mut viewer = Client::join_with(
+        srv,
+        room,
+        "viewer",
+        &token(room, "viewer", Role::Official),
+        Join::ApiViewer,
+        c,
+    );
+    viewer.keep_video = true;
+    (publisher, viewer)
+}
+
+/// Once the viewer receives the publisher's video, tell the SFU it is
+/// shown `height` lines tall.
+fn show_at(publisher: &mut Client, viewer: &mut Client, height: u32) {
+    let tag = publisher.tag;
+    assert!(
+        run_until(&mut [publisher, viewer], Duration::from_secs(15), |c| {
+            c[1].frames_from(tag, MediaKind::Video) >= 10
+                || c[1]
+                    .received
+                    .values()
+                    .any(|r| r.kind == Some(MediaKind::Video) && r.video.len() >= 10)
+        }),
+        "the viewer gets the source"
+    );
+    let mid = viewer
+        .received
+        .iter()
+        .find(|(_, r)| r.kind == Some(MediaKind::Video))
+        .map(|(mid, _)| mid.to_string())
+        .expect("a video m-line");
+    let msg = serde_json::json!({"type": "video-size", "track": mid, "width": height * 16 / 9, "height": height});
+    viewer.send_json(&msg);
+}
+
+/// Every video frame the viewer received: arrival and decoded size
+/// (`None`: the decoder gave no picture or an error).
+fn decoded(viewer: &Client, codec: Codec) -> Vec<(Instant, Option<(u32, u32)>)> {
+    let mut dec = Decoder::new(codec).expect("decoder");
+    let frames = viewer
+        .received
+        .values()
+        .find(|r| r.kind == Some(MediaKind::Video))
+        .map(|r| r.video.clone())
+        .unwrap_or_default();
+    frames
+        .iter()
+        .enumerate()
+        .map(|(i, (at, data))| {
+            let size = match dec.decode(data, i as i64) {
+                Ok(Some(p)) => Some((p.width(), p.height())),
+                _ => None,
+            };
+            (*at, size)
+        })
+        .collect()
+}
+
+const LOW: [(u32, u32); 2] = [(320, 180), (640, 360)];
+
+/// The viewer shows the video at 360 lines and gets a worker's layer;
+/// with `then_large`, it then shows it at 720 and the worker session is
+/// closed once nobody has needed it for `CLOSE_AFTER`.
+fn small_frames_decode(codec: Codec, then_large: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_dev_certs(dir.path(), &["localhost".into()]).expect("certs");
+    let worker = TestWorker::start(dir.path());
+    let cfg = offload(dir.path(), &[&worker]);
+    let srv = TestServer::start(|c| c.offload = cfg);
+    let (mut publisher, mut viewer) = call(&srv, "counter-offload", codec);
+    // Shown at an unknown size on a fast link: nobody needs less.
+    common::run_for(&mut [&mut publisher, &mut viewer], Duration::from_secs(2));
+    assert_eq!(
+        worker.sessions(),
+        0,
+        "no worker session while none is needed"
+    );
+    show_at(&mut publisher, &mut viewer, 360);
+    // The viewer gets a worker's layer.
+    let ok = run_until(
+        &mut [&mut publisher, &mut viewer],
+        Duration::from_secs(20),
+        |c| {
+            c[1].received
+                .values()
+                .any(|r| r.kind == Some(MediaKind::Video) && r.video.len() >= 200)
+        },
+    );
+    assert!(ok, "the viewer keeps receiving video");
+    let sizes = decoded(&viewer, codec);
+    let small = sizes
+        .iter()
+        .filter(|(_, s)| s.is_some_and(|s| LOW.contains(&s)))
+        .count();
+    let failed = sizes.iter().filter(|(_, s)| s.is_none()).count();
+    let first = sizes.first().and_then(|(_, s)| *s);
+    let last: Vec<_> = sizes.iter().rev().take(30).map(|(_, s)| *s).collect();
+    eprintln!(
+        "{codec:?}: {} frames, {small} at a worker's size, {failed} not decoded, first {first:?}, last {:?}",
+        sizes.len(),
+        last.first()
+    );
+    assert_eq!(first, Some((1280, 720)), "the source first");
+    assert!(small >= 60, "frames at a worker's size: {small}");
+    assert!(
+        last.iter().all(|s| s.is_some_and(|s| LOW.contains(&s))),
+        "the last frames: {last:?}"
+    );
+    assert_eq!(failed, 0, "every frame decodes");
+    assert_eq!(worker.sessions(), 1);
+    assert_eq!(srv.metric("balie_offload_tracks", &[]), 1.0);
+    assert!(srv.metric("balie_offload_frames_total", &["from_worker"]) > 60.0);
+    // /readyz says how the worker is.
+    let ready = srv
+        .http
+        .get(format!("{}/readyz", srv.url))
+        .send()
+        .expect("readyz");
+    assert_eq!(ready.status().as_u16(), 200);
+    let body = ready.text().expect("body");
+    assert!(body.contains("offload: 1 of 1 workers up"), "{body}");
+    assert!(body.contains("up on 2 of 2 shards"), "{body}");
+    if !then_large {
+        return;
+    }
+    show_at(&mut publisher, &mut viewer, 720);
+    let start = Instant::now();
+    let closed = run_until(
+        &mut [&mut publisher, &mut viewer],
+        Duration::from_secs(20),
+        |_| worker.sessions() == 0,
+    );
+    let took = start.elapsed();
+    eprintln!("worker session closed {took:?} after the display grew");
+    assert!(closed, "the worker session is closed");
+    assert!(took >= Duration::from_secs(9), "closed after {took:?}");
+    assert_eq!(srv.metric("balie_offload_tracks", &[]), 0.0);
+    common::run_for(&mut [&mut publisher, &mut viewer], Duration::from_secs(1));
+    let sizes = decoded(&viewer, codec);
+    let last: Vec<_> = sizes.iter().rev().take(20).map(|(_, s)| *s).collect();
+    assert!(
+        last.iter().all(|s| *s == Some((1280, 720))),
+        "back on the source: {last:?}"
+    );
+}
+
+#[test]
+fn a_small_display_gets_a_workers_vp8_layer_that_decodes() {
+    small_frames_decode(Codec::Vp8, true);
+}
+
+#[test]
+fn a_small_display_gets_a_workers_h264_layer_that_decodes() {
+    small_frames_decode(Codec::H264, false);
+}
+
+#[test]
+fn a_killed_worker_leaves_the_source_and_another_brings_the_layer_back_within_2_s() {
+    let codec = Codec::Vp8;
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_dev_certs(dir.path(), &["localhost".into()]).expect("certs");
+    let mut workers = [TestWorker::start(dir.path()), TestWorker::start(dir.path())];
+    let cfg = offload(dir.path(), &[&workers[0], &workers[1]]);
+    let srv = TestServer::start(|c| {
+        c.offload = cfg;
+        // One shard: one connection per worker, so the session's worker
+        // is the one to kill.
+        c.media.shards = 1;
+    });
+    let (mut publisher, mut viewer) = call(&srv, "counter-move", codec);
+    show_at(&mut publisher, &mut viewer, 180);
+    let on_layer = run_until(
+        &mut [&mut publisher, &mut viewer],
+        Duration::from_secs(20),
+        |_| workers.iter().any(|w| w.sessions() == 1),
+    );
+    assert!(on_layer, "a worker got the session");
+    // Well into the worker's layer.
+    common::run_for(&mut [&mut publisher, &mut viewer], Duration::from_secs(3));
+    let busy = workers
+        .iter()
+        .position(|w| w.sessions() == 1)
+        .expect("a worker has it");
+    workers[busy].kill();
+    let killed = Instant::now();
+    common::run_for(&mut [&mut publisher, &mut viewer], Duration::from_secs(5));
+    let sizes = decoded(&viewer, codec);
+    let before: Vec<_> = sizes.iter().filter(|(t, _)| *t < killed).collect();
+    let after: Vec<_> = sizes.iter().filter(|(t, _)| *t >= killed).collect();
+    assert!(
+        before
+            .iter()
+            .rev()
+            .take(30)
+            .all(|(_, s)| *s == Some((320, 180))),
+        "on the 180p layer before the kill"
+    );
+    // Meanwhile the source, then a layer again from the other worker.
+    let source_at = after
+        .iter()
+        .find(|(_, s)| *s == Some((1280, 720)))
+        .map(|(t, _)| t.duration_since(killed));
+    let back_at = after
+        .iter()
+        .skip_while(|(_, s)| *s != Some((1280, 720)))
+        .find(|(_, s)| *s == Some((320, 180)))
+        .map(|(t, _)| t.duration_since(killed));
+    let failed = after.iter().filter(|(_, s)| s.is_none()).count();
+    eprintln!(
+        "worker killed: source after {source_at:?}, low layer back after {back_at:?}, {} frames after, {failed} not decoded",
+        after.len()
+    );
+    assert!(source_at.is_some(), "the source meanwhile");
+    // The picture never stopped for long.
+    let mut gap = Duration::ZERO;
+    for w in sizes
+        .iter()
+        .filter(|(t, _)| *t + Duration::from_secs(1) >= killed)
+        .collect::<Vec<_>>()
+        .windows(2)
+    {
+        gap = gap.max(w[1].0.duration_since(w[0].0));
+    }
+    eprintln!("longest gap between frames around the kill: {gap:?}");
+    assert!(gap < Duration::from_millis(800), "a gap of {gap:?}");
+    let back = back_at.expect("the low layer came back");
+    assert!(
+        back <= Duration::from_secs(2),
+        "low layer back after {back:?}"
+    );
+    assert_eq!(workers[1 - busy].sessions(), 1, "moved to the other worker");
+    assert_eq!(failed, 0, "every frame decodes");
+    // And keeps coming.
+    assert!(after
+        .iter()
+        .rev()
+        .take(30)
+        .all(|(_, s)| *s == Some((320, 180))));
+    assert!(srv.metric("balie_offload_moves_total", &["moved"]) >= 1.0);
+    let body = srv
+        .http
+        .get(format!("{}/readyz", srv.url))
+        .send()
+        .expect("readyz")
+        .text()
+        .expect("body");
+    assert!(body.contains("offload: 1 of 2 workers up"), "{body}");
+}
