@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use balie_offload::link::{client_endpoint, GroupSender, Link, LinkEvent};
 use balie_offload::tls::{client_config, TlsFiles};
 use balie_offload::{Capacity, Codec, Control, ErrorCode, Frame, GroupHeader, LayerSpec, Size};
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
@@ -145,6 +145,8 @@ pub struct OffloadMetrics {
     pub rtt_us: IntGaugeVec,
     /// Protocol errors and refusals from workers, by code.
     pub errors: IntCounterVec,
+    /// Source frames dropped because a worker did not take them in time.
+    pub dropped: IntCounter,
 }
 
 impl OffloadMetrics {
@@ -186,6 +188,11 @@ impl OffloadMetrics {
                 &["code"],
             )
             .expect("valid metric"),
+            dropped: IntCounter::with_opts(Opts::new(
+                "offload_frames_dropped_total",
+                "Source frames dropped because a worker's stream did not take them in time.",
+            ))
+            .expect("valid metric"),
         };
         for c in [
             Box::new(m.workers_up.clone()) as Box<dyn prometheus::core::Collector>,
@@ -194,6 +201,7 @@ impl OffloadMetrics {
             Box::new(m.moves.clone()),
             Box::new(m.rtt_us.clone()),
             Box::new(m.errors.clone()),
+            Box::new(m.dropped.clone()),
         ] {
             // Registered once per process; a second registration (tests that
             // build several) is harmless.
@@ -394,7 +402,10 @@ struct SessionState {
     codec: Codec,
     /// The worker it is on; None while waiting for one.
     worker: Option<usize>,
-    writer: Option<mpsc::UnboundedSender<Frame>>,
+    writer: Option<mpsc::Sender<Frame>>,
+    /// Frames are being dropped (the writer's queue was full) until the
+    /// next keyframe.
+    skipping: bool,
 }
 
 enum Internal {
@@ -468,6 +479,7 @@ impl Manager {
                         codec,
                         worker: None,
                         writer: None,
+                        skipping: false,
                     },
                 );
                 if !self.place(key) {
@@ -479,8 +491,27 @@ impl Manager {
                 }
             }
             PoolCommand::Frame { key, frame } => {
-                if let Some(w) = self.sessions.get(&key).and_then(|s| s.writer.as_ref()) {
-                    let _ = w.send(frame);
+                let Some(s) = self.sessions.get_mut(&key) else {
+                    return;
+                };
+                let Some(w) = s.writer.as_ref() else { return };
+                // A worker that does not take the frames as fast as they
+                // come (a stalled stream) must not make the SFU queue
+                // them: past WRITE_QUEUE frames, drop to the next keyframe
+                // (and ask the publisher for one).
+                if s.skipping && !frame.key {
+                    self.metrics.dropped.inc();
+                    return;
+                }
+                match w.try_send(frame) {
+                    Ok(()) => s.skipping = false,
+                    Err(_) => {
+                        if !s.skipping {
+                            let _ = self.events.send(PoolEvent::NeedKeyframe { key });
+                        }
+                        s.skipping = true;
+                        self.metrics.dropped.inc();
+                    }
                 }
             }
             PoolCommand::Keyframe { key, track } => {
@@ -564,7 +595,7 @@ impl Manager {
             layers: self.specs.clone(),
         });
         w.placed += 1;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         tokio::spawn(write_groups(
             link.conn.clone(),
             key,
@@ -578,6 +609,7 @@ impl Manager {
         }
         state.worker = Some(idx);
         state.writer = Some(tx);
+        state.skipping = false;
         // The new worker's decoder starts at a keyframe.
         let _ = self.events.send(PoolEvent::NeedKeyframe { key });
         true
@@ -872,6 +904,9 @@ fn resolve(config: OffloadConfig, tx: mpsc::UnboundedSender<Internal>) {
 /// keyframe, seconds away.
 const KEYFRAME_REASK: Duration = Duration::from_millis(350);
 
+/// Source frames queued for one worker session (about 2 s of video).
+const WRITE_QUEUE: usize = 64;
+
 /// Write a session's source frames to its worker, a group (stream) per
 /// GOP. Frames before the first keyframe (and after a failed write, until
 /// the next keyframe) are dropped: the worker could not decode them; the
@@ -879,7 +914,7 @@ const KEYFRAME_REASK: Duration = Duration::from_millis(350);
 async fn write_groups(
     conn: quinn::Connection,
     key: u64,
-    mut frames: mpsc::UnboundedReceiver<Frame>,
+    mut frames: mpsc::Receiver<Frame>,
     deadline_ms: u16,
     metrics: OffloadMetrics,
     events: mpsc::UnboundedSender<PoolEvent>,

@@ -279,3 +279,86 @@ fn offload_config_errors_name_the_field() {
         assert!(err.contains(words), "{err} lacks {words}");
     }
 }
+
+/// A worker that says hello and takes sessions but never reads their
+/// media, with small flow-control windows: its streams block at once.
+async fn stalled_worker(dir: &Path) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use balie_offload::io::{read_control, write_control};
+    use balie_offload::{Capacity, Control};
+    let mut cfg = balie_offload::tls::server_config(&TlsFiles::dev_worker(dir)).expect("config");
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(16_000u32.into());
+    t.receive_window(64_000u32.into());
+    t.max_concurrent_uni_streams(4u32.into());
+    cfg.transport_config(std::sync::Arc::new(t));
+    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let addr = ep.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let Some(incoming) = ep.accept().await else {
+            return;
+        };
+        let Ok(conn) = incoming.await else { return };
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let _ = read_control(&mut recv).await;
+        let hello = Control::Hello {
+            version: balie_offload::wire::VERSION,
+            agent: "stalled".into(),
+            max_sessions: 4,
+        };
+        let _ = write_control(&mut send, &hello).await;
+        let cap = Control::Capacity(Capacity {
+            sessions: 0,
+            max_sessions: 4,
+            queue_depth: 0,
+            load_permille: 0,
+        });
+        let _ = write_control(&mut send, &cap).await;
+        // Read control messages (the open) forever; never a media stream.
+        while let Ok(Some(_)) = read_control(&mut recv).await {}
+        drop(ep);
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_reading_costs_dropped_frames_not_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_dev_certs(dir.path(), &["localhost".into()]).expect("certs");
+    let (addr, _task) = stalled_worker(dir.path()).await;
+    let mut cfg = config(dir.path(), &[]);
+    cfg.workers = vec![addr.to_string()];
+    let registry = prometheus::Registry::new();
+    let s = setup(&cfg, &registry);
+    let (pool, mut events) = Pool::start(&s, "0".into()).expect("pool");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pool.send(PoolCommand::Open {
+        key: 9,
+        codec: Codec::Vp8,
+    });
+    // 20 s of video as fast as it comes.
+    let mut src = Source::new();
+    for _ in 0..600 {
+        pool.send(PoolCommand::Frame {
+            key: 9,
+            frame: src.frame(),
+        });
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dropped = s.metrics.dropped.get();
+    let mut asked = 0;
+    while let Ok(ev) = events.try_recv() {
+        if matches!(ev, PoolEvent::NeedKeyframe { key: 9 }) {
+            asked += 1;
+        }
+    }
+    eprintln!("dropped {dropped} of 600 frames, {asked} keyframe requests");
+    // Every frame past what the blocked stream and the queue hold is dropped.
+    assert!(dropped >= 400, "dropped {dropped}");
+    assert!(
+        asked >= 2,
+        "the publisher is asked for a keyframe to resume on"
+    );
+}
