@@ -1036,6 +1036,7 @@ impl ShardCore {
         let Some(room) = self.rooms.get_mut(room_id) else {
             return;
         };
+        let mut offload_closing = Vec::new();
         let members = &room.sessions;
         for track in room
             .tracks
@@ -1053,6 +1054,10 @@ impl ShardCore {
                 continue;
             }
             track.paused = !shown;
+            if track.paused && track.offload.as_ref().is_some_and(|o| o.open) {
+                // No source frames will come: nobody needs the layers.
+                offload_closing.push(track.id);
+            }
             if let Some(owner) = self.sessions.get_mut(&track.owner) {
                 if owner.channel.is_some() {
                     owner.send(&ServerMessage::SendVideo {
@@ -1064,6 +1069,9 @@ impl ShardCore {
                     }
                 }
             }
+        }
+        for track in offload_closing {
+            self.offload_close_unneeded(room_id, track);
         }
     }
 
@@ -1237,7 +1245,7 @@ impl ShardCore {
             data: data.data,
         };
         if offloaded {
-            self.offload_source(now, &room_id, track_id, &frame);
+            self.offload_source(&room_id, track_id, &frame);
         }
         self.fan_out(now, &room_id, track_id, frame);
         if offloaded {

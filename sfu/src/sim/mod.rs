@@ -6,6 +6,7 @@
 //! network. This is the home of protocol tests; link models (jitter, bursts,
 //! rate limits) grow here.
 
+pub mod fake_pool;
 pub mod peer;
 
 use std::cmp::Reverse;
@@ -17,6 +18,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use str0m::format::Codec;
 
+pub use fake_pool::FakePool;
 pub use peer::{check_frame, make_frame, Join, Peer, Received};
 
 use crate::ids::{RoomId, SessionId, ShardId};
@@ -114,6 +116,8 @@ pub struct Sim {
     seq: u64,
     rng: StdRng,
     step: Duration,
+    /// The transcoder pool, when the shard config has offload.
+    pub pool: Option<FakePool>,
 }
 
 impl Sim {
@@ -125,6 +129,7 @@ impl Sim {
         // Cannot fail with the built-in aws-lc-rs provider.
         let setup = SessionSetup::new(400, config.adaptive_layers)
             .expect("aws-lc-rs generates certificates");
+        let config_offload = config.offload_layers;
         Sim {
             now: Instant::now(),
             shard: ShardCore::new(ShardId(0), config, shard_metrics),
@@ -142,6 +147,7 @@ impl Sim {
             seq: 0,
             rng: StdRng::seed_from_u64(seed),
             step: Duration::from_millis(1),
+            pool: (config_offload > 0).then(FakePool::default),
         }
     }
 
@@ -276,9 +282,21 @@ impl Sim {
                     }
                 }
                 ShardOutput::Event(e) => self.events.push(e),
-                // The simulation runs no transcoder pool (offload is off).
-                ShardOutput::Offload(_) => {}
-                ShardOutput::Timeout(_) => break,
+                ShardOutput::Offload(cmd) => {
+                    if let Some(p) = self.pool.as_mut() {
+                        p.command(cmd);
+                    }
+                }
+                ShardOutput::Timeout(_) => {
+                    // The pool answers at once; its answers make more output.
+                    let answers = self.pool.as_mut().map(FakePool::drain).unwrap_or_default();
+                    if answers.is_empty() {
+                        break;
+                    }
+                    for ev in answers {
+                        self.shard.handle_input(ShardInput::Offload(self.now, ev));
+                    }
+                }
             }
         }
         let mut out = Vec::new();

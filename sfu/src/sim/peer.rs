@@ -586,6 +586,14 @@ pub fn make_frame(tag: u32, frame: u32, size: usize, video: Option<(bool, Codec)
     v
 }
 
+/// The frame number a synthetic frame carries.
+pub fn frame_number(data: &[u8]) -> Option<u32> {
+    let at = data.windows(4).position(|w| w == MAGIC)?;
+    Some(u32::from_be_bytes(
+        data.get(at + 8..at + 12)?.try_into().ok()?,
+    ))
+}
+
 /// The publisher tag of an intact frame; `None` if any byte is off.
 pub fn check_frame(data: &[u8]) -> Option<u32> {
     let at = data.windows(4).position(|w| w == MAGIC)?;

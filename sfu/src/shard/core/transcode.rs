@@ -151,13 +151,18 @@ fn extend_time(last: MediaTime, rtp: u32) -> MediaTime {
 impl ShardCore {
     /// A source frame of an offloaded track: remember its parameters and
     /// time, and pass it to the worker while a session is open.
-    pub(super) fn offload_source(
-        &mut self,
-        now: Instant,
-        room_id: &RoomId,
-        track_id: TrackId,
-        frame: &Fanout,
-    ) {
+    pub(super) fn offload_source(&mut self, room_id: &RoomId, track_id: TrackId, frame: &Fanout) {
+        let codec = offload_codec(&frame.params);
+        let changed = self
+            .rooms
+            .get_mut(room_id)
+            .and_then(|r| r.track(track_id))
+            .and_then(|t| t.offload.as_ref())
+            .is_some_and(|o| o.open && o.codec != codec);
+        if changed {
+            // The publisher changed codec (a renegotiation): start afresh.
+            self.offload_close(room_id, track_id);
+        }
         let Some(o) = self
             .rooms
             .get_mut(room_id)
@@ -166,19 +171,10 @@ impl ShardCore {
         else {
             return;
         };
-        let codec = offload_codec(&frame.params);
-        if o.open && codec != o.codec {
-            // The publisher changed codec (a renegotiation): start afresh.
-            self.offload_close(now, room_id, track_id);
-            return self.offload_source(now, room_id, track_id, frame);
-        }
         o.codec = codec;
         o.params = Some(frame.params);
         o.last_time = Some(frame.time);
         if o.open {
-            if frame.keyframe {
-                tracing::debug!(track = track_id.0, "source keyframe to the worker");
-            }
             self.pool_out.push_back(PoolCommand::Frame {
                 key: track_id.0,
                 frame: Frame {
@@ -223,7 +219,17 @@ impl ShardCore {
             self.metrics.offload_opened.inc();
             tracing::info!(parent: &span, track = track_id.0, ?codec, "lower layers asked of a transcoder worker");
         } else if o.open && since.is_none_or(|d| d >= CLOSE_AFTER) {
-            self.offload_close(now, room_id, track_id);
+            self.offload_close_unneeded(room_id, track_id);
+        }
+    }
+
+    /// Close a worker session nobody needs (idle, or the video is shown
+    /// by nobody and its publisher was told to stop sending it).
+    pub(super) fn offload_close_unneeded(&mut self, room_id: &RoomId, track_id: TrackId) {
+        let Some(span) = self.rooms.get(room_id).map(|r| r.span.clone()) else {
+            return;
+        };
+        if self.offload_close(room_id, track_id) {
             tracing::info!(parent: &span, track = track_id.0, "transcoder worker session closed: nobody needs it");
         }
     }
@@ -256,14 +262,17 @@ impl ShardCore {
         }
     }
 
-    /// Close an offloaded track's worker session and forget its layers.
-    fn offload_close(&mut self, _now: Instant, room_id: &RoomId, track_id: TrackId) {
+    /// Close an offloaded track's worker session and forget its layers;
+    /// false if none was open.
+    fn offload_close(&mut self, room_id: &RoomId, track_id: TrackId) -> bool {
         let Some(t) = self.rooms.get_mut(room_id).and_then(|r| r.track(track_id)) else {
-            return;
+            return false;
         };
-        let Some(o) = t.offload.as_mut() else { return };
+        let Some(o) = t.offload.as_mut() else {
+            return false;
+        };
         if !o.open {
-            return;
+            return false;
         }
         o.open = false;
         o.needed_at = None;
@@ -277,6 +286,7 @@ impl ShardCore {
             .push_back(PoolCommand::Close { key: track_id.0 });
         self.offload_rooms.remove(&track_id.0);
         self.metrics.offload_opened.dec();
+        true
     }
 
     /// News from the pool.
