@@ -39,7 +39,10 @@ CMD ["--config", "/etc/balie/sfu.toml"]
 # runtime image below, so that it links the FFmpeg libraries (6.1) that the
 # runtime stage installs. FFmpeg loads NVDEC (libnvcuvid) and libcuda at run
 # time from the driver, which the NVIDIA container toolkit mounts when
-# NVIDIA_DRIVER_CAPABILITIES includes `video` and `compute`.
+# NVIDIA_DRIVER_CAPABILITIES includes `video` and `compute`. Built with the
+# `cuda` feature: cudarc loads libcuda and NVRTC (in this runtime image) at
+# run time; without a GPU, `serve` stops with a clear error (set
+# BALIE_TRANSCODER_BACKEND=cpu to run it on CPUs).
 FROM ubuntu:24.04 AS build-transcoder
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
@@ -51,7 +54,7 @@ RUN apt-get update -qq \
 ENV PATH=/root/.cargo/bin:$PATH
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p balie-transcoder \
+RUN cargo build --release --locked -p balie-transcoder --features cuda \
  && install -D target/release/balie-transcoder /out/balie-transcoder
 
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS transcoder
@@ -62,6 +65,7 @@ RUN apt-get update -qq \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home balie
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,video,utility \
+    BALIE_TRANSCODER_BACKEND=cuda \
     BALIE_TRANSCODER_LISTEN=0.0.0.0:4470 \
     BALIE_TRANSCODER_METRICS=0.0.0.0:9471 \
     BALIE_TRANSCODER_CA=/etc/balie/offload/ca.pem \

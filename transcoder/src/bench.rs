@@ -21,7 +21,7 @@ use balie_offload::{Codec, LayerSpec, Size};
 
 use crate::clip::{self, ClipFrame, FPS};
 use crate::metrics::{children_cpu_seconds, cpu_seconds};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Backend, Pipeline};
 
 /// One step's outcome.
 #[derive(Debug, Clone)]
@@ -54,16 +54,23 @@ pub fn source(codec: Codec, seconds: u32) -> Result<Vec<ClipFrame>, String> {
     clip::make(codec, hd, seconds * FPS, 2 * FPS, 1500).map_err(|e| e.to_string())
 }
 
-/// Run `n` of our sessions over the clip in real time.
+/// Run `n` of our CPU sessions over the clip in real time.
 pub fn ours(codec: Codec, clip: &[ClipFrame], n: usize) -> Step {
+    ours_on(codec, clip, n, &Backend::Cpu)
+}
+
+/// Run `n` of our sessions on `backend` over the clip in real time.
+pub fn ours_on(codec: Codec, clip: &[ClipFrame], n: usize, backend: &Backend) -> Step {
     let cpu0 = cpu_seconds();
     let wall = Instant::now();
     let start = Instant::now() + Duration::from_millis(100);
     let threads: Vec<_> = (0..n)
         .map(|i| {
             let clip = clip.to_vec();
+            let backend = backend.clone();
             std::thread::spawn(move || {
-                let mut p = Pipeline::new(codec, LAYERS.to_vec()).map_err(|e| e.to_string())?;
+                let mut p = Pipeline::with_backend(codec, LAYERS.to_vec(), &backend)
+                    .map_err(|e| e.to_string())?;
                 let mut out = Vec::new();
                 let (mut frames, mut late) = (0u64, 0u64);
                 // Sessions start a little apart, as calls do.

@@ -5,12 +5,19 @@
 //! - [`server`]: the QUIC server (mutual TLS), control stream, groups in
 //!   and out.
 //! - [`session`]: one thread per transcode session, a short queue in front.
-//! - [`pipeline`]: the CPU backend (decode, scale, encode through FFmpeg).
+//! - [`pipeline`]: decode, scale, encode through FFmpeg; the CPU backend,
+//!   and with the `cuda` feature the GPU one ([`Backend`](pipeline::Backend)).
+//! - `gpu` (feature `cuda`): the card, NVDEC/NVENC probing, the scaling
+//!   kernel; `gpucheck`: `balie-transcoder gpu-check`.
 //! - [`clip`]: generated test clips (VP8, H.264) for tests and the benchmark.
 //! - [`bench`]: sessions held in real time, beside the `ffmpeg` command line.
 
 pub mod bench;
 pub mod clip;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+#[cfg(feature = "cuda")]
+pub mod gpucheck;
 pub mod metrics;
 pub mod pipeline;
 pub mod server;

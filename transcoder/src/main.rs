@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use balie_offload::tls::{make_dev_certs, TlsFiles};
 use balie_transcoder::metrics::Metrics;
+use balie_transcoder::pipeline::Backend as PipelineBackend;
 use balie_transcoder::server::{Worker, WorkerConfig};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
@@ -62,7 +63,8 @@ enum Command {
             default_value = "127.0.0.1:9471"
         )]
         metrics: SocketAddr,
-        #[arg(long, value_enum, default_value = "cpu")]
+        /// `cuda` needs a binary built with the `cuda` feature and a GPU.
+        #[arg(long, value_enum, env = "BALIE_TRANSCODER_BACKEND", default_value = "cpu")]
         backend: Backend,
     },
     /// How many transcode sessions (720p30 in, 360p and 180p out) this
@@ -80,6 +82,18 @@ enum Command {
         /// Skip the `ffmpeg` side.
         #[arg(long)]
         no_ffmpeg: bool,
+    },
+    /// The GPU check (feature `cuda`): what the card offers, NVDEC decode
+    /// rate, GPU scaling time, layers per second and sessions held, each
+    /// beside the CPU backend, at 1080p and 720p (`transcoder/gpu-check.sh`
+    /// runs it on a GPU node).
+    GpuCheck {
+        /// Seconds of clip per measurement.
+        #[arg(long, default_value_t = 6)]
+        seconds: u32,
+        /// Most sessions tried per backend.
+        #[arg(long, default_value_t = 24)]
+        max: usize,
     },
     /// Write a development CA and certificates for a worker and an SFU
     /// (ca.pem, worker.pem/.key, sfu.pem/.key). Not for production.
@@ -122,6 +136,7 @@ fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
+        Command::GpuCheck { seconds, max } => gpu_check(seconds, max),
         Command::Bench {
             codec,
             seconds,
@@ -145,18 +160,13 @@ fn run(command: Command) -> Result<(), String> {
             metrics,
             backend,
         } => {
-            if backend == Backend::Cuda {
-                return Err(
-                    "--backend cuda: this binary was built without the `cuda` feature \
-                            (cargo build --release -p balie-transcoder --features cuda)"
-                        .into(),
-                );
-            }
+            let backend = open_backend(backend)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
             let config = WorkerConfig {
                 listen,
                 tls: TlsFiles { ca, cert, key },
                 max_sessions: max_sessions.unwrap_or(2 * cores),
+                backend,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -165,6 +175,38 @@ fn run(command: Command) -> Result<(), String> {
             rt.block_on(serve(config, metrics))
         }
     }
+}
+
+/// The backend asked for; `cuda` opens the GPU (and says what it offers)
+/// or fails with the reason, never a panic.
+fn open_backend(backend: Backend) -> Result<PipelineBackend, String> {
+    match backend {
+        Backend::Cpu => Ok(PipelineBackend::Cpu),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            balie_transcoder::pipeline::init().map_err(|e| e.to_string())?;
+            let gpu =
+                balie_transcoder::gpu::Gpu::open(0).map_err(|e| format!("--backend cuda: {e}"))?;
+            info!(gpu = %gpu.info, "GPU backend");
+            Ok(PipelineBackend::Cuda(gpu))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda => Err(NO_CUDA.into()),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+const NO_CUDA: &str = "--backend cuda: this binary was built without the `cuda` feature \
+     (cargo build --release -p balie-transcoder --features cuda)";
+
+#[cfg(feature = "cuda")]
+fn gpu_check(seconds: u32, max: usize) -> Result<(), String> {
+    balie_transcoder::gpucheck::run(seconds, max)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(_seconds: u32, _max: usize) -> Result<(), String> {
+    Err(NO_CUDA.replace("--backend cuda", "gpu-check"))
 }
 
 async fn serve(config: WorkerConfig, metrics_addr: SocketAddr) -> Result<(), String> {
@@ -184,7 +226,7 @@ async fn serve(config: WorkerConfig, metrics_addr: SocketAddr) -> Result<(), Str
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    info!(%addr, max_sessions = config.max_sessions, backend = "cpu", metrics = %metrics_addr, "balie-transcoder serving");
+    info!(%addr, max_sessions = config.max_sessions, backend = config.backend.name(), metrics = %metrics_addr, "balie-transcoder serving");
     let endpoint = worker.endpoint();
     tokio::select! {
         _ = worker.run() => {}

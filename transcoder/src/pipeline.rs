@@ -31,6 +31,9 @@ pub enum PipelineError {
     },
     #[error("source picture {0}x{1} is not usable")]
     BadSize(u32, u32),
+    #[cfg(feature = "cuda")]
+    #[error("{0}")]
+    Gpu(#[from] crate::gpu::GpuError),
 }
 
 fn ff(what: &'static str) -> impl FnOnce(ffmpeg::Error) -> PipelineError {
@@ -46,6 +49,35 @@ pub fn init() -> Result<(), PipelineError> {
 
 /// RTP video clock.
 pub const RTP_HZ: i32 = 90_000;
+
+/// Where a session's pipeline runs.
+#[derive(Clone, Default)]
+pub enum Backend {
+    /// FFmpeg on the CPU: decode, libswscale, libvpx/libx264.
+    #[default]
+    Cpu,
+    /// NVDEC decode where the card has it for the codec, GPU scaling,
+    /// NVENC for H.264 where the card has it (see [`crate::gpu`]).
+    #[cfg(feature = "cuda")]
+    Cuda(std::sync::Arc<crate::gpu::Gpu>),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Backend {
+    /// `cpu` or `cuda` (logs, metrics).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => "cuda",
+        }
+    }
+}
 
 /// A frame the pipeline made.
 #[derive(Debug, Clone)]
@@ -114,6 +146,19 @@ impl Decoder {
         })
     }
 
+    /// A decoder by FFmpeg name (`h264_cuvid`, `vp8_cuvid`: NVDEC), with
+    /// no display delay (NVDEC holds four frames back by default).
+    pub fn named(name: &'static str) -> Result<Decoder, PipelineError> {
+        let c = ffmpeg::decoder::find_by_name(name).ok_or(PipelineError::Missing(name))?;
+        let mut ctx = single_threaded(c);
+        ctx.set_flags(ffmpeg::codec::Flags::LOW_DELAY);
+        let dec = ctx.decoder().video().map_err(ff("opening the decoder"))?;
+        Ok(Decoder {
+            dec,
+            frame: ffmpeg::frame::Video::empty(),
+        })
+    }
+
     /// Decode one encoded frame; the picture, if one came out. An error is
     /// a frame the decoder could not use (missing reference, corrupt data).
     pub fn decode(
@@ -132,10 +177,11 @@ impl Decoder {
     }
 }
 
-/// One layer: scaler and encoder for one size.
+/// One layer: scaler (the CPU backend's; the GPU scales all layers at
+/// once) and encoder for one size.
 struct Layer {
     size: Size,
-    scaler: ffmpeg::software::scaling::Context,
+    scaler: Option<ffmpeg::software::scaling::Context>,
     picture: ffmpeg::frame::Video,
     encoder: ffmpeg::encoder::video::Encoder,
     want_key: bool,
@@ -187,6 +233,39 @@ pub fn open_encoder(
     enc.open_with(opts).map_err(ff("opening the encoder"))
 }
 
+/// The NVENC H.264 encoder, set up for real time as [`open_encoder`]'s
+/// libx264 (constrained baseline, no B-frames, no lookahead, SPS/PPS with
+/// every IDR). Fails on a card without NVENC (H100, H200).
+#[cfg(feature = "cuda")]
+pub fn open_nvenc(
+    size: Size,
+    bitrate_kbps: u32,
+) -> Result<ffmpeg::encoder::video::Encoder, PipelineError> {
+    let c =
+        ffmpeg::encoder::find_by_name("h264_nvenc").ok_or(PipelineError::Missing("h264_nvenc"))?;
+    let mut enc = single_threaded(c)
+        .encoder()
+        .video()
+        .map_err(ff("encoder"))?;
+    enc.set_width(u32::from(size.width));
+    enc.set_height(u32::from(size.height));
+    enc.set_format(Pixel::YUV420P);
+    enc.set_time_base((1, RTP_HZ));
+    enc.set_frame_rate(Some((30, 1)));
+    enc.set_bit_rate(bitrate_kbps as usize * 1000);
+    enc.set_max_bit_rate(bitrate_kbps as usize * 1000 * 3 / 2);
+    enc.set_gop(u32::MAX / 2);
+    enc.set_max_b_frames(0);
+    let mut opts = ffmpeg::Dictionary::new();
+    opts.set("preset", "p1");
+    opts.set("tune", "ull");
+    opts.set("zerolatency", "1");
+    opts.set("profile", "baseline");
+    opts.set("rc", "cbr");
+    opts.set("forced-idr", "1");
+    enc.open_with(opts).map_err(ff("opening h264_nvenc"))
+}
+
 /// Layer size: the source divided by the scale, rounded down to even, at
 /// least 16x16.
 pub fn layer_size(source: Size, scale_down: u8) -> Size {
@@ -201,7 +280,10 @@ pub fn layer_size(source: Size, scale_down: u8) -> Size {
 pub struct Pipeline {
     codec: Codec,
     specs: Vec<LayerSpec>,
+    backend: Backend,
     decoder: Decoder,
+    #[cfg(feature = "cuda")]
+    gpu_scaler: Option<crate::gpu::GpuScaler>,
     source: Option<Size>,
     layers: Vec<Layer>,
     /// The RTP time unwrapped to a monotonic 64-bit clock (encoders need
@@ -213,17 +295,50 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// A CPU pipeline.
     pub fn new(codec: Codec, layers: Vec<LayerSpec>) -> Result<Pipeline, PipelineError> {
+        Pipeline::with_backend(codec, layers, &Backend::Cpu)
+    }
+
+    /// A pipeline on `backend`.
+    pub fn with_backend(
+        codec: Codec,
+        layers: Vec<LayerSpec>,
+        backend: &Backend,
+    ) -> Result<Pipeline, PipelineError> {
         // Fail at open, not at the first frame, when an encoder is missing.
         let probe = Size {
             width: 64,
             height: 64,
         };
         drop(open_encoder(codec, probe, 100)?);
+        let decoder = match backend {
+            Backend::Cpu => Decoder::new(codec)?,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(gpu) => {
+                let name = match codec {
+                    Codec::Vp8 => "vp8_cuvid",
+                    Codec::H264 => "h264_cuvid",
+                };
+                if gpu.info.nvdec.contains(&name) {
+                    Decoder::named(name)?
+                } else {
+                    // This card's NVDEC lacks the codec: decode on the CPU,
+                    // scale on the GPU all the same.
+                    Decoder::new(codec)?
+                }
+            }
+        };
         Ok(Pipeline {
             codec,
             specs: layers,
-            decoder: Decoder::new(codec)?,
+            #[cfg(feature = "cuda")]
+            gpu_scaler: match backend {
+                Backend::Cuda(gpu) => Some(gpu.scaler().map_err(PipelineError::Gpu)?),
+                Backend::Cpu => None,
+            },
+            backend: backend.clone(),
+            decoder,
             source: None,
             layers: Vec::new(),
             last_rtp: None,
@@ -278,33 +393,50 @@ impl Pipeline {
             width: u16::try_from(picture.width()).unwrap_or(0),
             height: u16::try_from(picture.height()).unwrap_or(0),
         };
-        if size.width < 16 || size.height < 16 || picture.format() != Pixel::YUV420P {
+        // NVDEC gives NV12; FFmpeg's own decoders I420.
+        let format = picture.format();
+        if size.width < 16 || size.height < 16 || !matches!(format, Pixel::YUV420P | Pixel::NV12) {
             return Err(PipelineError::BadSize(picture.width(), picture.height()));
         }
         if self.source != Some(size) {
+            let (codec, backend) = (self.codec, &self.backend);
             self.layers = self
                 .specs
                 .iter()
                 .map(|spec| -> Result<Layer, PipelineError> {
                     let lsize = layer_size(size, spec.scale_down);
+                    let scaler = match backend {
+                        Backend::Cpu => Some(
+                            ffmpeg::software::scaling::Context::get(
+                                format,
+                                u32::from(size.width),
+                                u32::from(size.height),
+                                Pixel::YUV420P,
+                                u32::from(lsize.width),
+                                u32::from(lsize.height),
+                                ffmpeg::software::scaling::Flags::BILINEAR,
+                            )
+                            .map_err(ff("scaler"))?,
+                        ),
+                        #[cfg(feature = "cuda")]
+                        Backend::Cuda(_) => None,
+                    };
+                    let encoder = match backend {
+                        #[cfg(feature = "cuda")]
+                        Backend::Cuda(gpu) if gpu.info.nvenc && codec == Codec::H264 => {
+                            open_nvenc(lsize, spec.bitrate_kbps)?
+                        }
+                        _ => open_encoder(codec, lsize, spec.bitrate_kbps)?,
+                    };
                     Ok(Layer {
                         size: lsize,
-                        scaler: ffmpeg::software::scaling::Context::get(
-                            Pixel::YUV420P,
-                            u32::from(size.width),
-                            u32::from(size.height),
-                            Pixel::YUV420P,
-                            u32::from(lsize.width),
-                            u32::from(lsize.height),
-                            ffmpeg::software::scaling::Flags::BILINEAR,
-                        )
-                        .map_err(ff("scaler"))?,
+                        scaler,
                         picture: ffmpeg::frame::Video::new(
                             Pixel::YUV420P,
                             u32::from(lsize.width),
                             u32::from(lsize.height),
                         ),
-                        encoder: open_encoder(self.codec, lsize, spec.bitrate_kbps)?,
+                        encoder,
                         want_key: true,
                     })
                 })
@@ -317,12 +449,22 @@ impl Pipeline {
             return Ok(pushed);
         }
         let source_key = key || picture.is_key();
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = self.gpu_scaler.as_mut() {
+            // Every layer in one launch.
+            let t = Instant::now();
+            let mut pictures: Vec<&mut ffmpeg::frame::Video> =
+                self.layers.iter_mut().map(|l| &mut l.picture).collect();
+            gpu.scale(picture, &mut pictures)?;
+            pushed.timings.scale += t.elapsed();
+        }
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let t = Instant::now();
-            layer
-                .scaler
-                .run(picture, &mut layer.picture)
-                .map_err(ff("scaling"))?;
+            if let Some(scaler) = layer.scaler.as_mut() {
+                scaler
+                    .run(picture, &mut layer.picture)
+                    .map_err(ff("scaling"))?;
+            }
             pushed.timings.scale += t.elapsed();
             let t = Instant::now();
             layer.picture.set_pts(Some(pts));

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+use crate::pipeline::Backend;
 use crate::session::{Out, Session};
 
 /// The worker's settings.
@@ -32,6 +33,8 @@ pub struct WorkerConfig {
     pub tls: TlsFiles,
     /// Sessions held at most, over all connections.
     pub max_sessions: u32,
+    /// CPU, or the GPU (feature `cuda`).
+    pub backend: Backend,
 }
 
 /// Why the worker could not start.
@@ -51,6 +54,7 @@ pub enum StartError {
 struct Shared {
     metrics: Metrics,
     max_sessions: u32,
+    backend: Backend,
     open: AtomicU32,
     agent: String,
     load: Mutex<CpuLoad>,
@@ -76,8 +80,13 @@ impl Worker {
             shared: Arc::new(Shared {
                 metrics,
                 max_sessions: config.max_sessions,
+                backend: config.backend.clone(),
                 open: AtomicU32::new(0),
-                agent: format!("balie-transcoder {} cpu", env!("CARGO_PKG_VERSION")),
+                agent: format!(
+                    "balie-transcoder {} {}",
+                    env!("CARGO_PKG_VERSION"),
+                    config.backend.name()
+                ),
                 load: Mutex::new(CpuLoad::new()),
             }),
         })
@@ -287,7 +296,16 @@ async fn serve(conn: &quinn::Connection, shared: &Arc<Shared>) -> String {
                 }
                 metrics.sessions.inc();
                 let slot = Slot(shared.clone());
-                match Session::start(session, codec, layers, out_tx.clone(), metrics.clone()).await
+                let backend = shared.backend.clone();
+                match Session::start(
+                    session,
+                    codec,
+                    layers,
+                    backend,
+                    out_tx.clone(),
+                    metrics.clone(),
+                )
+                .await
                 {
                     Ok(s) => {
                         metrics.opens.with_label_values(&["opened"]).inc();

@@ -16,7 +16,7 @@ use balie_offload::{Codec, Control, ErrorCode, Frame, LayerSpec};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
-use crate::pipeline::{Encoded, Pipeline};
+use crate::pipeline::{Backend, Encoded, Pipeline};
 
 /// Source frames a session may have waiting (about a second at 30 fps).
 pub const QUEUE: usize = 32;
@@ -56,6 +56,7 @@ impl Session {
         id: u64,
         codec: Codec,
         layers: Vec<LayerSpec>,
+        backend: Backend,
         out: mpsc::Sender<Out>,
         metrics: Metrics,
     ) -> Result<Session, (ErrorCode, String)> {
@@ -67,15 +68,17 @@ impl Session {
         let m = metrics.clone();
         std::thread::Builder::new()
             .name(format!("session-{id}"))
-            .spawn(move || match Pipeline::new(codec, layers) {
-                Ok(p) => {
-                    let _ = ready_tx.send(Ok(()));
-                    run(id, p, rx, q, st, out, m);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                }
-            })
+            .spawn(
+                move || match Pipeline::with_backend(codec, layers, &backend) {
+                    Ok(p) => {
+                        let _ = ready_tx.send(Ok(()));
+                        run(id, p, rx, q, st, out, m);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                    }
+                },
+            )
             .map_err(|e| (ErrorCode::Internal, format!("starting a thread: {e}")))?;
         match ready_rx.await {
             Ok(Ok(())) => Ok(Session {

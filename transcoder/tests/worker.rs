@@ -35,6 +35,7 @@ fn start_worker(dir: &Path, max_sessions: u32) -> (SocketAddr, Metrics, quinn::E
             listen: "127.0.0.1:0".parse().expect("addr"),
             tls: TlsFiles::dev_worker(dir),
             max_sessions,
+            backend: Default::default(),
         },
         metrics.clone(),
     )

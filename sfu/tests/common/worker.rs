@@ -31,6 +31,7 @@ impl TestWorker {
                     listen: "127.0.0.1:0".parse().expect("addr"),
                     tls: TlsFiles::dev_worker(dir),
                     max_sessions: 4,
+                    backend: Default::default(),
                 },
                 metrics.clone(),
             )

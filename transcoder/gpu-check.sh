@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU check of balie-transcoder's `cuda` backend, for a node with one
+# NVIDIA GPU (made for an H200; under 8 minutes). Run it from the folder
+# transcoder/gpu-bundle.sh made:
+#
+#   ./gpu-check.sh [SECONDS]      (seconds of clip per measurement, default 6)
+#
+# It prints what the card offers, then a table: NVDEC decode frames per
+# second, GPU scaling time per frame, end-to-end layer frames per second,
+# and transcode sessions held in real time, each beside the CPU backend in
+# the same run, at 1080p and 720p, H.264 and VP8.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+seconds="${1:-6}"
+echo "== node"
+date -u
+nvidia-smi --query-gpu=name,driver_version,memory.total,encoder.stats.sessionCount --format=csv 2>/dev/null ||
+  echo "nvidia-smi not found"
+nproc
+# NVRTC comes with the CUDA toolkit or its pip wheels; put what is there on
+# the search path after the bundle (the driver's libcuda is in the system's).
+extra=""
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+         /usr/lib/x86_64-linux-gnu \
+         $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, s, "lib") for p in nvidia.__path__ for s in os.listdir(p)))' 2>/dev/null); do
+  [ -d "$d" ] && ls "$d"/libnvrtc.so* >/dev/null 2>&1 && extra="$extra:$d"
+done
+echo "NVRTC from: ${extra#:}"
+loader="$(ls "$here"/lib/ld-linux-x86-64.so.* 2>/dev/null | head -1)"
+run() {
+  if [ -n "$loader" ]; then
+    "$loader" --library-path "$here/lib$extra" "$here/balie-transcoder" "$@"
+  else
+    LD_LIBRARY_PATH="$here/lib$extra" "$here/balie-transcoder" "$@"
+  fi
+}
+echo "== without a GPU the backend is refused cleanly (checked in CI); here:"
+echo "== gpu-check"
+timeout 460 bash -c "$(declare -f run); here='$here'; extra='$extra'; loader='$loader'; run gpu-check --seconds $seconds --max 24"
+echo "rc=$?"

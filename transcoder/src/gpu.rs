@@ -1,0 +1,522 @@
+//! The `cuda` backend's GPU side (feature `cuda`): find the card, say what
+//! it offers, and scale a decoded frame into every layer in one kernel
+//! launch.
+//!
+//! - **Decode**: FFmpeg's NVDEC decoders (`h264_cuvid`, `vp8_cuvid`) through
+//!   ffmpeg-next. They hand the picture back in host memory (NV12): keeping
+//!   it on the GPU would need FFmpeg's hardware frame contexts, which
+//!   ffmpeg-next does not wrap and which we would have to reach with
+//!   `unsafe` FFI. One upload per frame (1.4 MB at 720p) is the price.
+//! - **Scale**: our own kernel ([`KERNEL`], compiled at start with NVRTC
+//!   through cudarc): one launch makes every layer (grid z = layer), each
+//!   output pixel the average of its source footprint (a box filter: at
+//!   2x and 4x down it is what a good downscaler does, without aliasing).
+//!   It reads NV12 or I420, so a frame the CPU decoded (a codec the card's
+//!   NVDEC lacks) is scaled on the GPU too.
+//! - **Encode**: `h264_nvenc` where the card has NVENC (H100 and H200 have
+//!   none), else libvpx/libx264 on the CPU, as the CPU backend.
+//!
+//! cudarc loads libcuda and libnvrtc at run time (`dynamic-loading`), so the
+//! binary builds and starts without CUDA; [`Gpu::open`] checks that the
+//! driver is there before touching it (cudarc would panic otherwise) and
+//! returns [`GpuError::NoDriver`].
+//!
+//! `unsafe` is allowed in this module only: a kernel launch is unsafe in
+//! cudarc (it cannot check the arguments against the kernel's signature).
+//! The one launch below passes exactly the kernel's parameters, in order,
+//! and every buffer is sized for the grid it covers.
+#![allow(unsafe_code)]
+
+use std::sync::Arc;
+
+use balie_offload::Size;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use ffmpeg::format::Pixel;
+use ffmpeg_next as ffmpeg;
+
+/// Why the GPU cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no NVIDIA driver: {0} was not found (run on a GPU node with the driver and, in a container, NVIDIA_DRIVER_CAPABILITIES=compute,video,utility; or use --backend cpu)")]
+    NoDriver(&'static str),
+    #[error("CUDA: {0}")]
+    Driver(String),
+    #[error("compiling the scaling kernel with NVRTC: {0}")]
+    Compile(String),
+    #[error("picture format {0:?} cannot be scaled on the GPU")]
+    Format(Pixel),
+}
+
+fn driver(e: impl std::fmt::Debug) -> GpuError {
+    GpuError::Driver(format!("{e:?}"))
+}
+
+/// What the card offers.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub compute: (i32, i32),
+    pub memory_mib: u64,
+    /// FFmpeg NVDEC decoders that opened on this card.
+    pub nvdec: Vec<&'static str>,
+    /// `h264_nvenc` opened: the card has NVENC.
+    pub nvenc: bool,
+}
+
+impl std::fmt::Display for GpuInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (compute {}.{}, {} MiB), NVDEC: {}, NVENC: {}",
+            self.name,
+            self.compute.0,
+            self.compute.1,
+            self.memory_mib,
+            if self.nvdec.is_empty() {
+                "none".to_string()
+            } else {
+                self.nvdec.join(", ")
+            },
+            if self.nvenc {
+                "h264_nvenc"
+            } else {
+                "none (encoding on the CPU)"
+            }
+        )
+    }
+}
+
+/// The scaling kernel. `layers` holds five ints per layer: width, height,
+/// and the offsets of its Y, U and V planes in `out` (I420, tightly packed).
+/// Chroma is read at `u[x * cstep]` and `v[x * cstep]`: NV12 passes the
+/// interleaved plane twice (v one byte on) with step 2, I420 its two planes
+/// with step 1.
+pub const KERNEL: &str = r#"
+extern "C" __global__ void scale_layers(
+    const unsigned char* y, int sy,
+    const unsigned char* u, const unsigned char* v, int suv, int cstep,
+    int sw, int sh,
+    const int* layers, int n,
+    unsigned char* out)
+{
+    int l = blockIdx.z;
+    if (l >= n) return;
+    const int* p = layers + l * 5;
+    int w = p[0], h = p[1];
+    int x = blockIdx.x * blockDim.x + threadIdx.x;
+    int r = blockIdx.y * blockDim.y + threadIdx.y;
+    if (x >= w || r >= h) return;
+
+    // Luma: the average of the source pixels this one covers.
+    int x0 = x * sw / w, x1 = max(x0 + 1, (x + 1) * sw / w);
+    int y0 = r * sh / h, y1 = max(y0 + 1, (r + 1) * sh / h);
+    unsigned int sum = 0;
+    for (int j = y0; j < y1; j++)
+        for (int i = x0; i < x1; i++)
+            sum += y[j * sy + i];
+    int count = (x1 - x0) * (y1 - y0);
+    out[p[2] + r * w + x] = (unsigned char)((sum + count / 2) / count);
+
+    // Chroma: one sample per 2x2 luma block, from the half-size planes.
+    if ((x & 1) || (r & 1)) return;
+    int cw = w / 2, ch = h / 2, csw = sw / 2, csh = sh / 2;
+    int cx = x / 2, cy = r / 2;
+    if (cx >= cw || cy >= ch) return;
+    int cx0 = cx * csw / cw, cx1 = max(cx0 + 1, (cx + 1) * csw / cw);
+    int cy0 = cy * csh / ch, cy1 = max(cy0 + 1, (cy + 1) * csh / ch);
+    unsigned int su = 0, sv = 0;
+    for (int j = cy0; j < cy1; j++)
+        for (int i = cx0; i < cx1; i++) {
+            su += u[j * suv + i * cstep];
+            sv += v[j * suv + i * cstep];
+        }
+    int cc = (cx1 - cx0) * (cy1 - cy0);
+    out[p[3] + cy * cw + cx] = (unsigned char)((su + cc / 2) / cc);
+    out[p[4] + cy * cw + cx] = (unsigned char)((sv + cc / 2) / cc);
+}
+"#;
+
+/// The card, its context and the compiled kernel (shared by sessions).
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    scale: CudaFunction,
+    pub info: GpuInfo,
+}
+
+impl Gpu {
+    /// Open device `ordinal`: check the driver, compile the kernel, probe
+    /// NVDEC and NVENC through FFmpeg.
+    pub fn open(ordinal: usize) -> Result<Arc<Gpu>, GpuError> {
+        // SAFETY: these only try to load the libraries (dlopen); cudarc
+        // panics on first use of a library that is missing, so we ask first.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver("libcuda.so"));
+        }
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver(
+                "libnvrtc.so (NVRTC, in the CUDA runtime libraries)",
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver)?;
+        let name = ctx.name().map_err(driver)?;
+        let attr = |a| ctx.attribute(a).map_err(driver);
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let compute = (
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        let memory_mib = ctx.total_mem().map_err(driver)? as u64 / (1 << 20);
+        let ptx =
+            cudarc::nvrtc::compile_ptx(KERNEL).map_err(|e| GpuError::Compile(format!("{e:?}")))?;
+        let module = ctx.load_module(ptx).map_err(driver)?;
+        let scale = module.load_function("scale_layers").map_err(driver)?;
+        let info = GpuInfo {
+            name,
+            compute,
+            memory_mib,
+            nvdec: probe_nvdec(),
+            nvenc: probe_nvenc(),
+        };
+        Ok(Arc::new(Gpu { ctx, scale, info }))
+    }
+
+    /// A scaler for one session (its own stream, so sessions overlap).
+    pub fn scaler(self: &Arc<Gpu>) -> Result<GpuScaler, GpuError> {
+        let stream = self.ctx.new_stream().map_err(driver)?;
+        Ok(GpuScaler {
+            gpu: self.clone(),
+            stream,
+            buffers: None,
+            host_out: Vec::new(),
+        })
+    }
+}
+
+/// The NVDEC decoders FFmpeg can open on this card.
+fn probe_nvdec() -> Vec<&'static str> {
+    ["h264_cuvid", "vp8_cuvid"]
+        .into_iter()
+        .filter(|name| crate::pipeline::Decoder::named(name).is_ok())
+        .collect()
+}
+
+/// Whether `h264_nvenc` opens (the card has NVENC).
+fn probe_nvenc() -> bool {
+    let size = Size {
+        width: 256,
+        height: 144,
+    };
+    crate::pipeline::open_nvenc(size, 200).is_ok()
+}
+
+struct Buffers {
+    source: (u32, u32, Pixel),
+    layers: Vec<Size>,
+    y: CudaSlice<u8>,
+    u: CudaSlice<u8>,
+    v: CudaSlice<u8>,
+    params: CudaSlice<i32>,
+    out: CudaSlice<u8>,
+    /// Offsets of each layer's planes in `out`.
+    offsets: Vec<[usize; 3]>,
+}
+
+/// One session's GPU scaling: the source planes go up, one launch makes
+/// every layer, the layers come down into the encoders' pictures.
+pub struct GpuScaler {
+    gpu: Arc<Gpu>,
+    stream: Arc<CudaStream>,
+    buffers: Option<Buffers>,
+    host_out: Vec<u8>,
+}
+
+impl GpuScaler {
+    /// Scale `src` into `layers` (I420 pictures of the layers' sizes).
+    pub fn scale(
+        &mut self,
+        src: &ffmpeg::frame::Video,
+        layers: &mut [&mut ffmpeg::frame::Video],
+    ) -> Result<(), GpuError> {
+        let (sw, sh, fmt) = (src.width(), src.height(), src.format());
+        let nv12 = match fmt {
+            Pixel::NV12 => true,
+            Pixel::YUV420P => false,
+            other => return Err(GpuError::Format(other)),
+        };
+        let sizes: Vec<Size> = layers
+            .iter()
+            .map(|p| Size {
+                width: p.width() as u16,
+                height: p.height() as u16,
+            })
+            .collect();
+        let fresh = self
+            .buffers
+            .as_ref()
+            .is_none_or(|b| b.source != (sw, sh, fmt) || b.layers != sizes);
+        if fresh {
+            self.buffers = Some(self.allocate(src, &sizes)?);
+        }
+        let b = self.buffers.as_mut().ok_or(GpuError::Format(fmt))?;
+        // Up: the planes as they are, strides included.
+        self.stream
+            .memcpy_htod(src.data(0), &mut b.y)
+            .map_err(driver)?;
+        self.stream
+            .memcpy_htod(src.data(1), &mut b.u)
+            .map_err(driver)?;
+        if !nv12 {
+            self.stream
+                .memcpy_htod(src.data(2), &mut b.v)
+                .map_err(driver)?;
+        }
+        let (sy, suv) = (src.stride(0) as i32, src.stride(1) as i32);
+        let (cstep, n) = (if nv12 { 2i32 } else { 1 }, sizes.len() as i32);
+        let (w, h) = sizes.iter().fold((0u32, 0u32), |(w, h), s| {
+            (w.max(s.width.into()), h.max(s.height.into()))
+        });
+        let cfg = LaunchConfig {
+            grid_dim: (w.div_ceil(16), h.div_ceil(16), sizes.len() as u32),
+            block_dim: (16, 16, 1),
+            shared_mem_bytes: 0,
+        };
+        let (sw_i, sh_i) = (sw as i32, sh as i32);
+        // For NV12, V is the interleaved plane one byte on.
+        let v_view = if nv12 { b.u.slice(1..) } else { b.v.slice(0..) };
+        let mut launch = self.stream.launch_builder(&self.gpu.scale);
+        launch
+            .arg(&b.y)
+            .arg(&sy)
+            .arg(&b.u)
+            .arg(&v_view)
+            .arg(&suv)
+            .arg(&cstep)
+            .arg(&sw_i)
+            .arg(&sh_i)
+            .arg(&b.params)
+            .arg(&n)
+            .arg(&mut b.out);
+        // SAFETY: the arguments are the kernel's, in its order and types
+        // (pointers to u8 and i32 device memory, ints); `out` holds every
+        // layer's planes at the offsets in `params`, and the kernel writes
+        // only inside each layer's width and height.
+        unsafe { launch.launch(cfg) }.map_err(driver)?;
+        // Down, then into each picture row by row (its stride).
+        self.host_out.resize(b.out.len(), 0);
+        self.stream
+            .memcpy_dtoh(&b.out, &mut self.host_out)
+            .map_err(driver)?;
+        self.stream.synchronize().map_err(driver)?;
+        for ((pic, size), offs) in layers.iter_mut().zip(&sizes).zip(&b.offsets) {
+            let (w, h) = (usize::from(size.width), usize::from(size.height));
+            for (plane, (pw, ph)) in [(w, h), (w / 2, h / 2), (w / 2, h / 2)]
+                .into_iter()
+                .enumerate()
+            {
+                let stride = pic.stride(plane);
+                let data = pic.data_mut(plane);
+                for row in 0..ph {
+                    let from = offs[plane] + row * pw;
+                    data[row * stride..row * stride + pw]
+                        .copy_from_slice(&self.host_out[from..from + pw]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn allocate(&self, src: &ffmpeg::frame::Video, sizes: &[Size]) -> Result<Buffers, GpuError> {
+        let s = &self.stream;
+        let y = s.alloc_zeros::<u8>(src.data(0).len()).map_err(driver)?;
+        let u = s.alloc_zeros::<u8>(src.data(1).len()).map_err(driver)?;
+        let v_len = if src.format() == Pixel::NV12 {
+            1
+        } else {
+            src.data(2).len()
+        };
+        let v = s.alloc_zeros::<u8>(v_len).map_err(driver)?;
+        let mut offsets = Vec::new();
+        let mut params = Vec::new();
+        let mut at = 0usize;
+        for l in sizes {
+            let (w, h) = (usize::from(l.width), usize::from(l.height));
+            let c = (w / 2) * (h / 2);
+            offsets.push([at, at + w * h, at + w * h + c]);
+            params.extend_from_slice(&[
+                w as i32,
+                h as i32,
+                at as i32,
+                (at + w * h) as i32,
+                (at + w * h + c) as i32,
+            ]);
+            at += w * h + 2 * c;
+        }
+        Ok(Buffers {
+            source: (src.width(), src.height(), src.format()),
+            layers: sizes.to_vec(),
+            y,
+            u,
+            v,
+            params: s.clone_htod(&params).map_err(driver)?,
+            out: s.alloc_zeros::<u8>(at.max(1)).map_err(driver)?,
+            offsets,
+        })
+    }
+}
+
+/// The kernel's arithmetic on the CPU, for checking it: `src` scaled to
+/// `size` by the same box filter, as I420 planes (Y, U, V) packed tightly.
+pub fn reference_scale(src: &ffmpeg::frame::Video, size: Size) -> Vec<Vec<u8>> {
+    let (sw, sh) = (src.width() as usize, src.height() as usize);
+    let (w, h) = (usize::from(size.width), usize::from(size.height));
+    let nv12 = src.format() == Pixel::NV12;
+    let plane =
+        |pw: usize, ph: usize, spw: usize, sph: usize, read: &dyn Fn(usize, usize) -> u32| {
+            let mut out = vec![0u8; pw * ph];
+            for r in 0..ph {
+                for x in 0..pw {
+                    let x0 = x * spw / pw;
+                    let x1 = ((x + 1) * spw / pw).max(x0 + 1);
+                    let y0 = r * sph / ph;
+                    let y1 = ((r + 1) * sph / ph).max(y0 + 1);
+                    let mut sum = 0u32;
+                    for j in y0..y1 {
+                        for i in x0..x1 {
+                            sum += read(i, j);
+                        }
+                    }
+                    let count = ((x1 - x0) * (y1 - y0)) as u32;
+                    out[r * pw + x] = ((sum + count / 2) / count) as u8;
+                }
+            }
+            out
+        };
+    let (sy, suv) = (src.stride(0), src.stride(1));
+    let y = plane(w, h, sw, sh, &|i, j| u32::from(src.data(0)[j * sy + i]));
+    let (u, v) = if nv12 {
+        (
+            plane(w / 2, h / 2, sw / 2, sh / 2, &|i, j| {
+                u32::from(src.data(1)[j * suv + 2 * i])
+            }),
+            plane(w / 2, h / 2, sw / 2, sh / 2, &|i, j| {
+                u32::from(src.data(1)[j * suv + 2 * i + 1])
+            }),
+        )
+    } else {
+        let sv = src.stride(2);
+        (
+            plane(w / 2, h / 2, sw / 2, sh / 2, &|i, j| {
+                u32::from(src.data(1)[j * suv + i])
+            }),
+            plane(w / 2, h / 2, sw / 2, sh / 2, &|i, j| {
+                u32::from(src.data(2)[j * sv + i])
+            }),
+        )
+    };
+    vec![y, u, v]
+}
+
+/// The largest difference between a picture and the reference planes.
+pub fn max_difference(pic: &ffmpeg::frame::Video, reference: &[Vec<u8>]) -> u8 {
+    let (w, h) = (pic.width() as usize, pic.height() as usize);
+    let mut worst = 0u8;
+    for (plane, (pw, ph)) in [(w, h), (w / 2, h / 2), (w / 2, h / 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let stride = pic.stride(plane);
+        for r in 0..ph {
+            for x in 0..pw {
+                let d = pic.data(plane)[r * stride + x].abs_diff(reference[plane][r * pw + x]);
+                worst = worst.max(d);
+            }
+        }
+    }
+    worst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn picture(
+        w: u32,
+        h: u32,
+        format: Pixel,
+        fill: impl Fn(usize, usize, usize) -> u8,
+    ) -> ffmpeg::frame::Video {
+        let mut p = ffmpeg::frame::Video::new(format, w, h);
+        let planes = if format == Pixel::NV12 { 2 } else { 3 };
+        for plane in 0..planes {
+            let stride = p.stride(plane);
+            let rows = if plane == 0 { h } else { h / 2 } as usize;
+            let data = p.data_mut(plane);
+            for r in 0..rows {
+                for x in 0..stride {
+                    data[r * stride + x] = fill(plane, x, r);
+                }
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn the_reference_box_filter_averages_each_footprint() {
+        crate::pipeline::init().expect("ffmpeg");
+        // Luma columns alternate 0 and 200: every 2x-down pixel is 100.
+        let p = picture(64, 32, Pixel::YUV420P, |plane, x, _| match plane {
+            0 => {
+                if x % 2 == 0 {
+                    0
+                } else {
+                    200
+                }
+            }
+            1 => 60,
+            _ => 180,
+        });
+        let half = Size {
+            width: 32,
+            height: 16,
+        };
+        let r = reference_scale(&p, half);
+        assert!(r[0].iter().all(|v| *v == 100), "{:?}", &r[0][..8]);
+        assert!(r[1].iter().all(|v| *v == 60));
+        assert!(r[2].iter().all(|v| *v == 180));
+        // NV12: U and V interleaved, read apart.
+        let p = picture(64, 32, Pixel::NV12, |plane, x, _| match plane {
+            0 => 16,
+            _ => {
+                if x % 2 == 0 {
+                    90
+                } else {
+                    150
+                }
+            }
+        });
+        let quarter = Size {
+            width: 16,
+            height: 8,
+        };
+        let r = reference_scale(&p, quarter);
+        assert!(r[0].iter().all(|v| *v == 16));
+        assert!(r[1].iter().all(|v| *v == 90), "{:?}", &r[1][..4]);
+        assert!(r[2].iter().all(|v| *v == 150));
+        // A picture equal to the reference differs by 0, one pixel off by 7.
+        let mut out = ffmpeg::frame::Video::new(Pixel::YUV420P, 16, 8);
+        for (plane, values) in r.iter().enumerate() {
+            let (pw, ph) = if plane == 0 { (16, 8) } else { (8, 4) };
+            let stride = out.stride(plane);
+            for row in 0..ph {
+                out.data_mut(plane)[row * stride..row * stride + pw]
+                    .copy_from_slice(&values[row * pw..(row + 1) * pw]);
+            }
+        }
+        assert_eq!(max_difference(&out, &r), 0);
+        out.data_mut(0)[0] += 7;
+        assert_eq!(max_difference(&out, &r), 7);
+    }
+}

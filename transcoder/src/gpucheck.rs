@@ -1,0 +1,265 @@
+//! `balie-transcoder gpu-check` (feature `cuda`): what the GPU backend does
+//! on this node, beside the CPU backend in the same run, on generated 1080p
+//! and 720p clips. Run by `transcoder/gpu-check.sh` on a GPU node; it prints
+//! a Markdown table.
+//!
+//! - decode: frames per second through NVDEC (the CPU decoder beside it);
+//! - scale: time per frame to make both layers (one GPU launch with its
+//!   upload and download, or libswscale per layer);
+//! - end to end: layers per second of a whole pipeline (decode, scale,
+//!   encode) fed as fast as it takes frames;
+//! - sessions held in real time at 720p (as `bench`), both backends.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use balie_offload::{Codec, Size};
+use ffmpeg::format::Pixel;
+use ffmpeg_next as ffmpeg;
+
+use crate::bench;
+use crate::clip::{self, ClipFrame, FPS};
+use crate::gpu::Gpu;
+use crate::pipeline::{layer_size, Backend, Decoder, Pipeline};
+
+/// One measurement row.
+struct Row {
+    what: String,
+    cpu: String,
+    gpu: String,
+}
+
+/// Run the check; `seconds` of clip per measurement, `max` sessions at most.
+pub fn run(seconds: u32, max: usize) -> Result<(), String> {
+    crate::pipeline::init().map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    let gpu = Gpu::open(0).map_err(|e| e.to_string())?;
+    println!("GPU: {}", gpu.info);
+    println!(
+        "opened in {:.2} s (NVRTC compile included)",
+        t0.elapsed().as_secs_f64()
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("CPU cores: {cores}");
+    let mut rows = Vec::new();
+    for (label, size) in [
+        (
+            "1080p",
+            Size {
+                width: 1920,
+                height: 1080,
+            },
+        ),
+        (
+            "720p",
+            Size {
+                width: 1280,
+                height: 720,
+            },
+        ),
+    ] {
+        for codec in [Codec::H264, Codec::Vp8] {
+            let clip =
+                clip::make(codec, size, seconds * FPS, 2 * FPS, 3000).map_err(|e| e.to_string())?;
+            measure(&gpu, label, codec, &clip, &mut rows)?;
+        }
+    }
+    // Sessions in real time (720p30 in, 360p and 180p out), as `bench`.
+    for codec in [Codec::H264, Codec::Vp8] {
+        let clip = bench::source(codec, seconds)?;
+        let mut held = [0usize; 2];
+        for (i, backend) in [Backend::Cpu, Backend::Cuda(gpu.clone())]
+            .iter()
+            .enumerate()
+        {
+            for n in 1..=max {
+                let step = bench::ours_on(codec, &clip, n, backend);
+                eprintln!(
+                    "{} {}: {n} sessions, {} of {} frames late, {:.2} cores",
+                    codec.name(),
+                    backend.name(),
+                    step.late,
+                    step.frames,
+                    step.cores
+                );
+                if !step.held {
+                    break;
+                }
+                held[i] = n;
+            }
+        }
+        rows.push(Row {
+            what: format!(
+                "{} sessions held in real time (720p -> 360p+180p)",
+                codec.name()
+            ),
+            cpu: held[0].to_string(),
+            gpu: held[1].to_string(),
+        });
+    }
+    println!();
+    println!("| measurement | cpu | cuda |");
+    println!("| --- | ---: | ---: |");
+    for r in rows {
+        println!("| {} | {} | {} |", r.what, r.cpu, r.gpu);
+    }
+    println!();
+    println!("total {:.0} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn measure(
+    gpu: &Arc<Gpu>,
+    label: &str,
+    codec: Codec,
+    clip: &[ClipFrame],
+    rows: &mut Vec<Row>,
+) -> Result<(), String> {
+    let name = codec.name();
+    let cuvid = match codec {
+        Codec::Vp8 => "vp8_cuvid",
+        Codec::H264 => "h264_cuvid",
+    };
+    // Decode: as fast as it goes, pictures counted.
+    let cpu_fps = decode_fps(Decoder::new(codec).map_err(|e| e.to_string())?, clip);
+    let gpu_fps = if gpu.info.nvdec.contains(&cuvid) {
+        format!(
+            "{:.0}",
+            decode_fps(Decoder::named(cuvid).map_err(|e| e.to_string())?, clip)
+        )
+    } else {
+        "no NVDEC for this codec".into()
+    };
+    rows.push(Row {
+        what: format!("{label} {name} decode, frames/s"),
+        cpu: format!("{cpu_fps:.0}"),
+        gpu: gpu_fps,
+    });
+
+    // Scale: both layers of every decoded picture.
+    let mut dec = Decoder::new(codec).map_err(|e| e.to_string())?;
+    let mut pictures = Vec::new();
+    for (i, f) in clip.iter().enumerate().take(60) {
+        if let Ok(Some(p)) = dec.decode(&f.data, i as i64) {
+            pictures.push(p.clone());
+        }
+    }
+    let source = Size {
+        width: clip_width(&pictures),
+        height: clip_height(&pictures),
+    };
+    let sizes: Vec<Size> = bench::LAYERS
+        .iter()
+        .map(|l| layer_size(source, l.scale_down))
+        .collect();
+    let mut outs: Vec<ffmpeg::frame::Video> = sizes
+        .iter()
+        .map(|s| ffmpeg::frame::Video::new(Pixel::YUV420P, s.width.into(), s.height.into()))
+        .collect();
+    let mut scalers: Vec<_> = sizes
+        .iter()
+        .map(|s| {
+            ffmpeg::software::scaling::Context::get(
+                Pixel::YUV420P,
+                source.width.into(),
+                source.height.into(),
+                Pixel::YUV420P,
+                s.width.into(),
+                s.height.into(),
+                ffmpeg::software::scaling::Flags::BILINEAR,
+            )
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    for p in &pictures {
+        for (s, o) in scalers.iter_mut().zip(outs.iter_mut()) {
+            s.run(p, o).map_err(|e| e.to_string())?;
+        }
+    }
+    let cpu_scale = per_frame_ms(t.elapsed(), pictures.len());
+    let mut scaler = gpu.scaler().map_err(|e| e.to_string())?;
+    // One warm-up launch (module load, allocations).
+    if let Some(p) = pictures.first() {
+        let mut refs: Vec<&mut ffmpeg::frame::Video> = outs.iter_mut().collect();
+        scaler.scale(p, &mut refs).map_err(|e| e.to_string())?;
+    }
+    let t = Instant::now();
+    for p in &pictures {
+        let mut refs: Vec<&mut ffmpeg::frame::Video> = outs.iter_mut().collect();
+        scaler.scale(p, &mut refs).map_err(|e| e.to_string())?;
+    }
+    let gpu_scale = per_frame_ms(t.elapsed(), pictures.len());
+    let worst = match pictures.last() {
+        Some(p) => outs
+            .iter()
+            .zip(&sizes)
+            .map(|(o, s)| crate::gpu::max_difference(o, &crate::gpu::reference_scale(p, *s)))
+            .max()
+            .unwrap_or(0),
+        None => 0,
+    };
+    rows.push(Row {
+        what: format!(
+            "{label} {name} GPU scaling: largest difference from the CPU reference (of 255)"
+        ),
+        cpu: "-".into(),
+        gpu: worst.to_string(),
+    });
+    rows.push(Row {
+        what: format!(
+            "{label} {name} scale to both layers, ms/frame (GPU: upload, one launch, download)"
+        ),
+        cpu: format!("{cpu_scale:.2}"),
+        gpu: format!("{gpu_scale:.2}"),
+    });
+
+    // End to end: layers made per second, one pipeline fed flat out.
+    let cpu_lps = layers_per_second(codec, clip, &Backend::Cpu)?;
+    let gpu_lps = layers_per_second(codec, clip, &Backend::Cuda(gpu.clone()))?;
+    rows.push(Row {
+        what: format!("{label} {name} end to end, layer frames/s (one session, flat out)"),
+        cpu: format!("{cpu_lps:.0}"),
+        gpu: format!("{gpu_lps:.0}"),
+    });
+    Ok(())
+}
+
+fn clip_width(p: &[ffmpeg::frame::Video]) -> u16 {
+    p.first().map_or(0, |p| p.width() as u16)
+}
+
+fn clip_height(p: &[ffmpeg::frame::Video]) -> u16 {
+    p.first().map_or(0, |p| p.height() as u16)
+}
+
+fn per_frame_ms(d: Duration, frames: usize) -> f64 {
+    d.as_secs_f64() * 1000.0 / frames.max(1) as f64
+}
+
+fn decode_fps(mut dec: Decoder, clip: &[ClipFrame]) -> f64 {
+    let t = Instant::now();
+    let mut pictures = 0u64;
+    for (i, f) in clip.iter().enumerate() {
+        if let Ok(Some(_)) = dec.decode(&f.data, i as i64) {
+            pictures += 1;
+        }
+    }
+    pictures as f64 / t.elapsed().as_secs_f64()
+}
+
+fn layers_per_second(codec: Codec, clip: &[ClipFrame], backend: &Backend) -> Result<f64, String> {
+    let mut p = Pipeline::with_backend(codec, bench::LAYERS.to_vec(), backend)
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let far = Instant::now() + Duration::from_secs(3600);
+    let t = Instant::now();
+    let mut made = 0usize;
+    for f in clip {
+        p.push(f.rtp_time, f.key, &f.data, far, &mut out)
+            .map_err(|e| e.to_string())?;
+        made += out.len();
+        out.clear();
+    }
+    Ok(made as f64 / t.elapsed().as_secs_f64())
+}

@@ -1,0 +1,88 @@
+//! The `cuda` backend (`cargo test -p balie-transcoder --features cuda`).
+//! Without a GPU (CI) it checks that the backend is refused with a clear
+//! error and no panic; on a GPU node it checks the scaling kernel against
+//! its CPU reference and a whole session's layers by decoding them.
+#![cfg(feature = "cuda")]
+
+use balie_offload::{Codec, Size};
+use balie_transcoder::clip;
+use balie_transcoder::gpu::{max_difference, reference_scale, Gpu, GpuError};
+use balie_transcoder::pipeline::{self, layer_size, Backend, Decoder, Pipeline};
+use ffmpeg_next as ffmpeg;
+
+#[test]
+fn without_a_driver_the_gpu_is_refused_and_with_one_it_scales_like_the_reference() {
+    pipeline::init().expect("ffmpeg");
+    let gpu = match Gpu::open(0) {
+        Err(GpuError::NoDriver(what)) => {
+            let msg = GpuError::NoDriver(what).to_string();
+            assert!(msg.contains("no NVIDIA driver"), "{msg}");
+            assert!(msg.contains("--backend cpu"), "{msg}");
+            eprintln!("no GPU here: {msg}");
+            return;
+        }
+        Err(e) => panic!("a GPU node that cannot open its GPU: {e}"),
+        Ok(gpu) => gpu,
+    };
+    eprintln!("GPU: {}", gpu.info);
+    let hd = Size {
+        width: 1280,
+        height: 720,
+    };
+    let frames = clip::make(Codec::H264, hd, 10, 10, 2000).expect("clip");
+    // A CPU-decoded picture (I420) through the kernel, against the reference.
+    let mut dec = Decoder::new(Codec::H264).expect("decoder");
+    let mut picture = None;
+    for (i, f) in frames.iter().enumerate() {
+        if let Ok(Some(p)) = dec.decode(&f.data, i as i64) {
+            picture = Some(p.clone());
+        }
+    }
+    let picture = picture.expect("a picture");
+    let sizes = [layer_size(hd, 2), layer_size(hd, 4)];
+    let mut outs: Vec<ffmpeg::frame::Video> = sizes
+        .iter()
+        .map(|s| {
+            ffmpeg::frame::Video::new(
+                ffmpeg::format::Pixel::YUV420P,
+                s.width.into(),
+                s.height.into(),
+            )
+        })
+        .collect();
+    let mut scaler = gpu.scaler().expect("scaler");
+    let mut refs: Vec<&mut ffmpeg::frame::Video> = outs.iter_mut().collect();
+    scaler.scale(&picture, &mut refs).expect("scaled");
+    for (out, size) in outs.iter().zip(sizes) {
+        let d = max_difference(out, &reference_scale(&picture, size));
+        assert!(d <= 1, "{size:?}: off by {d}");
+    }
+    // A whole session on the GPU backend: layers that decode at their sizes.
+    let mut p = Pipeline::with_backend(
+        Codec::H264,
+        balie_transcoder::bench::LAYERS.to_vec(),
+        &Backend::Cuda(gpu),
+    )
+    .expect("pipeline");
+    let mut out = Vec::new();
+    let far = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for f in &frames {
+        p.push(f.rtp_time, f.key, &f.data, far, &mut out)
+            .expect("push");
+    }
+    let mut decoders = [
+        Decoder::new(Codec::H264).expect("decoder"),
+        Decoder::new(Codec::H264).expect("decoder"),
+    ];
+    let mut sizes_seen = Vec::new();
+    for e in &out {
+        let d = &mut decoders[usize::from(e.track) - 1];
+        if let Ok(Some(pic)) = d.decode(&e.data, i64::from(e.rtp_time)) {
+            sizes_seen.push((e.track, pic.width(), pic.height()));
+        }
+    }
+    assert!(sizes_seen.len() >= 16, "{sizes_seen:?}");
+    assert!(sizes_seen
+        .iter()
+        .all(|s| *s == (1, 640, 360) || *s == (2, 320, 180)));
+}
