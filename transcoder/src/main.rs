@@ -64,7 +64,12 @@ enum Command {
         )]
         metrics: SocketAddr,
         /// `cuda` needs a binary built with the `cuda` feature and a GPU.
-        #[arg(long, value_enum, env = "BALIE_TRANSCODER_BACKEND", default_value = "cpu")]
+        #[arg(
+            long,
+            value_enum,
+            env = "BALIE_TRANSCODER_BACKEND",
+            default_value = "cpu"
+        )]
         backend: Backend,
     },
     /// How many transcode sessions (720p30 in, 360p and 180p out) this
