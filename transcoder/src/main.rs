@@ -100,6 +100,19 @@ enum Command {
         #[arg(long, default_value_t = 24)]
         max: usize,
     },
+    /// Print the captions of an audio file through the captions model,
+    /// with timings: a check of a model and a machine before going live.
+    Transcribe {
+        /// Any audio file FFmpeg reads (WAV, Opus, FLAC, ...).
+        file: PathBuf,
+        /// The spoken language (forced; no detection).
+        #[arg(long, default_value = "nl")]
+        language: String,
+        /// A model folder in the Hugging Face Whisper layout (default: the
+        /// one `models fetch` provisions).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
     /// Captions models.
     Models {
         #[command(subcommand)]
@@ -164,6 +177,11 @@ fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::GpuCheck { seconds, max } => gpu_check(seconds, max),
+        Command::Transcribe {
+            file,
+            language,
+            model,
+        } => transcribe(&file, &language, model),
         Command::Models {
             command: ModelsCommand::Fetch { dir, index },
         } => {
@@ -244,6 +262,47 @@ fn open_backend(backend: Backend) -> Result<PipelineBackend, String> {
 #[cfg(not(feature = "cuda"))]
 const NO_CUDA: &str = "--backend cuda: this binary was built without the `cuda` feature \
      (cargo build --release -p balie-transcoder --features cuda)";
+
+fn transcribe(
+    file: &std::path::Path,
+    language: &str,
+    model: Option<PathBuf>,
+) -> Result<(), String> {
+    use balie_transcoder::captions::{audio, mel::SAMPLE_RATE, models, whisper::Whisper};
+    let dir = model.unwrap_or_else(models::default_dir);
+    let t = std::time::Instant::now();
+    let w = Whisper::load(&dir).map_err(|e| {
+        format!("{e} (provision the default model with `balie-transcoder models fetch`)")
+    })?;
+    eprintln!(
+        "model {} loaded in {:.2} s",
+        dir.display(),
+        t.elapsed().as_secs_f64()
+    );
+    let pcm = audio::read_pcm(file)?;
+    let window = 30 * SAMPLE_RATE;
+    let total = pcm.len() as f64 / SAMPLE_RATE as f64;
+    let t = std::time::Instant::now();
+    for (i, chunk) in pcm.chunks(window).enumerate() {
+        let start = (i * 30) as f64;
+        let end = start + chunk.len() as f64 / SAMPLE_RATE as f64;
+        let r = w.transcribe(chunk, language).map_err(|e| e.to_string())?;
+        println!("[{start:6.1} - {end:6.1}] {}", r.text);
+        eprintln!(
+            "  encode {:.0} ms, decode {:.0} ms for {} tokens ({:.0} ms each)",
+            r.encode.as_secs_f64() * 1000.0,
+            r.decode.as_secs_f64() * 1000.0,
+            r.tokens.len(),
+            r.decode.as_secs_f64() * 1000.0 / r.tokens.len().max(1) as f64
+        );
+    }
+    let took = t.elapsed().as_secs_f64();
+    eprintln!(
+        "{total:.1} s of audio in {took:.2} s: real-time factor {:.2}",
+        took / total.max(1e-9)
+    );
+    Ok(())
+}
 
 #[cfg(feature = "cuda")]
 fn gpu_check(seconds: u32, max: usize) -> Result<(), String> {
