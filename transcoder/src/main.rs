@@ -268,7 +268,9 @@ fn transcribe(
     language: &str,
     model: Option<PathBuf>,
 ) -> Result<(), String> {
-    use balie_transcoder::captions::{audio, mel::SAMPLE_RATE, models, whisper::Whisper};
+    use balie_transcoder::captions::{
+        audio, mel::SAMPLE_RATE, models, stream::Streamer, whisper::Whisper,
+    };
     let dir = model.unwrap_or_else(models::default_dir);
     let t = std::time::Instant::now();
     let w = Whisper::load(&dir).map_err(|e| {
@@ -280,25 +282,42 @@ fn transcribe(
         t.elapsed().as_secs_f64()
     );
     let pcm = audio::read_pcm(file)?;
-    let window = 30 * SAMPLE_RATE;
     let total = pcm.len() as f64 / SAMPLE_RATE as f64;
+    // The live pipeline: 20 ms packets through voice activity detection,
+    // partials about once a second, finals by local agreement and at the
+    // end of each utterance.
+    let mut s = Streamer::new(language);
     let t = std::time::Instant::now();
-    for (i, chunk) in pcm.chunks(window).enumerate() {
-        let start = (i * 30) as f64;
-        let end = start + chunk.len() as f64 / SAMPLE_RATE as f64;
-        let r = w.transcribe(chunk, language).map_err(|e| e.to_string())?;
-        println!("[{start:6.1} - {end:6.1}] {}", r.text);
+    let mut worst = 0f64;
+    let packets: Vec<&[f32]> = pcm.chunks(SAMPLE_RATE / 50).collect();
+    for (i, packet) in packets.iter().enumerate() {
+        let t0 = std::time::Instant::now();
+        let captions = s.push(&w, packet).map_err(|e| e.to_string())?;
+        let spent = t0.elapsed().as_secs_f64();
+        for c in captions {
+            let kind = if c.is_final { "final  " } else { "partial" };
+            println!("[{:6.2} - {:6.2}] {kind} {}", c.start, c.end, c.text);
+            if c.is_final {
+                // From the end of its audio to the text, at real-time pace:
+                // what had to be heard after it, then the decoding.
+                let heard = (i + 1) as f64 / 50.0;
+                let after = (heard - c.end).max(0.0) + spent;
+                worst = worst.max(after);
+                eprintln!("  final {after:.2} s after the end of its speech");
+            }
+        }
+    }
+    let t0 = std::time::Instant::now();
+    for c in s.flush(&w).map_err(|e| e.to_string())? {
+        println!("[{:6.2} - {:6.2}] final   {}", c.start, c.end, c.text);
         eprintln!(
-            "  encode {:.0} ms, decode {:.0} ms for {} tokens ({:.0} ms each)",
-            r.encode.as_secs_f64() * 1000.0,
-            r.decode.as_secs_f64() * 1000.0,
-            r.tokens.len(),
-            r.decode.as_secs_f64() * 1000.0 / r.tokens.len().max(1) as f64
+            "  final {:.2} s after the end of the file",
+            t0.elapsed().as_secs_f64()
         );
     }
     let took = t.elapsed().as_secs_f64();
     eprintln!(
-        "{total:.1} s of audio in {took:.2} s: real-time factor {:.2}",
+        "{total:.1} s of audio in {took:.2} s: real-time factor {:.2}; latest final {worst:.2} s after its speech",
         took / total.max(1e-9)
     );
     Ok(())

@@ -138,3 +138,65 @@ fn the_word_error_rate_counts_edits() {
     assert_eq!(wer(&w("a b"), &w("a b c d")), 1.0);
     assert_eq!(words("Mr. Dashwood, then"), ["mister", "dashwood", "then"]);
 }
+
+#[test]
+fn streamed_speech_gives_partials_then_finals_and_silence_gives_nothing() {
+    use balie_transcoder::captions::mel::SAMPLE_RATE;
+    use balie_transcoder::captions::stream::Streamer;
+    let w = model();
+    let data = Path::new("/usr/share/pocketsphinx/test/data/librivox");
+    // Two readings with silence around and between them, as a call would
+    // carry them, fed in 20 ms packets.
+    let mut pcm = vec![0f32; 2 * SAMPLE_RATE];
+    for id in ["0870", "0920"] {
+        let clip = data.join(format!("sense_and_sensibility_01_austen_64kb-{id}.wav"));
+        pcm.extend(audio::read_pcm(&clip).expect("audio"));
+        pcm.extend(vec![0f32; 2 * SAMPLE_RATE]);
+    }
+    let mut s = Streamer::new("en");
+    let mut captions = Vec::new();
+    for packet in pcm.chunks(SAMPLE_RATE / 50) {
+        captions.extend(s.push(&w, packet).expect("stream"));
+    }
+    captions.extend(s.flush(&w).expect("flush"));
+    for c in &captions {
+        eprintln!(
+            "{:5.2}-{:5.2} {} {}",
+            c.start,
+            c.end,
+            if c.is_final { "final  " } else { "partial" },
+            c.text
+        );
+    }
+    let finals: Vec<String> = captions
+        .iter()
+        .filter(|c| c.is_final)
+        .flat_map(|c| words(&c.text))
+        .collect();
+    let reference = words(
+        "and mister john dashwood had then leisure to consider how much there might be prudently \
+         in his power to do for them had he married a more amiable woman he might have been made \
+         still more respectable than he was",
+    );
+    let e = wer(&reference, &finals);
+    eprintln!("streamed WER {:.1}%", e * 100.0);
+    assert!(e < 0.15, "WER {e}: {finals:?}");
+    assert!(captions.iter().any(|c| !c.is_final), "partials come first");
+    // Two utterances, each starting after its silence: none before 2 s.
+    assert!(captions.iter().all(|c| c.start >= 1.6), "{captions:?}");
+
+    // Silence and faint noise: no captions, and Whisper never runs.
+    let mut s = Streamer::new("en");
+    let quiet: Vec<f32> = (0..5 * SAMPLE_RATE)
+        .map(|i| ((i * 7919) % 13) as f32 * 1e-4)
+        .collect();
+    let t = std::time::Instant::now();
+    let none = s.push(&w, &quiet).expect("stream");
+    assert!(none.is_empty(), "{none:?}");
+    assert!(s.flush(&w).expect("flush").is_empty());
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(500),
+        "no decoding: {:?}",
+        t.elapsed()
+    );
+}

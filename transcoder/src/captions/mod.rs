@@ -11,4 +11,5 @@ pub mod audio;
 pub mod ct2;
 pub mod mel;
 pub mod models;
+pub mod stream;
 pub mod whisper;

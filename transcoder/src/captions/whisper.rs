@@ -396,7 +396,12 @@ impl Whisper {
         for step in 0..cap {
             let l = logits.broadcast_add(&self.suppress)?;
             let next = l.argmax(0)?.to_scalar::<u32>()?;
-            if next == self.eot || repeats(&out, next) {
+            if next == self.eot {
+                break;
+            }
+            if let Some(cut) = repeats(&out, next) {
+                // A loop: keep one copy of the repeated words.
+                out.truncate(cut);
                 break;
             }
             out.push(next);
@@ -415,21 +420,20 @@ impl Whisper {
     }
 }
 
-/// Whether adding `next` would make the tail a loop: the same token five
-/// times running, or the last 2-8 tokens repeated three times in a row.
-fn repeats(out: &[u32], next: u32) -> bool {
+/// Whether adding `next` makes the tail a loop, and where the text should
+/// end then: the same token five times running (keep one), or the last 4-24
+/// tokens repeating the 4-24 before them (keep the first copy). Whisper
+/// loops like this on audio cut mid-word (partials) and on synthetic voices.
+fn repeats(out: &[u32], next: u32) -> Option<usize> {
     let mut all = out.to_vec();
     all.push(next);
     let n = all.len();
     if n >= 5 && all[n - 5..].iter().all(|t| *t == next) {
-        return true;
+        return Some(n - 4);
     }
-    (2..=8).any(|len| {
-        n >= 3 * len && {
-            let a = &all[n - len..];
-            a == &all[n - 2 * len..n - len] && a == &all[n - 3 * len..n - 2 * len]
-        }
-    })
+    (4..=24)
+        .find(|len| n >= 2 * len && all[n - len..] == all[n - 2 * len..n - len])
+        .map(|len| n - len)
 }
 
 #[cfg(test)]
@@ -438,11 +442,16 @@ mod tests {
 
     #[test]
     fn loops_are_caught_and_speech_is_not() {
-        assert!(!repeats(&[1, 2, 3, 4], 5));
-        assert!(repeats(&[7, 7, 7, 7], 7));
-        assert!(repeats(&[1, 2, 3, 1, 2, 3, 1, 2], 3));
-        assert!(!repeats(&[1, 2, 3, 1, 2, 3], 4));
+        assert_eq!(repeats(&[1, 2, 3, 4], 5), None);
+        assert_eq!(repeats(&[7, 7, 7, 7], 7), Some(1));
+        // "a b c d a b c d": the second copy goes.
+        assert_eq!(repeats(&[1, 2, 3, 4, 1, 2, 3], 4), Some(4));
+        assert_eq!(
+            repeats(&[1, 2, 3, 1, 2], 3),
+            None,
+            "short phrases may repeat"
+        );
         // "the cat and the dog and the bird": no loop.
-        assert!(!repeats(&[5, 9, 4, 5, 8, 4, 5], 11));
+        assert_eq!(repeats(&[5, 9, 4, 5, 8, 4, 5], 11), None);
     }
 }
