@@ -17,18 +17,7 @@ use balie_transcoder::clip::{self, ClipFrame};
 use balie_transcoder::metrics::Metrics as WorkerMetrics;
 use balie_transcoder::pipeline::Decoder;
 use balie_transcoder::server::{Worker, WorkerConfig};
-use common::worker::TestWorker;
-
-fn config(dir: &Path, workers: &[&TestWorker]) -> OffloadConfig {
-    OffloadConfig {
-        workers: workers.iter().map(|w| w.addr.to_string()).collect(),
-        server_name: Some("localhost".into()),
-        ca: dir.join("ca.pem"),
-        cert: dir.join("sfu.pem"),
-        key: dir.join("sfu.key"),
-        ..OffloadConfig::default()
-    }
-}
+use common::worker::{offload_config, TestWorker};
 
 fn setup(config: &OffloadConfig, registry: &prometheus::Registry) -> OffloadSetup {
     OffloadSetup {
@@ -100,7 +89,7 @@ async fn sessions_spread_over_workers_and_move_within_2_s_when_one_dies() {
     make_dev_certs(dir.path(), &["localhost".into()]).expect("certs");
     let mut a = TestWorker::start(dir.path());
     let b = TestWorker::start(dir.path());
-    let cfg = config(dir.path(), &[&a, &b]);
+    let cfg = offload_config(dir.path(), &[&a, &b]);
     cfg.check().expect("valid config");
     let registry = prometheus::Registry::new();
     let (pool, mut events) = Pool::start(&setup(&cfg, &registry), "0".into()).expect("pool");
@@ -219,7 +208,7 @@ async fn without_a_worker_a_session_waits_and_is_placed_when_one_comes() {
     let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let addr = probe.local_addr().expect("addr");
     drop(probe);
-    let mut cfg = config(dir.path(), &[]);
+    let mut cfg = offload_config(dir.path(), &[]);
     cfg.workers = vec![addr.to_string()];
     let (pool, mut events) =
         Pool::start(&setup(&cfg, &prometheus::Registry::new()), "0".into()).expect("pool");
@@ -328,7 +317,7 @@ async fn a_worker_that_stops_reading_costs_dropped_frames_not_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
     make_dev_certs(dir.path(), &["localhost".into()]).expect("certs");
     let (addr, _task) = stalled_worker(dir.path()).await;
-    let mut cfg = config(dir.path(), &[]);
+    let mut cfg = offload_config(dir.path(), &[]);
     cfg.workers = vec![addr.to_string()];
     let registry = prometheus::Registry::new();
     let s = setup(&cfg, &registry);

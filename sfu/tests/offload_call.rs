@@ -5,18 +5,16 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use balie_offload::tls::make_dev_certs;
 use balie_offload::{Codec, Size};
-use balie_sfu::offload::OffloadConfig;
 use balie_sfu::sim::peer::Clip;
 use balie_sfu::token::Role;
 use balie_transcoder::clip;
 use balie_transcoder::pipeline::Decoder;
-use common::worker::TestWorker;
+use common::worker::{offload_config, TestWorker};
 use common::{run_until, token, Client, Join, TestServer};
 use str0m::media::MediaKind;
 
@@ -54,17 +52,6 @@ fn str0m_codec(codec: Codec) -> str0m::format::Codec {
     match codec {
         Codec::Vp8 => str0m::format::Codec::Vp8,
         Codec::H264 => str0m::format::Codec::H264,
-    }
-}
-
-fn offload(dir: &Path, workers: &[&TestWorker]) -> OffloadConfig {
-    OffloadConfig {
-        workers: workers.iter().map(|w| w.addr.to_string()).collect(),
-        server_name: Some("localhost".into()),
-        ca: dir.join("ca.pem"),
-        cert: dir.join("sfu.pem"),
-        key: dir.join("sfu.key"),
-        ..OffloadConfig::default()
     }
 }
 
@@ -148,7 +135,7 @@ fn small_frames_decode(codec: Codec, then_hide: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     make_dev_certs(dir.path(), &["localhost".into()]).expect("certs");
     let worker = TestWorker::start(dir.path());
-    let cfg = offload(dir.path(), &[&worker]);
+    let cfg = offload_config(dir.path(), &[&worker]);
     let srv = TestServer::start(|c| c.offload = cfg);
     let (mut publisher, mut viewer) = call(&srv, "counter-offload", codec);
     // Shown at an unknown size on a fast link: nobody needs less.
@@ -240,7 +227,7 @@ fn a_killed_worker_leaves_the_source_and_another_brings_the_layer_back_within_2_
     let dir = tempfile::tempdir().expect("tempdir");
     make_dev_certs(dir.path(), &["localhost".into()]).expect("certs");
     let mut workers = [TestWorker::start(dir.path()), TestWorker::start(dir.path())];
-    let cfg = offload(dir.path(), &[&workers[0], &workers[1]]);
+    let cfg = offload_config(dir.path(), &[&workers[0], &workers[1]]);
     let srv = TestServer::start(|c| {
         c.offload = cfg;
         // One shard: one connection per worker, so the session's worker

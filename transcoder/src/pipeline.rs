@@ -188,15 +188,15 @@ struct Layer {
 }
 
 /// The encoder of a layer, set up as a browser's real-time encoder.
-pub fn open_encoder(
-    codec: Codec,
+/// An encoder by FFmpeg name, not yet opened, set up as every layer's:
+/// I420 at `size`, 90 kHz time base, 30 fps, `bitrate_kbps` (peaks to 1.5x),
+/// keyframes only where the source has one or a subscriber asks.
+fn realtime_encoder(
+    name: &str,
+    label: &'static str,
     size: Size,
     bitrate_kbps: u32,
-) -> Result<ffmpeg::encoder::video::Encoder, PipelineError> {
-    let (name, label) = match codec {
-        Codec::Vp8 => ("libvpx", "libvpx (VP8 encoder)"),
-        Codec::H264 => ("libx264", "libx264 (H.264 encoder)"),
-    };
+) -> Result<ffmpeg::codec::encoder::video::Video, PipelineError> {
     let c = ffmpeg::encoder::find_by_name(name).ok_or(PipelineError::Missing(label))?;
     let mut enc = single_threaded(c)
         .encoder()
@@ -209,8 +209,20 @@ pub fn open_encoder(
     enc.set_frame_rate(Some((30, 1)));
     enc.set_bit_rate(bitrate_kbps as usize * 1000);
     enc.set_max_bit_rate(bitrate_kbps as usize * 1000 * 3 / 2);
-    // Keyframes only where the source has one or a subscriber asks.
     enc.set_gop(u32::MAX / 2);
+    Ok(enc)
+}
+
+pub fn open_encoder(
+    codec: Codec,
+    size: Size,
+    bitrate_kbps: u32,
+) -> Result<ffmpeg::encoder::video::Encoder, PipelineError> {
+    let (name, label) = match codec {
+        Codec::Vp8 => ("libvpx", "libvpx (VP8 encoder)"),
+        Codec::H264 => ("libx264", "libx264 (H.264 encoder)"),
+    };
+    let enc = realtime_encoder(name, label, size, bitrate_kbps)?;
     let mut opts = ffmpeg::Dictionary::new();
     match codec {
         Codec::Vp8 => {
@@ -241,20 +253,7 @@ pub fn open_nvenc(
     size: Size,
     bitrate_kbps: u32,
 ) -> Result<ffmpeg::encoder::video::Encoder, PipelineError> {
-    let c =
-        ffmpeg::encoder::find_by_name("h264_nvenc").ok_or(PipelineError::Missing("h264_nvenc"))?;
-    let mut enc = single_threaded(c)
-        .encoder()
-        .video()
-        .map_err(ff("encoder"))?;
-    enc.set_width(u32::from(size.width));
-    enc.set_height(u32::from(size.height));
-    enc.set_format(Pixel::YUV420P);
-    enc.set_time_base((1, RTP_HZ));
-    enc.set_frame_rate(Some((30, 1)));
-    enc.set_bit_rate(bitrate_kbps as usize * 1000);
-    enc.set_max_bit_rate(bitrate_kbps as usize * 1000 * 3 / 2);
-    enc.set_gop(u32::MAX / 2);
+    let mut enc = realtime_encoder("h264_nvenc", "h264_nvenc", size, bitrate_kbps)?;
     enc.set_max_b_frames(0);
     let mut opts = ffmpeg::Dictionary::new();
     opts.set("preset", "p1");

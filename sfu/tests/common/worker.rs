@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use balie_offload::tls::TlsFiles;
+use balie_sfu::offload::OffloadConfig;
 use balie_transcoder::metrics::Metrics as WorkerMetrics;
 use balie_transcoder::server::{Worker, WorkerConfig};
 
@@ -60,5 +61,17 @@ impl TestWorker {
 impl Drop for TestWorker {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// `[offload]` for `workers`, with the development certificates in `dir`.
+pub fn offload_config(dir: &Path, workers: &[&TestWorker]) -> OffloadConfig {
+    OffloadConfig {
+        workers: workers.iter().map(|w| w.addr.to_string()).collect(),
+        server_name: Some("localhost".into()),
+        ca: dir.join("ca.pem"),
+        cert: dir.join("sfu.pem"),
+        key: dir.join("sfu.key"),
+        ..OffloadConfig::default()
     }
 }

@@ -376,27 +376,33 @@ impl<'a> Ct2Model<'a> {
             "model.encoder.embed_positions.weight".into(),
             self.whole("encoder/position_encodings/encodings")?,
         );
+        // What encoder and decoder layers share: self-attention, its norm,
+        // the feed-forward block and its norm.
+        let layer =
+            |t: &mut BTreeMap<String, Tensor<'a>>, to: &str, from: &str| -> Result<(), Ct2Error> {
+                qkv(
+                    t,
+                    &format!("{to}.self_attn"),
+                    &format!("{from}/self_attention"),
+                )?;
+                ln(
+                    t,
+                    format!("{to}.self_attn_layer_norm"),
+                    &format!("{from}/self_attention/layer_norm"),
+                )?;
+                lin(t, format!("{to}.fc1"), &format!("{from}/ffn/linear_0"))?;
+                lin(t, format!("{to}.fc2"), &format!("{from}/ffn/linear_1"))?;
+                ln(
+                    t,
+                    format!("{to}.final_layer_norm"),
+                    &format!("{from}/ffn/layer_norm"),
+                )
+            };
         for i in 0..enc_layers {
-            let (to, from) = (
-                format!("model.encoder.layers.{i}"),
-                format!("encoder/layer_{i}"),
-            );
-            qkv(
+            layer(
                 &mut t,
-                &format!("{to}.self_attn"),
-                &format!("{from}/self_attention"),
-            )?;
-            ln(
-                &mut t,
-                format!("{to}.self_attn_layer_norm"),
-                &format!("{from}/self_attention/layer_norm"),
-            )?;
-            lin(&mut t, format!("{to}.fc1"), &format!("{from}/ffn/linear_0"))?;
-            lin(&mut t, format!("{to}.fc2"), &format!("{from}/ffn/linear_1"))?;
-            ln(
-                &mut t,
-                format!("{to}.final_layer_norm"),
-                &format!("{from}/ffn/layer_norm"),
+                &format!("model.encoder.layers.{i}"),
+                &format!("encoder/layer_{i}"),
             )?;
         }
         ln(
@@ -417,16 +423,7 @@ impl<'a> Ct2Model<'a> {
                 format!("model.decoder.layers.{i}"),
                 format!("decoder/layer_{i}"),
             );
-            qkv(
-                &mut t,
-                &format!("{to}.self_attn"),
-                &format!("{from}/self_attention"),
-            )?;
-            ln(
-                &mut t,
-                format!("{to}.self_attn_layer_norm"),
-                &format!("{from}/self_attention/layer_norm"),
-            )?;
+            layer(&mut t, &to, &from)?;
             // Cross-attention: q, then fused k|v (k without bias), out.
             let x = format!("{from}/attention");
             lin(
@@ -457,13 +454,6 @@ impl<'a> Ct2Model<'a> {
                 &mut t,
                 format!("{to}.encoder_attn_layer_norm"),
                 &format!("{x}/layer_norm"),
-            )?;
-            lin(&mut t, format!("{to}.fc1"), &format!("{from}/ffn/linear_0"))?;
-            lin(&mut t, format!("{to}.fc2"), &format!("{from}/ffn/linear_1"))?;
-            ln(
-                &mut t,
-                format!("{to}.final_layer_norm"),
-                &format!("{from}/ffn/layer_norm"),
             )?;
         }
         ln(
