@@ -20,7 +20,7 @@ use ffmpeg_next as ffmpeg;
 use crate::bench;
 use crate::clip::{self, ClipFrame, FPS};
 use crate::gpu::Gpu;
-use crate::pipeline::{layer_size, Backend, Decoder, Pipeline};
+use crate::pipeline::{cpu_scaler, layer_size, Backend, Decoder, Pipeline};
 
 /// One measurement row.
 struct Row {
@@ -141,10 +141,16 @@ fn measure(
             pictures.push(p.clone());
         }
     }
-    let source = Size {
-        width: clip_width(&pictures),
-        height: clip_height(&pictures),
-    };
+    let source = pictures.first().map_or(
+        Size {
+            width: 0,
+            height: 0,
+        },
+        |p| Size {
+            width: p.width() as u16,
+            height: p.height() as u16,
+        },
+    );
     let sizes: Vec<Size> = bench::LAYERS
         .iter()
         .map(|l| layer_size(source, l.scale_down))
@@ -155,17 +161,7 @@ fn measure(
         .collect();
     let mut scalers: Vec<_> = sizes
         .iter()
-        .map(|s| {
-            ffmpeg::software::scaling::Context::get(
-                Pixel::YUV420P,
-                source.width.into(),
-                source.height.into(),
-                Pixel::YUV420P,
-                s.width.into(),
-                s.height.into(),
-                ffmpeg::software::scaling::Flags::BILINEAR,
-            )
-        })
+        .map(|s| cpu_scaler(Pixel::YUV420P, source, *s))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     let t = Instant::now();
@@ -250,14 +246,6 @@ fn most_held(max: usize, mut holds: impl FnMut(usize) -> bool) -> usize {
         }
     }
     good
-}
-
-fn clip_width(p: &[ffmpeg::frame::Video]) -> u16 {
-    p.first().map_or(0, |p| p.width() as u16)
-}
-
-fn clip_height(p: &[ffmpeg::frame::Video]) -> u16 {
-    p.first().map_or(0, |p| p.height() as u16)
 }
 
 fn per_frame_ms(d: Duration, frames: usize) -> f64 {

@@ -265,6 +265,25 @@ pub fn open_nvenc(
     enc.open_with(opts).map_err(ff("opening h264_nvenc"))
 }
 
+/// The CPU backend's scaler of one layer: `format` at `from` to I420 at
+/// `to`, bilinear.
+pub fn cpu_scaler(
+    format: Pixel,
+    from: Size,
+    to: Size,
+) -> Result<ffmpeg::software::scaling::Context, PipelineError> {
+    ffmpeg::software::scaling::Context::get(
+        format,
+        u32::from(from.width),
+        u32::from(from.height),
+        Pixel::YUV420P,
+        u32::from(to.width),
+        u32::from(to.height),
+        ffmpeg::software::scaling::Flags::BILINEAR,
+    )
+    .map_err(ff("scaler"))
+}
+
 /// Layer size: the source divided by the scale, rounded down to even, at
 /// least 16x16.
 pub fn layer_size(source: Size, scale_down: u8) -> Size {
@@ -405,18 +424,7 @@ impl Pipeline {
                 .map(|spec| -> Result<Layer, PipelineError> {
                     let lsize = layer_size(size, spec.scale_down);
                     let scaler = match backend {
-                        Backend::Cpu => Some(
-                            ffmpeg::software::scaling::Context::get(
-                                format,
-                                u32::from(size.width),
-                                u32::from(size.height),
-                                Pixel::YUV420P,
-                                u32::from(lsize.width),
-                                u32::from(lsize.height),
-                                ffmpeg::software::scaling::Flags::BILINEAR,
-                            )
-                            .map_err(ff("scaler"))?,
-                        ),
+                        Backend::Cpu => Some(cpu_scaler(format, size, lsize)?),
                         #[cfg(feature = "cuda")]
                         Backend::Cuda(_) => None,
                     };

@@ -584,6 +584,10 @@ impl ShardCore {
             }
         }
         let room_id = sess.room.clone();
+        // Its tracks' worker sessions end with it.
+        for (_, track) in &sess.tracks_in {
+            self.offload_close(&room_id, *track);
+        }
         let mut gone_tracks = Vec::new();
         if let Some(room) = self.rooms.get_mut(&room_id) {
             room.sessions.retain(|s| *s != sid);
@@ -591,11 +595,6 @@ impl ShardCore {
                 let mine = t.owner == sid;
                 if mine {
                     gone_tracks.push(t.id);
-                    if t.offload.as_ref().is_some_and(|o| o.open) {
-                        self.pool_out.push_back(PoolCommand::Close { key: t.id.0 });
-                        self.offload_rooms.remove(&t.id.0);
-                        self.metrics.offload_opened.dec();
-                    }
                 }
                 !mine
             });

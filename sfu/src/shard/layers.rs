@@ -32,7 +32,7 @@ pub const HEADROOM: f64 = 1.15;
 /// How long a probe for the top layer's rate is asked for.
 pub const PROBE_FOR: Duration = Duration::from_millis(1000);
 /// A layer's bitrate with [`HEADROOM`].
-fn with_headroom(bitrate: u64) -> u64 {
+pub fn with_headroom(bitrate: u64) -> u64 {
     (bitrate as f64 * HEADROOM) as u64
 }
 

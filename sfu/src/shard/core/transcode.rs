@@ -29,7 +29,7 @@ use str0m::media::{KeyframeRequestKind, MediaTime, Rid};
 use super::{Fanout, ShardCore};
 use crate::ids::{RoomId, TrackId};
 use crate::offload::{PoolCommand, PoolEvent};
-use crate::shard::layers::{cap_for_display_by, HEADROOM};
+use crate::shard::layers::{cap_for_display_by, with_headroom};
 use crate::shard::room::Offloaded;
 use crate::shard::session::TrackOut;
 
@@ -110,7 +110,7 @@ pub(super) fn note_need(
     let wanted = out.choice.target.or(out.choice.current);
     let on_layer = wanted.is_some_and(|r| worker_track(r).is_some());
     let source = measured.iter().find(|(r, _)| *r == SOURCE).map(|(_, b)| *b);
-    let by_budget = source.is_some_and(|b| (b as f64 * HEADROOM) as u64 > budget);
+    let by_budget = source.is_some_and(|b| with_headroom(b) > budget);
     let lines = o.source_height.unwrap_or(DEFAULT_SOURCE_LINES);
     let by_display = out
         .display_height
@@ -264,7 +264,7 @@ impl ShardCore {
 
     /// Close an offloaded track's worker session and forget its layers;
     /// false if none was open.
-    fn offload_close(&mut self, room_id: &RoomId, track_id: TrackId) -> bool {
+    pub(super) fn offload_close(&mut self, room_id: &RoomId, track_id: TrackId) -> bool {
         let Some(t) = self.rooms.get_mut(room_id).and_then(|r| r.track(track_id)) else {
             return false;
         };
