@@ -29,7 +29,15 @@ const state = {
   // How long the client tries ICE restarts after losing the connection.
   reconnectWindowMs: 30_000,
   restarting: false,
+  captions: null,       // the last captions-state from the server
+  partials: new Map(),  // participant id -> the element of their partial caption
+  captionSize: Number(localStorage.getItem('balie-caption-size')) || 3,
 };
+
+// Caption text sizes (rem), chosen with A− / A+.
+const CAPTION_SIZES = [1, 1.125, 1.25, 1.5, 1.75, 2, 2.5];
+// Caption lines kept on screen (older ones scroll away).
+const CAPTION_LINES = 60;
 
 // ---- views and announcements -------------------------------------------------
 
@@ -233,6 +241,12 @@ async function onMessage(msg) {
     case 'send-video':
       await sendVideo(msg.mid, msg.send);
       break;
+    case 'captions-state':
+      renderCaptionsState(msg);
+      break;
+    case 'caption':
+      onCaption(msg);
+      break;
     case 'unmute-requested':
       announce(t('announce.unmute'));
       $('mic').focus();
@@ -376,6 +390,94 @@ function renderPeople() {
     }
     list.append(li);
   }
+}
+
+// ---- captions ------------------------------------------------------------------
+
+/** The room's captions were switched, or became (un)available. */
+function renderCaptionsState(msg) {
+  const was = state.captions;
+  state.captions = msg;
+  $('captions-panel').hidden = false;
+  const key = !msg.on ? 'captions.off' : msg.available ? 'captions.on' : 'captions.unavailable';
+  const notice = $('captions-notice');
+  notice.dataset.t = key;
+  notice.textContent = t(key);
+  const sw = $('captions-switch');
+  sw.hidden = state.me?.role !== 'official';
+  sw.setAttribute('aria-pressed', String(msg.on));
+  sw.dataset.t = msg.on ? 'captions.switch.off' : 'captions.switch.on';
+  sw.textContent = t(sw.dataset.t);
+  if (!msg.on) {
+    for (const el of state.partials.values()) el.remove();
+    state.partials.clear();
+  }
+  // Tell screen reader users too, when it changed.
+  if (was && (was.on !== msg.on || was.available !== msg.available)) announce(t(key));
+  else if (!was && msg.on) announce(t(key));
+}
+
+/** A caption: a partial replaces the speaker's previous partial; a final
+ *  takes its place, and joins the speaker's last line when nobody spoke
+ *  in between. */
+function onCaption(msg) {
+  const box = $('captions');
+  const who = state.people.get(msg.participant);
+  const name = msg.name || (who ? nameOf(who) : '');
+  const old = state.partials.get(msg.participant);
+  if (!msg.final) {
+    const line = old ?? document.createElement('p');
+    line.className = 'partial';
+    // Partials change every second: screen readers get the final text only.
+    line.setAttribute('aria-hidden', 'true');
+    line.title = t('captions.partial');
+    line.replaceChildren(speakerLabel(name), document.createTextNode(msg.text));
+    line.dataset.participant = msg.participant;
+    if (!old) box.append(line);
+    state.partials.set(msg.participant, line);
+    box.scrollTop = box.scrollHeight;
+    return;
+  }
+  old?.remove();
+  state.partials.delete(msg.participant);
+  const last = lastLine(box);
+  const text = document.createElement('span');
+  text.className = 'text';
+  if (last?.dataset.participant === msg.participant) {
+    text.textContent = ` ${msg.text}`;
+    last.append(text);
+  } else {
+    const line = document.createElement('p');
+    line.className = 'final';
+    line.dataset.participant = msg.participant;
+    text.textContent = msg.text;
+    line.append(speakerLabel(name), text);
+    // Before the partials of others, which are still being spoken.
+    const firstPartial = box.querySelector('p.partial');
+    box.insertBefore(line, firstPartial);
+  }
+  while (box.querySelectorAll('p.final').length > CAPTION_LINES) box.querySelector('p.final').remove();
+  box.scrollTop = box.scrollHeight;
+}
+
+/** The newest final line (partials come after the finals). */
+function lastLine(box) {
+  return [...box.querySelectorAll('p.final')].pop();
+}
+
+function speakerLabel(name) {
+  const span = document.createElement('span');
+  span.className = 'speaker';
+  span.textContent = name ? `${name}: ` : '';
+  return span;
+}
+
+function setCaptionSize(step) {
+  state.captionSize = Math.max(0, Math.min(CAPTION_SIZES.length - 1, state.captionSize + step));
+  localStorage.setItem('balie-caption-size', String(state.captionSize));
+  $('captions').style.setProperty('--caption-size', `${CAPTION_SIZES[state.captionSize]}rem`);
+  $('captions-smaller').disabled = state.captionSize === 0;
+  $('captions-larger').disabled = state.captionSize === CAPTION_SIZES.length - 1;
 }
 
 // ---- controls ------------------------------------------------------------------
@@ -529,7 +631,12 @@ function main() {
     toggleLang();
     $('lang').textContent = t('lang.other');
     renderPeople();
+    if (state.captions) renderCaptionsState(state.captions);
   });
+  $('captions-switch').addEventListener('click', () => send({ type: 'captions', on: !state.captions?.on }));
+  $('captions-smaller').addEventListener('click', () => setCaptionSize(-1));
+  $('captions-larger').addEventListener('click', () => setCaptionSize(1));
+  setCaptionSize(0);
   $('start').addEventListener('click', join);
   $('mic').addEventListener('click', () => toggle('mic'));
   $('cam').addEventListener('click', () => toggle('cam'));

@@ -14,6 +14,6 @@ pub mod tls;
 pub mod wire;
 
 pub use wire::{
-    Capacity, Codec, Control, ErrorCode, Frame, GroupHeader, LayerSpec, Media, Size, WireError,
-    ALPN, VERSION,
+    Capacity, Caption, Codec, Control, ErrorCode, Frame, GroupHeader, LayerSpec, Media, Size,
+    WireError, ALPN, VERSION,
 };

@@ -47,9 +47,11 @@ pub enum LinkEvent {
 /// A connected worker.
 pub struct Link {
     pub conn: quinn::Connection,
-    /// The worker's hello: agent and session limit.
+    /// The worker's hello: agent, session limit, caption session limit
+    /// (0: it makes no captions).
     pub agent: String,
     pub max_sessions: u32,
+    pub max_captions: u32,
     ctl: mpsc::UnboundedSender<Control>,
 }
 
@@ -74,23 +76,25 @@ impl Link {
                 version: VERSION,
                 agent: agent.to_owned(),
                 max_sessions: 0,
+                max_captions: 0,
             },
         )
         .await?;
         let hello = tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut recv))
             .await
             .map_err(|_| LinkError::NoHello(HELLO_TIMEOUT))??;
-        let (agent, max_sessions) = match hello {
+        let (agent, max_sessions, max_captions) = match hello {
             Some(Control::Hello {
                 version,
                 agent,
                 max_sessions,
+                max_captions,
             }) => {
                 if version != VERSION {
                     conn.close((ErrorCode::Version as u32).into(), b"version");
                     return Err(LinkError::Version(version));
                 }
-                (agent, max_sessions)
+                (agent, max_sessions, max_captions)
             }
             other => return Err(LinkError::NotHello(format!("{other:?}"))),
         };
@@ -144,6 +148,7 @@ impl Link {
                 conn,
                 agent,
                 max_sessions,
+                max_captions,
                 ctl,
             },
             rx,

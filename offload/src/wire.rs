@@ -19,15 +19,21 @@
 //! [`Frame`]s, one group (a GOP, from a keyframe) per stream. The SFU sends
 //! the source on track 0; the worker sends each layer it makes on track
 //! 1, 2, ... (the index of the layer in [`Control::Open`], plus one).
+//!
+//! Caption sessions ([`Control::OpenCaptions`]) carry a participant's Opus
+//! frames on track 0 (RTP time at 48 kHz), in short groups (the SFU starts
+//! a new one every second; every Opus frame is decodable, so each group's
+//! first frame is marked key). Nothing comes back on media streams: the
+//! worker sends [`Control::Caption`] segments on the control stream.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The protocol version in [`Control::Hello`]. A peer with another version
 /// is refused with [`ErrorCode::Version`].
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The ALPN both sides require; it carries the major version, so a peer
 /// speaking another one fails the TLS handshake instead of misreading us.
-pub const ALPN: &[u8] = b"balie-offload/1";
+pub const ALPN: &[u8] = b"balie-offload/2";
 /// Largest control message (kind and body).
 pub const MAX_CONTROL: usize = 16 * 1024;
 /// Largest media message (a frame with its header): a 1080p keyframe at a
@@ -37,6 +43,9 @@ pub const MAX_MEDIA: usize = 4 * 1024 * 1024;
 pub const MAX_LAYERS: usize = 4;
 /// Longest string (agent names, reasons) in bytes.
 pub const MAX_TEXT: usize = 255;
+/// Longest caption text in bytes (a 25 s utterance of fast speech is
+/// about 500).
+pub const MAX_CAPTION: usize = 2048;
 
 /// Why a message could not be read. Every variant is a protocol error of the
 /// peer; none is a reason to panic.
@@ -191,6 +200,32 @@ pub struct Capacity {
     /// How busy the worker's media threads were over the last second, in
     /// thousandths (1000 = every thread busy all the time).
     pub load_permille: u16,
+    /// Caption sessions held, and the most it takes (0: no captions).
+    pub captions: u32,
+    pub max_captions: u32,
+}
+
+/// One caption segment of a caption session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caption {
+    pub session: u64,
+    /// At most [`MAX_CAPTION`] bytes.
+    pub text: String,
+    /// The speech it covers, in milliseconds of the session's audio (from
+    /// its first frame).
+    pub start_ms: u32,
+    pub end_ms: u32,
+    /// Final: it will not change. A partial is replaced by the next
+    /// partial or final of the same session.
+    pub is_final: bool,
+    /// The language it was transcribed in.
+    pub language: String,
+}
+
+/// Whether `lang` looks like a Whisper language code: 2 or 3 lowercase
+/// ASCII letters (`nl`, `en`, `haw`).
+pub fn valid_language(lang: &str) -> bool {
+    (2..=3).contains(&lang.len()) && lang.bytes().all(|b| b.is_ascii_lowercase())
 }
 
 /// Messages on the control stream.
@@ -203,6 +238,9 @@ pub enum Control {
         agent: String,
         /// The worker's session limit; 0 from the SFU.
         max_sessions: u32,
+        /// The worker's caption session limit (0: it makes no captions);
+        /// 0 from the SFU.
+        max_captions: u32,
     },
     /// Worker -> SFU.
     Capacity(Capacity),
@@ -214,6 +252,12 @@ pub enum Control {
         codec: Codec,
         layers: Vec<LayerSpec>,
     },
+    /// SFU -> worker: make captions of the Opus audio that will come on
+    /// track 0 of groups for `session`, in `language` (a Whisper code, see
+    /// [`valid_language`]). Session ids share one space with [`Control::Open`]'s.
+    OpenCaptions { session: u64, language: String },
+    /// Worker -> SFU: a caption segment.
+    Caption(Caption),
     /// SFU -> worker: nobody needs this session any more.
     Close { session: u64 },
     /// SFU -> worker: send a keyframe on `track` (a layer) soon.
@@ -244,6 +288,8 @@ const K_KEYFRAME: u8 = 0x05;
 const K_LAYOUT: u8 = 0x06;
 const K_ENDED: u8 = 0x07;
 const K_ERROR: u8 = 0x08;
+const K_OPEN_CAPTIONS: u8 = 0x09;
+const K_CAPTION: u8 = 0x0a;
 const K_GROUP: u8 = 0x20;
 const K_FRAME: u8 = 0x21;
 
@@ -287,11 +333,13 @@ pub fn encode_control(msg: &Control, out: &mut BytesMut) {
             version,
             agent,
             max_sessions,
+            max_captions,
         } => {
             b.put_u8(K_HELLO);
             b.put_u16(*version);
             put_str(b, agent);
             b.put_u32(*max_sessions);
+            b.put_u32(*max_captions);
         }
         Control::Capacity(c) => {
             b.put_u8(K_CAPACITY);
@@ -299,6 +347,22 @@ pub fn encode_control(msg: &Control, out: &mut BytesMut) {
             b.put_u32(c.max_sessions);
             b.put_u32(c.queue_depth);
             b.put_u16(c.load_permille);
+            b.put_u32(c.captions);
+            b.put_u32(c.max_captions);
+        }
+        Control::OpenCaptions { session, language } => {
+            b.put_u8(K_OPEN_CAPTIONS);
+            b.put_u64(*session);
+            put_str(b, language);
+        }
+        Control::Caption(c) => {
+            b.put_u8(K_CAPTION);
+            b.put_u64(c.session);
+            b.put_u32(c.start_ms);
+            b.put_u32(c.end_ms);
+            b.put_u8(u8::from(c.is_final));
+            put_str(b, &c.language);
+            put_long_str(b, &c.text, MAX_CAPTION);
         }
         Control::Open {
             session,
@@ -381,14 +445,26 @@ fn framed(out: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
     out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-fn put_str(b: &mut BytesMut, s: &str) {
-    // Cut at a character boundary within MAX_TEXT bytes.
-    let mut end = s.len().min(MAX_TEXT);
+/// `s` cut at a character boundary within `max` bytes.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    b.put_u8(end as u8);
-    b.put_slice(&s.as_bytes()[..end]);
+    &s[..end]
+}
+
+fn put_str(b: &mut BytesMut, s: &str) {
+    let s = cut(s, MAX_TEXT);
+    b.put_u8(s.len() as u8);
+    b.put_slice(s.as_bytes());
+}
+
+/// A string with a `u16` byte count, cut within `max` bytes.
+fn put_long_str(b: &mut BytesMut, s: &str, max: usize) {
+    let s = cut(s, max.min(usize::from(u16::MAX)));
+    b.put_u16(s.len() as u16);
+    b.put_slice(s.as_bytes());
 }
 
 fn put_size(b: &mut BytesMut, s: Size) {
@@ -432,13 +508,55 @@ pub fn decode_control(msg: &[u8]) -> Result<Control, WireError> {
             version: r.u16("hello version")?,
             agent: r.string("hello agent")?,
             max_sessions: r.u32("hello max_sessions")?,
+            max_captions: r.u32("hello max_captions")?,
         },
         K_CAPACITY => Control::Capacity(Capacity {
             sessions: r.u32("capacity sessions")?,
             max_sessions: r.u32("capacity max_sessions")?,
             queue_depth: r.u32("capacity queue_depth")?,
             load_permille: r.u16("capacity load")?,
+            captions: r.u32("capacity captions")?,
+            max_captions: r.u32("capacity max_captions")?,
         }),
+        K_OPEN_CAPTIONS => {
+            let session = r.u64("open captions session")?;
+            let language = r.string("open captions language")?;
+            if !valid_language(&language) {
+                return Err(WireError::Invalid {
+                    field: "open captions language",
+                    why: "not 2 or 3 lowercase letters",
+                });
+            }
+            Control::OpenCaptions { session, language }
+        }
+        K_CAPTION => {
+            let session = r.u64("caption session")?;
+            let start_ms = r.u32("caption start")?;
+            let end_ms = r.u32("caption end")?;
+            let flags = r.u8("caption flags")?;
+            if flags > 1 {
+                return Err(WireError::Invalid {
+                    field: "caption flags",
+                    why: "unknown bits set",
+                });
+            }
+            let language = r.string("caption language")?;
+            let text = r.long_string("caption text", MAX_CAPTION)?;
+            if end_ms < start_ms {
+                return Err(WireError::Invalid {
+                    field: "caption end",
+                    why: "before its start",
+                });
+            }
+            Control::Caption(Caption {
+                session,
+                text,
+                start_ms,
+                end_ms,
+                is_final: flags == 1,
+                language,
+            })
+        }
         K_OPEN => {
             let session = r.u64("open session")?;
             let codec = Codec::from_u8(r.u8("open codec")?)?;
@@ -603,6 +721,21 @@ impl Reader<'_> {
 
     fn string(&mut self, what: &'static str) -> Result<String, WireError> {
         let n = self.u8(what)? as usize;
+        self.utf8(n, what)
+    }
+
+    fn long_string(&mut self, what: &'static str, max: usize) -> Result<String, WireError> {
+        let n = self.u16(what)? as usize;
+        if n > max {
+            return Err(WireError::Invalid {
+                field: what,
+                why: "longer than allowed",
+            });
+        }
+        self.utf8(n, what)
+    }
+
+    fn utf8(&mut self, n: usize, what: &'static str) -> Result<String, WireError> {
         let b = self.take(n, what)?;
         String::from_utf8(b.to_vec()).map_err(|_| WireError::Invalid {
             field: what,
@@ -641,12 +774,27 @@ mod tests {
                 version: VERSION,
                 agent: "balie-sfu 0.1.0 shard 1".into(),
                 max_sessions: 0,
+                max_captions: 0,
             },
             Control::Capacity(Capacity {
                 sessions: 3,
                 max_sessions: 40,
                 queue_depth: 7,
                 load_permille: 512,
+                captions: 2,
+                max_captions: 16,
+            }),
+            Control::OpenCaptions {
+                session: 12,
+                language: "nl".into(),
+            },
+            Control::Caption(Caption {
+                session: 12,
+                text: "Ik wil graag een nieuw paspoort aanvragen.".into(),
+                start_ms: 1_200,
+                end_ms: 3_950,
+                is_final: true,
+                language: "nl".into(),
             }),
             Control::Open {
                 session: u64::MAX,
@@ -769,11 +917,53 @@ mod tests {
             version: 1,
             agent,
             max_sessions: 1,
+            max_captions: 0,
         }) else {
             panic!("not a hello");
         };
         assert_eq!(back.len(), 254);
         assert!(back.chars().all(|c| c == 'é'));
+        let long = Control::Caption(Caption {
+            session: 1,
+            text: "ë".repeat(MAX_CAPTION),
+            start_ms: 0,
+            end_ms: 1,
+            is_final: false,
+            language: "nl".into(),
+        });
+        let Control::Caption(c) = roundtrip_control(&long) else {
+            panic!("not a caption");
+        };
+        assert_eq!(c.text.len(), MAX_CAPTION);
+    }
+
+    #[test]
+    fn caption_fields_are_checked() {
+        let mut bad_lang = BytesMut::new();
+        encode_control(
+            &Control::OpenCaptions {
+                session: 1,
+                language: "NL!".into(),
+            },
+            &mut bad_lang,
+        );
+        let err = decode_control(&bad_lang[4..]).expect_err("bad language");
+        assert!(err.to_string().contains("language"), "{err}");
+        // A caption whose end is before its start, and one whose text
+        // claims more than MAX_CAPTION bytes.
+        let mut backwards = vec![K_CAPTION];
+        backwards.extend_from_slice(&1u64.to_be_bytes());
+        backwards.extend_from_slice(&500u32.to_be_bytes());
+        backwards.extend_from_slice(&100u32.to_be_bytes());
+        backwards.extend_from_slice(&[1, 2, b'n', b'l', 0, 1, b'a']);
+        let err = decode_control(&backwards).expect_err("backwards");
+        assert!(err.to_string().contains("before its start"), "{err}");
+        let mut huge = vec![K_CAPTION];
+        huge.extend_from_slice(&1u64.to_be_bytes());
+        huge.extend_from_slice(&[0; 8]);
+        huge.extend_from_slice(&[0, 2, b'n', b'l', 0xff, 0xff]);
+        let err = decode_control(&huge).expect_err("too long");
+        assert!(err.to_string().contains("longer than allowed"), "{err}");
     }
 
     fn arb_control() -> impl Strategy<Value = Control> {
@@ -784,21 +974,48 @@ mod tests {
         let size = (any::<u16>(), any::<u16>()).prop_map(|(width, height)| Size { width, height });
         let code = (0u16..10).prop_map(ErrorCode::from_u16);
         prop_oneof![
-            (any::<u16>(), "[a-z0-9 .]{0,60}", any::<u32>()).prop_map(|(version, agent, max)| {
-                Control::Hello {
+            (any::<u16>(), "[a-z0-9 .]{0,60}", any::<u32>(), any::<u32>()).prop_map(
+                |(version, agent, max, captions)| Control::Hello {
                     version,
                     agent,
                     max_sessions: max,
+                    max_captions: captions,
                 }
-            }),
-            (any::<u32>(), any::<u32>(), any::<u32>(), any::<u16>()).prop_map(|(a, b, c, d)| {
-                Control::Capacity(Capacity {
-                    sessions: a,
-                    max_sessions: b,
-                    queue_depth: c,
-                    load_permille: d,
-                })
-            }),
+            ),
+            (
+                (any::<u32>(), any::<u32>(), any::<u32>()),
+                any::<u16>(),
+                (any::<u32>(), any::<u32>())
+            )
+                .prop_map(|((a, b, c), d, (e, f))| {
+                    Control::Capacity(Capacity {
+                        sessions: a,
+                        max_sessions: b,
+                        queue_depth: c,
+                        load_permille: d,
+                        captions: e,
+                        max_captions: f,
+                    })
+                }),
+            (any::<u64>(), "[a-z]{2,3}")
+                .prop_map(|(session, language)| { Control::OpenCaptions { session, language } }),
+            (
+                any::<u64>(),
+                ".{0,200}",
+                (any::<u32>(), any::<u32>()),
+                any::<bool>(),
+                "[a-z]{2,3}"
+            )
+                .prop_map(|(session, text, (a, b), is_final, language)| {
+                    Control::Caption(Caption {
+                        session,
+                        text,
+                        start_ms: a.min(b),
+                        end_ms: a.max(b),
+                        is_final,
+                        language,
+                    })
+                }),
             (
                 any::<u64>(),
                 prop_oneof![Just(Codec::Vp8), Just(Codec::H264)],

@@ -34,6 +34,32 @@ pub struct Config {
     pub drain: DrainConfig,
     /// Transcoder workers for single-layer publishers (off by default).
     pub offload: crate::offload::OffloadConfig,
+    /// Live captions, made on the `[offload]` workers (off by default).
+    pub captions: CaptionsConfig,
+}
+
+/// Live captions.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptionsConfig {
+    /// Whether officials may switch captions on. Needs `[offload]` workers
+    /// started with `--captions`. Default false.
+    pub enabled: bool,
+    /// The spoken language, forced (Whisper's code: `nl`, `en`). Default `nl`.
+    pub language: String,
+    /// Captions are on in every room from the start (an official can still
+    /// switch them off). Default false.
+    pub on_at_start: bool,
+}
+
+impl Default for CaptionsConfig {
+    fn default() -> Self {
+        CaptionsConfig {
+            enabled: false,
+            language: "nl".into(),
+            on_at_start: false,
+        }
+    }
 }
 
 /// The media plane: shards and their UDP sockets.
@@ -111,6 +137,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             drain: DrainConfig::default(),
             offload: crate::offload::OffloadConfig::default(),
+            captions: CaptionsConfig::default(),
         }
     }
 }
@@ -179,6 +206,18 @@ impl Config {
 
     fn check(&self) -> Result<(), String> {
         self.offload.check()?;
+        if self.captions.enabled && !self.offload.enabled() {
+            return Err(
+                "captions.enabled needs [offload] workers: captions are made on a transcoder worker"
+                    .into(),
+            );
+        }
+        if !balie_offload::wire::valid_language(&self.captions.language) {
+            return Err(format!(
+                "captions.language {:?} is not a Whisper language code (nl, en, ...)",
+                self.captions.language
+            ));
+        }
         if self.rooms.max_participants < 2 {
             return Err("rooms.max_participants must be at least 2".into());
         }

@@ -33,6 +33,9 @@ pub struct Metrics {
     bwe_estimate: HistogramVec,
     loss_caps: IntCounterVec,
     offload_tracks: IntGaugeVec,
+    caption_tracks: IntGaugeVec,
+    captions: IntCounterVec,
+    captions_unavailable: IntCounterVec,
     draining: IntGauge,
 }
 
@@ -86,6 +89,13 @@ pub struct ShardMetrics {
     pub keyframe_requests_worker: IntCounter,
     /// Single-layer video tracks with a worker session open.
     pub offload_opened: IntGauge,
+    /// Audio tracks with a caption session open.
+    pub caption_tracks: IntGauge,
+    /// Caption segments sent to rooms, partial and final.
+    pub captions_partial: IntCounter,
+    pub captions_final: IntCounter,
+    /// Times a room's captions became unavailable (no worker).
+    pub captions_unavailable: IntCounter,
     layer_switches: IntCounterVec,
     shard: String,
 }
@@ -225,6 +235,30 @@ impl Metrics {
                 shard,
             )
             .expect("valid metric"),
+            caption_tracks: IntGaugeVec::new(
+                Opts::new(
+                    "caption_tracks",
+                    "Audio tracks with a caption session open on a worker (rooms with captions on).",
+                ),
+                shard,
+            )
+            .expect("valid metric"),
+            captions: IntCounterVec::new(
+                Opts::new(
+                    "captions_total",
+                    "Caption segments sent to rooms, by kind (partial, final).",
+                ),
+                &["shard", "kind"],
+            )
+            .expect("valid metric"),
+            captions_unavailable: IntCounterVec::new(
+                Opts::new(
+                    "captions_unavailable_total",
+                    "Times a room's captions became unavailable because no worker could make them.",
+                ),
+                shard,
+            )
+            .expect("valid metric"),
             draining: IntGauge::new("draining", "1 while the node drains after SIGTERM.")
                 .expect("valid metric"),
             registry,
@@ -249,6 +283,9 @@ impl Metrics {
             Box::new(m.bwe_estimate.clone()),
             Box::new(m.loss_caps.clone()),
             Box::new(m.offload_tracks.clone()),
+            Box::new(m.caption_tracks.clone()),
+            Box::new(m.captions.clone()),
+            Box::new(m.captions_unavailable.clone()),
             Box::new(m.draining.clone()),
         ] {
             r.register(c).expect("metric names are unique");
@@ -286,6 +323,10 @@ impl Metrics {
             loss_caps: self.loss_caps.with_label_values(&[s]),
             keyframe_requests_worker: self.keyframe_requests.with_label_values(&[s, "worker"]),
             offload_opened: self.offload_tracks.with_label_values(&[s]),
+            caption_tracks: self.caption_tracks.with_label_values(&[s]),
+            captions_partial: self.captions.with_label_values(&[s, "partial"]),
+            captions_final: self.captions.with_label_values(&[s, "final"]),
+            captions_unavailable: self.captions_unavailable.with_label_values(&[s]),
             layer_switches: self.layer_switches.clone(),
             shard: s.to_string(),
         }

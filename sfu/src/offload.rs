@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use balie_offload::link::{client_endpoint, GroupSender, Link, LinkEvent};
 use balie_offload::tls::{client_config, TlsFiles};
-use balie_offload::{Capacity, Codec, Control, ErrorCode, Frame, GroupHeader, LayerSpec, Size};
+use balie_offload::{
+    Capacity, Caption, Codec, Control, ErrorCode, Frame, GroupHeader, LayerSpec, Size,
+};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -216,7 +218,10 @@ impl OffloadMetrics {
 pub enum PoolCommand {
     /// Start transcoding a track; `key` is the shard's name for it.
     Open { key: u64, codec: Codec },
-    /// A source frame of the track.
+    /// Start making captions of an audio track (Opus) in `language`.
+    OpenCaptions { key: u64, language: String },
+    /// A source frame of the track (for captions: an Opus packet, `key`
+    /// set on the first of each group).
     Frame { key: u64, frame: Frame },
     /// A subscriber wants a keyframe of a layer (1-based track).
     Keyframe { key: u64, track: u8 },
@@ -243,6 +248,8 @@ pub enum PoolEvent {
     Moved { key: u64 },
     /// No worker can take the session now; it will be placed when one can.
     Lost { key: u64, reason: String },
+    /// A caption segment of a caption session.
+    Caption { key: u64, caption: Caption },
 }
 
 /// What a shard needs to start its pool.
@@ -287,6 +294,9 @@ pub struct WorkerStatus {
     /// Sessions and the most it takes, as it last reported.
     pub sessions: u32,
     pub max_sessions: u32,
+    /// Caption sessions and the most it takes (0: no captions).
+    pub captions: u32,
+    pub max_captions: u32,
     /// Its load as it last reported, per mille.
     pub load_permille: u16,
 }
@@ -317,6 +327,8 @@ pub fn readiness(pools: &[PoolStatus]) -> String {
                     seen.rtt_us = seen.rtt_us.max(w.rtt_us);
                     seen.sessions = w.sessions;
                     seen.max_sessions = w.max_sessions;
+                    seen.captions = w.captions;
+                    seen.max_captions = w.max_captions;
                     seen.load_permille = w.load_permille;
                 }
             }
@@ -333,8 +345,13 @@ pub fn readiness(pools: &[PoolStatus]) -> String {
         if *n == 0 {
             out.push_str(&format!("worker {name}: down\n"));
         } else {
+            let captions = if w.max_captions > 0 {
+                format!("captions {}/{}", w.captions, w.max_captions)
+            } else {
+                "no captions".into()
+            };
             out.push_str(&format!(
-                "worker {name}: up on {n} of {shards} shards, rtt {:.1} ms, sessions {}/{}, load {:.1}%\n",
+                "worker {name}: up on {n} of {shards} shards, rtt {:.1} ms, sessions {}/{}, {captions}, load {:.1}%\n",
                 w.rtt_us as f64 / 1000.0,
                 w.sessions,
                 w.max_sessions,
@@ -391,15 +408,29 @@ struct WorkerSlot {
     /// Bumped on every (re)connection; events of older links are ignored.
     generation: u64,
     capacity: Capacity,
-    /// Sessions we placed since its last capacity report.
+    /// Sessions (layers, captions) we placed since its last capacity report.
     placed: u32,
+    placed_captions: u32,
     connecting: bool,
     next_try: Instant,
     failures: u32,
 }
 
+/// What a worker session makes.
+#[derive(Debug, Clone)]
+enum Work {
+    Layers(Codec),
+    Captions(String),
+}
+
+impl Work {
+    fn captions(&self) -> bool {
+        matches!(self, Work::Captions(_))
+    }
+}
+
 struct SessionState {
-    codec: Codec,
+    work: Work,
     /// The worker it is on; None while waiting for one.
     worker: Option<usize>,
     writer: Option<mpsc::Sender<Frame>>,
@@ -469,26 +500,9 @@ impl Manager {
 
     fn command(&mut self, cmd: PoolCommand) {
         match cmd {
-            PoolCommand::Open { key, codec } => {
-                if self.sessions.contains_key(&key) {
-                    return;
-                }
-                self.sessions.insert(
-                    key,
-                    SessionState {
-                        codec,
-                        worker: None,
-                        writer: None,
-                        skipping: false,
-                    },
-                );
-                if !self.place(key) {
-                    self.metrics.moves.with_label_values(&["waiting"]).inc();
-                    let _ = self.events.send(PoolEvent::Lost {
-                        key,
-                        reason: "no transcoder worker available".into(),
-                    });
-                }
+            PoolCommand::Open { key, codec } => self.open(key, Work::Layers(codec)),
+            PoolCommand::OpenCaptions { key, language } => {
+                self.open(key, Work::Captions(language));
             }
             PoolCommand::Frame { key, frame } => {
                 let Some(s) = self.sessions.get_mut(&key) else {
@@ -535,6 +549,34 @@ impl Manager {
         }
     }
 
+    fn open(&mut self, key: u64, work: Work) {
+        if self.sessions.contains_key(&key) {
+            return;
+        }
+        let captions = work.captions();
+        self.sessions.insert(
+            key,
+            SessionState {
+                work,
+                worker: None,
+                writer: None,
+                skipping: false,
+            },
+        );
+        if !self.place(key) {
+            self.metrics.moves.with_label_values(&["waiting"]).inc();
+            let reason = if captions {
+                "no worker that makes captions is available"
+            } else {
+                "no transcoder worker available"
+            };
+            let _ = self.events.send(PoolEvent::Lost {
+                key,
+                reason: reason.into(),
+            });
+        }
+    }
+
     /// Report the workers to [`PoolStatus`].
     fn publish(&self) {
         let now: Vec<WorkerStatus> = self
@@ -546,6 +588,8 @@ impl Manager {
                 rtt_us: w.link.as_ref().map_or(0, |l| l.rtt().as_micros() as u64),
                 sessions: w.capacity.sessions,
                 max_sessions: w.capacity.max_sessions,
+                captions: w.capacity.captions,
+                max_captions: w.capacity.max_captions,
                 load_permille: w.capacity.load_permille,
             })
             .collect();
@@ -559,15 +603,20 @@ impl Manager {
         self.workers.get(idx)?.link.as_ref()
     }
 
-    /// The least-loaded worker that is up and has room.
-    fn pick(&self) -> Option<usize> {
+    /// The least-loaded worker that is up and has room (for captions: one
+    /// that makes them).
+    fn pick(&self, captions: bool) -> Option<usize> {
         self.workers
             .iter()
             .enumerate()
             .filter(|(_, w)| w.link.is_some())
             .filter_map(|(i, w)| {
-                let max = w.capacity.max_sessions.max(1);
-                let used = w.capacity.sessions + w.placed;
+                let c = &w.capacity;
+                let (used, max) = if captions {
+                    (c.captions + w.placed_captions, c.max_captions)
+                } else {
+                    (c.sessions + w.placed, c.max_sessions.max(1))
+                };
                 (used < max).then(|| {
                     let share = f64::from(used + 1) / f64::from(max);
                     (i, share, w.capacity.load_permille)
@@ -579,7 +628,10 @@ impl Manager {
 
     /// Place a session on a worker: open it there and start its writer.
     fn place(&mut self, key: u64) -> bool {
-        let Some(idx) = self.pick() else {
+        let Some(captions) = self.sessions.get(&key).map(|s| s.work.captions()) else {
+            return false;
+        };
+        let Some(idx) = self.pick(captions) else {
             return false;
         };
         let Some(state) = self.sessions.get_mut(&key) else {
@@ -589,12 +641,23 @@ impl Manager {
         let Some(link) = w.link.as_ref() else {
             return false;
         };
-        link.send(Control::Open {
-            session: key,
-            codec: state.codec,
-            layers: self.specs.clone(),
-        });
-        w.placed += 1;
+        match &state.work {
+            Work::Layers(codec) => {
+                link.send(Control::Open {
+                    session: key,
+                    codec: *codec,
+                    layers: self.specs.clone(),
+                });
+                w.placed += 1;
+            }
+            Work::Captions(language) => {
+                link.send(Control::OpenCaptions {
+                    session: key,
+                    language: language.clone(),
+                });
+                w.placed_captions += 1;
+            }
+        }
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         tokio::spawn(write_groups(
             link.conn.clone(),
@@ -610,8 +673,10 @@ impl Manager {
         state.worker = Some(idx);
         state.writer = Some(tx);
         state.skipping = false;
-        // The new worker's decoder starts at a keyframe.
-        let _ = self.events.send(PoolEvent::NeedKeyframe { key });
+        if !captions {
+            // The new worker's decoder starts at a keyframe.
+            let _ = self.events.send(PoolEvent::NeedKeyframe { key });
+        }
         true
     }
 
@@ -630,6 +695,7 @@ impl Manager {
                         generation: 0,
                         capacity: Capacity::default(),
                         placed: 0,
+                        placed_captions: 0,
                         connecting: false,
                         next_try: Instant::now(),
                         failures: 0,
@@ -649,9 +715,11 @@ impl Manager {
                 w.generation += 1;
                 w.capacity = Capacity {
                     max_sessions: link.max_sessions,
+                    max_captions: link.max_captions,
                     ..Capacity::default()
                 };
                 w.placed = 0;
+                w.placed_captions = 0;
                 tracing::info!(worker = %w.entry, agent = %link.agent, "offload worker connected");
                 w.link = Some(link);
                 self.metrics
@@ -731,6 +799,7 @@ impl Manager {
                 let w = &mut self.workers[idx];
                 w.capacity = c;
                 w.placed = 0;
+                w.placed_captions = 0;
                 if let Some(l) = &w.link {
                     self.metrics
                         .rtt_us
@@ -753,6 +822,14 @@ impl Manager {
             LinkEvent::Control(Control::Keyframe { session, .. }) => {
                 let _ = self.events.send(PoolEvent::NeedKeyframe { key: session });
             }
+            LinkEvent::Control(Control::Caption(caption)) => {
+                if self.sessions.get(&caption.session).and_then(|s| s.worker) == Some(idx) {
+                    let _ = self.events.send(PoolEvent::Caption {
+                        key: caption.session,
+                        caption,
+                    });
+                }
+            }
             LinkEvent::Control(Control::Ended {
                 session,
                 code,
@@ -760,12 +837,33 @@ impl Manager {
             }) => {
                 self.metrics.errors.with_label_values(&[code.name()]).inc();
                 tracing::warn!(code = code.name(), %reason, "offload session ended by the worker");
-                if self.sessions.get(&session).and_then(|s| s.worker) == Some(idx) {
-                    // Try elsewhere (a full worker, or a media error there).
-                    self.unplace(session);
-                    if code == ErrorCode::Capacity {
-                        self.workers[idx].placed = self.workers[idx].capacity.max_sessions;
+                let Some(s) = self
+                    .sessions
+                    .get(&session)
+                    .filter(|s| s.worker == Some(idx))
+                else {
+                    return;
+                };
+                let captions = s.work.captions();
+                self.unplace(session);
+                if code == ErrorCode::Capacity {
+                    let w = &mut self.workers[idx];
+                    if captions {
+                        w.placed_captions = w.capacity.max_captions;
+                    } else {
+                        w.placed = w.capacity.max_sessions;
                     }
+                }
+                if captions && code == ErrorCode::Unsupported {
+                    // The model does not take the language: every worker
+                    // would say so. Wait for a worker that connects anew.
+                    self.metrics.moves.with_label_values(&["waiting"]).inc();
+                    let _ = self.events.send(PoolEvent::Lost {
+                        key: session,
+                        reason,
+                    });
+                } else {
+                    // Try elsewhere (a full worker, or a media error there).
                     self.replace(session, reason);
                 }
             }
@@ -977,6 +1075,8 @@ mod tests {
                 rtt_us: if *up { 400 } else { 0 },
                 sessions: *sessions,
                 max_sessions: 8,
+                captions: 0,
+                max_captions: if *up { 2 } else { 0 },
                 load_permille: 125,
             })
             .collect();
@@ -992,7 +1092,9 @@ mod tests {
         ]);
         assert!(text.contains("offload: 1 of 2 workers up\n"), "{text}");
         assert!(
-            text.contains("worker a: up on 2 of 2 shards, rtt 0.4 ms, sessions 2/8, load 12.5%\n"),
+            text.contains(
+                "worker a: up on 2 of 2 shards, rtt 0.4 ms, sessions 2/8, captions 0/2, load 12.5%\n"
+            ),
             "{text}"
         );
         assert!(text.contains("worker b: down\n"), "{text}");

@@ -58,6 +58,7 @@ impl Server {
             empty_grace: config.rooms.empty_grace,
             adaptive_layers: config.rooms.adaptive_layers,
             offload_layers: 0,
+            captions: None,
         };
         let offload = Self::offload_setup(&config, &metrics, &mut shard_config)?;
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
@@ -164,9 +165,14 @@ impl Server {
         if !config.offload.enabled() {
             return Ok(None);
         }
-        if !config.rooms.adaptive_layers {
-            tracing::warn!("offload needs rooms.adaptive_layers = true: offload is off");
-            return Ok(None);
+        let layers = config.rooms.adaptive_layers;
+        if !layers {
+            tracing::warn!(
+                "offload needs rooms.adaptive_layers = true: no layers are made for single-layer video"
+            );
+            if !config.captions.enabled {
+                return Ok(None);
+            }
         }
         let setup = OffloadSetup {
             config: config.offload.clone(),
@@ -178,7 +184,12 @@ impl Server {
             origin: "[offload]".into(),
             reason,
         })?;
-        shard_config.offload_layers = config.offload.layers.len() as u8;
+        if layers {
+            shard_config.offload_layers = config.offload.layers.len() as u8;
+        }
+        if config.captions.enabled {
+            shard_config.captions = Some(config.captions.clone());
+        }
         Ok(Some(setup))
     }
 

@@ -124,6 +124,7 @@ async fn sessions_spread_over_workers_and_move_within_2_s_when_one_dies() {
                 PoolEvent::Moved { key } => seen.moved.push((key, Instant::now())),
                 PoolEvent::Layout { key, layers, .. } => seen.layouts.push((key, layers)),
                 PoolEvent::Lost { key, reason } => panic!("session {key} lost: {reason}"),
+                PoolEvent::Caption { key, .. } => panic!("a caption for video session {key}"),
             }
         }
         if killed_at.is_none() && start.elapsed() >= Duration::from_secs(3) {
@@ -229,6 +230,7 @@ async fn without_a_worker_a_session_waits_and_is_placed_when_one_comes() {
             tls: TlsFiles::dev_worker(dir.path()),
             max_sessions: 2,
             backend: Default::default(),
+            captions: None,
         },
         metrics.clone(),
     )
@@ -296,6 +298,7 @@ async fn stalled_worker(dir: &Path) -> (std::net::SocketAddr, tokio::task::JoinH
             version: balie_offload::wire::VERSION,
             agent: "stalled".into(),
             max_sessions: 4,
+            max_captions: 0,
         };
         let _ = write_control(&mut send, &hello).await;
         let cap = Control::Capacity(Capacity {
@@ -303,6 +306,7 @@ async fn stalled_worker(dir: &Path) -> (std::net::SocketAddr, tokio::task::JoinH
             max_sessions: 4,
             queue_depth: 0,
             load_permille: 0,
+            ..Capacity::default()
         });
         let _ = write_control(&mut send, &cap).await;
         // Read control messages (the open) forever; never a media stream.

@@ -18,7 +18,7 @@ export const SECRET = 'balie-e2e-secret';
  * `net.netns`/`net.ip`: run it inside that network namespace, bound to that
  * address (see `Netns`), instead of on 127.0.0.1.
  */
-export async function startSfu(extraRooms = '', net = {}) {
+export async function startSfu(extraRooms = '', net = {}, extra = '') {
   const dir = mkdtempSync(join(tmpdir(), 'balie-e2e-'));
   const config = join(dir, 'sfu.toml');
   const ip = net.ip ?? '127.0.0.1';
@@ -29,6 +29,7 @@ export async function startSfu(extraRooms = '', net = {}) {
     '[rooms]', extraRooms,
     '[auth]', `hs256_secret = "${SECRET}"`,
     '[drain]', 'timeout = "1s"',
+    extra,
   ].join('\n'));
   const [cmd, args] = net.netns
     ? ['ip', ['netns', 'exec', net.netns, SFU, '--config', config]]
@@ -52,6 +53,47 @@ export async function startSfu(extraRooms = '', net = {}) {
     /** Freeze the server (SIGSTOP), as if the network were gone. */
     pause() { proc.kill('SIGSTOP'); },
     resume() { proc.kill('SIGCONT'); },
+    async stop() {
+      proc.kill('SIGTERM');
+      await new Promise((r) => proc.on('exit', r));
+    },
+  };
+}
+
+export const TRANSCODER = process.env.BALIE_TRANSCODER ?? join(here, '../../target/debug/balie-transcoder');
+
+/**
+ * Start a balie-transcoder worker on loopback with development certificates
+ * (and captions, with the default model, when `captions`); resolves with its
+ * address and the `[offload]` section for balie-sfu's config.
+ */
+export async function startWorker({ captions = false } = {}) {
+  const dir = mkdtempSync(join(tmpdir(), 'balie-e2e-worker-'));
+  await sh(TRANSCODER, ['certs', '--out', dir]);
+  const args = ['serve', '--listen', '127.0.0.1:0', '--metrics', '127.0.0.1:0',
+    '--ca', join(dir, 'ca.pem'), '--cert', join(dir, 'worker.pem'), '--key', join(dir, 'worker.key')];
+  if (captions) args.push('--captions', '--max-captions', '4');
+  const proc = spawn(TRANSCODER, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: 'info', NO_COLOR: '1' } });
+  let log = '';
+  const addr = await new Promise((resolve, reject) => {
+    const seen = (d) => {
+      log += d;
+      const m = /serving addr=(\S+)/.exec(log.replace(/\x1b\[[0-9;]*m/g, ''));
+      if (m) resolve(m[1]);
+    };
+    proc.stdout.on('data', seen);
+    proc.stderr.on('data', seen);
+    proc.on('exit', (code) => reject(new Error(`balie-transcoder exited ${code}: ${log}`)));
+    setTimeout(() => reject(new Error(`balie-transcoder did not start: ${log}`)), 30000);
+  });
+  const offload = [
+    '[offload]', `workers = ["${addr}"]`, 'server_name = "localhost"',
+    `ca = "${join(dir, 'ca.pem')}"`, `cert = "${join(dir, 'sfu.pem')}"`, `key = "${join(dir, 'sfu.key')}"`,
+  ].join('\n');
+  return {
+    addr,
+    offload,
+    log: () => log,
     async stop() {
       proc.kill('SIGTERM');
       await new Promise((r) => proc.on('exit', r));

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use balie_offload::tls::{make_dev_certs, TlsFiles};
+use balie_transcoder::captions::whisper::Whisper;
 use balie_transcoder::metrics::Metrics;
 use balie_transcoder::pipeline::Backend as PipelineBackend;
-use balie_transcoder::server::{Worker, WorkerConfig};
+use balie_transcoder::server::{CaptionsSetup, Worker, WorkerConfig};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
 
@@ -71,6 +72,17 @@ enum Command {
             default_value = "cpu"
         )]
         backend: Backend,
+        /// Make live captions too (caption sessions), with the model of
+        /// `--captions-model`.
+        #[arg(long, env = "BALIE_TRANSCODER_CAPTIONS")]
+        captions: bool,
+        /// A Whisper model folder in the Hugging Face layout (default: the
+        /// one `models fetch` provisions).
+        #[arg(long, env = "BALIE_TRANSCODER_CAPTIONS_MODEL")]
+        captions_model: Option<PathBuf>,
+        /// Caption sessions held at most (default: one per CPU core).
+        #[arg(long, env = "BALIE_TRANSCODER_MAX_CAPTIONS")]
+        max_captions: Option<u32>,
     },
     /// How many transcode sessions (720p30 in, 360p and 180p out) this
     /// machine holds in real time: the CPU backend, then the `ffmpeg`
@@ -223,14 +235,26 @@ fn run(command: Command) -> Result<(), String> {
             max_sessions,
             metrics,
             backend,
+            captions,
+            captions_model,
+            max_captions,
         } => {
             let backend = open_backend(backend)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+            let captions = if captions {
+                Some(CaptionsSetup {
+                    whisper: std::sync::Arc::new(load_model(captions_model)?),
+                    max_sessions: max_captions.unwrap_or(cores),
+                })
+            } else {
+                None
+            };
             let config = WorkerConfig {
                 listen,
                 tls: TlsFiles { ca, cert, key },
                 max_sessions: max_sessions.unwrap_or(2 * cores),
                 backend,
+                captions,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -268,19 +292,8 @@ fn transcribe(
     language: &str,
     model: Option<PathBuf>,
 ) -> Result<(), String> {
-    use balie_transcoder::captions::{
-        audio, mel::SAMPLE_RATE, models, stream::Streamer, whisper::Whisper,
-    };
-    let dir = model.unwrap_or_else(models::default_dir);
-    let t = std::time::Instant::now();
-    let w = Whisper::load(&dir).map_err(|e| {
-        format!("{e} (provision the default model with `balie-transcoder models fetch`)")
-    })?;
-    eprintln!(
-        "model {} loaded in {:.2} s",
-        dir.display(),
-        t.elapsed().as_secs_f64()
-    );
+    use balie_transcoder::captions::{audio, mel::SAMPLE_RATE, stream::Streamer};
+    let w = load_model(model)?;
     let pcm = audio::read_pcm(file)?;
     let total = pcm.len() as f64 / SAMPLE_RATE as f64;
     // The live pipeline: 20 ms packets through voice activity detection,
@@ -323,6 +336,18 @@ fn transcribe(
     Ok(())
 }
 
+/// Load the captions model from `dir`, or the one `models fetch`
+/// provisions.
+fn load_model(dir: Option<PathBuf>) -> Result<Whisper, String> {
+    let dir = dir.unwrap_or_else(balie_transcoder::captions::models::default_dir);
+    let t = std::time::Instant::now();
+    let w = Whisper::load(&dir).map_err(|e| {
+        format!("{e} (provision the default model with `balie-transcoder models fetch`)")
+    })?;
+    info!(model = %dir.display(), seconds = t.elapsed().as_secs_f64(), "captions model loaded");
+    Ok(w)
+}
+
 #[cfg(feature = "cuda")]
 fn gpu_check(seconds: u32, max: usize) -> Result<(), String> {
     balie_transcoder::gpucheck::run(seconds, max)
@@ -350,7 +375,8 @@ async fn serve(config: WorkerConfig, metrics_addr: SocketAddr) -> Result<(), Str
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    info!(%addr, max_sessions = config.max_sessions, backend = config.backend.name(), metrics = %metrics_addr, "balie-transcoder serving");
+    let max_captions = config.captions.as_ref().map_or(0, |c| c.max_sessions);
+    info!(%addr, max_sessions = config.max_sessions, max_captions, backend = config.backend.name(), metrics = %metrics_addr, "balie-transcoder serving");
     let endpoint = worker.endpoint();
     tokio::select! {
         _ = worker.run() => {}

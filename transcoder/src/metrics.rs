@@ -1,8 +1,8 @@
 //! The worker's Prometheus metrics, served on `/metrics`.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// All metric families of the worker.
@@ -32,6 +32,18 @@ pub struct Metrics {
     /// Connections refused or lost during the handshake (e.g. no valid
     /// client certificate).
     pub handshake_failures: IntCounter,
+    /// Caption sessions open.
+    pub caption_sessions: IntGauge,
+    /// Caption segments sent, by kind (`partial`, `final`).
+    pub captions: IntCounterVec,
+    /// From the arrival of the end of an utterance's speech to its final
+    /// text, seconds.
+    pub caption_latency: Histogram,
+    /// Whisper's time per second of audio, per run (real-time factor).
+    pub caption_rtf: Histogram,
+    /// Opus packets of caption sessions, by outcome (`in`; `dropped`: the
+    /// session's queue was full; `undecodable`).
+    pub caption_audio: IntCounterVec,
 }
 
 impl Metrics {
@@ -87,8 +99,46 @@ impl Metrics {
             "Connections that failed the QUIC/TLS handshake (e.g. no valid client certificate)",
         ))
         .expect("valid metric");
+        let caption_sessions = IntGauge::with_opts(ns("caption_sessions", "Caption sessions open"))
+            .expect("valid metric");
+        let captions = IntCounterVec::new(
+            ns("captions_total", "Caption segments sent, by kind"),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let caption_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "caption_latency_seconds",
+                "From the arrival of the end of an utterance's speech to its final text",
+            )
+            .namespace("balie_transcoder")
+            .buckets(vec![0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0]),
+        )
+        .expect("valid metric");
+        let caption_rtf = Histogram::with_opts(
+            HistogramOpts::new(
+                "caption_real_time_factor",
+                "Whisper's time per second of audio, per run",
+            )
+            .namespace("balie_transcoder")
+            .buckets(vec![0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0]),
+        )
+        .expect("valid metric");
+        let caption_audio = IntCounterVec::new(
+            ns(
+                "caption_audio_packets_total",
+                "Opus packets of caption sessions, by outcome (in, dropped, undecodable)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(caption_sessions.clone()),
+            Box::new(captions.clone()),
+            Box::new(caption_latency.clone()),
+            Box::new(caption_rtf.clone()),
+            Box::new(caption_audio.clone()),
             Box::new(sessions.clone()),
             Box::new(opens.clone()),
             Box::new(frames_in.clone()),
@@ -113,6 +163,11 @@ impl Metrics {
             queue_depth,
             protocol_errors,
             handshake_failures,
+            caption_sessions,
+            captions,
+            caption_latency,
+            caption_rtf,
+            caption_audio,
         }
     }
 

@@ -22,6 +22,8 @@ use balie_offload::{Capacity, Control, ErrorCode, Frame, GroupHeader, Media, VER
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::captions::session::CaptionSession;
+use crate::captions::whisper::Whisper;
 use crate::metrics::Metrics;
 use crate::pipeline::Backend;
 use crate::session::{Out, Session};
@@ -35,6 +37,25 @@ pub struct WorkerConfig {
     pub max_sessions: u32,
     /// CPU, or the GPU (feature `cuda`).
     pub backend: Backend,
+    /// Caption sessions, when the worker makes captions.
+    pub captions: Option<CaptionsSetup>,
+}
+
+/// What a worker that makes captions needs.
+#[derive(Clone)]
+pub struct CaptionsSetup {
+    /// The model, shared by every caption session.
+    pub whisper: Arc<Whisper>,
+    /// Caption sessions held at most, over all connections.
+    pub max_sessions: u32,
+}
+
+impl std::fmt::Debug for CaptionsSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptionsSetup")
+            .field("max_sessions", &self.max_sessions)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why the worker could not start.
@@ -56,6 +77,8 @@ struct Shared {
     max_sessions: u32,
     backend: Backend,
     open: AtomicU32,
+    captions: Option<CaptionsSetup>,
+    open_captions: AtomicU32,
     agent: String,
     load: Mutex<CpuLoad>,
 }
@@ -82,6 +105,8 @@ impl Worker {
                 max_sessions: config.max_sessions,
                 backend: config.backend.clone(),
                 open: AtomicU32::new(0),
+                captions: config.captions.clone(),
+                open_captions: AtomicU32::new(0),
                 agent: format!(
                     "balie-transcoder {} {}",
                     env!("CARGO_PKG_VERSION"),
@@ -110,18 +135,58 @@ impl Worker {
 
 /// A session with its place in the worker's session count.
 struct Entry {
-    session: Session,
+    work: Work,
     /// The newest source group seen; older groups are stale.
     group: u32,
     _slot: Slot,
 }
 
-struct Slot(Arc<Shared>);
+/// What a session does with its source.
+enum Work {
+    /// Transcode video into layers.
+    Layers(Session),
+    /// Make captions of audio.
+    Captions(CaptionSession),
+}
+
+/// A place in the worker's count of sessions (video or captions), given
+/// back when dropped.
+struct Slot {
+    shared: Arc<Shared>,
+    captions: bool,
+}
+
+impl Slot {
+    /// Take a place if one is free.
+    fn take(shared: &Arc<Shared>, captions: bool) -> Option<Slot> {
+        let (count, max, gauge) = if captions {
+            let max = shared.captions.as_ref().map_or(0, |c| c.max_sessions);
+            (&shared.open_captions, max, &shared.metrics.caption_sessions)
+        } else {
+            (&shared.open, shared.max_sessions, &shared.metrics.sessions)
+        };
+        count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        gauge.inc();
+        Some(Slot {
+            shared: shared.clone(),
+            captions,
+        })
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics.sessions.dec();
+        if self.captions {
+            self.shared.open_captions.fetch_sub(1, Ordering::Relaxed);
+            self.shared.metrics.caption_sessions.dec();
+        } else {
+            self.shared.open.fetch_sub(1, Ordering::Relaxed);
+            self.shared.metrics.sessions.dec();
+        }
     }
 }
 
@@ -230,6 +295,7 @@ async fn serve(conn: &quinn::Connection, shared: &Arc<Shared>) -> String {
         version: VERSION,
         agent: shared.agent.clone(),
         max_sessions: shared.max_sessions,
+        max_captions: shared.captions.as_ref().map_or(0, |c| c.max_sessions),
     };
     if let Err(e) = write_control(&mut send, &hello).await {
         return e.to_string();
@@ -271,33 +337,11 @@ async fn serve(conn: &quinn::Connection, shared: &Arc<Shared>) -> String {
                 codec,
                 layers,
             } => {
-                let refused = |code: ErrorCode, reason: String| {
-                    metrics.opens.with_label_values(&[code.name()]).inc();
-                    Control::Ended {
-                        session,
-                        code,
-                        reason,
-                    }
+                let Some(slot) = admit(shared, &sessions, &ctl_tx, session, false).await else {
+                    continue;
                 };
-                if lock(&sessions).contains_key(&session) {
-                    let r = "session id already open".to_owned();
-                    let _ = ctl_tx.send(refused(ErrorCode::UnknownSession, r)).await;
-                    continue;
-                }
-                let taken = shared
-                    .open
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                        (n < shared.max_sessions).then_some(n + 1)
-                    });
-                if taken.is_err() {
-                    let r = format!("worker full ({} sessions)", shared.max_sessions);
-                    let _ = ctl_tx.send(refused(ErrorCode::Capacity, r)).await;
-                    continue;
-                }
-                metrics.sessions.inc();
-                let slot = Slot(shared.clone());
                 let backend = shared.backend.clone();
-                match Session::start(
+                let started = Session::start(
                     session,
                     codec,
                     layers,
@@ -305,26 +349,44 @@ async fn serve(conn: &quinn::Connection, shared: &Arc<Shared>) -> String {
                     out_tx.clone(),
                     metrics.clone(),
                 )
-                .await
-                {
-                    Ok(s) => {
-                        metrics.opens.with_label_values(&["opened"]).inc();
-                        debug!(session, codec = codec.name(), "session opened");
-                        lock(&sessions).insert(
-                            session,
-                            Entry {
-                                session: s,
-                                group: 0,
-                                _slot: slot,
-                            },
-                        );
-                        let _ = ctl_tx.try_send(Control::Capacity(capacity(shared, &sessions)));
-                    }
-                    Err((code, reason)) => {
-                        drop(slot);
-                        let _ = ctl_tx.send(refused(code, reason)).await;
-                    }
-                }
+                .await;
+                debug!(session, codec = codec.name(), ok = started.is_ok(), "open");
+                opened(
+                    shared,
+                    &sessions,
+                    &ctl_tx,
+                    session,
+                    slot,
+                    started.map(Work::Layers),
+                )
+                .await;
+            }
+            Control::OpenCaptions { session, language } => {
+                let Some(slot) = admit(shared, &sessions, &ctl_tx, session, true).await else {
+                    continue;
+                };
+                // admit() refuses captions without a model.
+                let Some(setup) = shared.captions.as_ref() else {
+                    continue;
+                };
+                let started = CaptionSession::start(
+                    session,
+                    language,
+                    setup.whisper.clone(),
+                    out_tx.clone(),
+                    metrics.clone(),
+                )
+                .await;
+                debug!(session, ok = started.is_ok(), "caption session open");
+                opened(
+                    shared,
+                    &sessions,
+                    &ctl_tx,
+                    session,
+                    slot,
+                    started.map(Work::Captions),
+                )
+                .await;
             }
             Control::Close { session } => {
                 if lock(&sessions).remove(&session).is_some() {
@@ -334,8 +396,8 @@ async fn serve(conn: &quinn::Connection, shared: &Arc<Shared>) -> String {
                 }
             }
             Control::Keyframe { session, track } => {
-                if let Some(e) = lock(&sessions).get(&session) {
-                    e.session.keyframe(track);
+                if let Some(Work::Layers(s)) = lock(&sessions).get(&session).map(|e| &e.work) {
+                    s.keyframe(track);
                 }
             }
             Control::Error { code, reason } => {
@@ -384,6 +446,91 @@ async fn serve(conn: &quinn::Connection, shared: &Arc<Shared>) -> String {
     }
 }
 
+/// Take a place for a new session, or tell the SFU why not.
+async fn admit(
+    shared: &Arc<Shared>,
+    sessions: &Sessions,
+    ctl: &mpsc::Sender<Control>,
+    session: u64,
+    captions: bool,
+) -> Option<Slot> {
+    let refusal = if lock(sessions).contains_key(&session) {
+        Some((
+            ErrorCode::UnknownSession,
+            "session id already open".to_owned(),
+        ))
+    } else if captions && shared.captions.is_none() {
+        let r = "this worker makes no captions (start it with --captions)".to_owned();
+        Some((ErrorCode::Unsupported, r))
+    } else {
+        None
+    };
+    let refusal = match refusal {
+        Some(r) => r,
+        None => match Slot::take(shared, captions) {
+            Some(slot) => return Some(slot),
+            None if captions => {
+                let max = shared.captions.as_ref().map_or(0, |c| c.max_sessions);
+                (
+                    ErrorCode::Capacity,
+                    format!("worker full ({max} caption sessions)"),
+                )
+            }
+            None => (
+                ErrorCode::Capacity,
+                format!("worker full ({} sessions)", shared.max_sessions),
+            ),
+        },
+    };
+    refuse(&shared.metrics, ctl, session, refusal).await;
+    None
+}
+
+async fn refuse(
+    metrics: &Metrics,
+    ctl: &mpsc::Sender<Control>,
+    session: u64,
+    (code, reason): (ErrorCode, String),
+) {
+    metrics.opens.with_label_values(&[code.name()]).inc();
+    let _ = ctl
+        .send(Control::Ended {
+            session,
+            code,
+            reason,
+        })
+        .await;
+}
+
+/// A session started (or failed to): hold it, or tell the SFU why not.
+async fn opened(
+    shared: &Arc<Shared>,
+    sessions: &Sessions,
+    ctl: &mpsc::Sender<Control>,
+    session: u64,
+    slot: Slot,
+    started: Result<Work, (ErrorCode, String)>,
+) {
+    match started {
+        Ok(work) => {
+            shared.metrics.opens.with_label_values(&["opened"]).inc();
+            lock(sessions).insert(
+                session,
+                Entry {
+                    work,
+                    group: 0,
+                    _slot: slot,
+                },
+            );
+            let _ = ctl.try_send(Control::Capacity(capacity(shared, sessions)));
+        }
+        Err(refusal) => {
+            drop(slot);
+            refuse(&shared.metrics, ctl, session, refusal).await;
+        }
+    }
+}
+
 fn kind(msg: &Control) -> &'static str {
     match msg {
         Control::Hello { .. } => "hello",
@@ -394,6 +541,8 @@ fn kind(msg: &Control) -> &'static str {
         Control::Layout { .. } => "layout",
         Control::Ended { .. } => "ended",
         Control::Error { .. } => "error",
+        Control::OpenCaptions { .. } => "open captions",
+        Control::Caption(_) => "caption",
     }
 }
 
@@ -554,7 +703,13 @@ async fn read_source(
         let ask_key = {
             let mut map = lock(&sessions);
             match map.get_mut(&header.session) {
-                Some(e) if e.group == header.group => e.session.push(frame, Instant::now()),
+                Some(e) if e.group == header.group => match &mut e.work {
+                    Work::Layers(s) => s.push(frame, Instant::now()),
+                    Work::Captions(c) => {
+                        c.push(frame, Instant::now());
+                        false
+                    }
+                },
                 // Closed, or a newer group started: this one is stale.
                 _ => {
                     drop(map);
@@ -573,7 +728,13 @@ async fn read_source(
 }
 
 fn capacity(shared: &Shared, sessions: &Sessions) -> Capacity {
-    let queue: usize = lock(sessions).values().map(|e| e.session.queued()).sum();
+    let queue: usize = lock(sessions)
+        .values()
+        .map(|e| match &e.work {
+            Work::Layers(s) => s.queued(),
+            Work::Captions(_) => 0,
+        })
+        .sum();
     let load = shared
         .load
         .lock()
@@ -584,6 +745,8 @@ fn capacity(shared: &Shared, sessions: &Sessions) -> Capacity {
         max_sessions: shared.max_sessions,
         queue_depth: queue as u32,
         load_permille: load,
+        captions: shared.open_captions.load(Ordering::Relaxed),
+        max_captions: shared.captions.as_ref().map_or(0, |c| c.max_sessions),
     }
 }
 

@@ -36,6 +36,7 @@ fn start_worker(dir: &Path, max_sessions: u32) -> (SocketAddr, Metrics, quinn::E
             tls: TlsFiles::dev_worker(dir),
             max_sessions,
             backend: Default::default(),
+            captions: None,
         },
         metrics.clone(),
     )
@@ -374,6 +375,7 @@ async fn hello(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, versi
             version,
             agent: "raw".into(),
             max_sessions: 0,
+            max_captions: 0,
         },
     )
     .await

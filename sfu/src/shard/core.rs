@@ -52,6 +52,8 @@ pub struct ShardConfig {
     /// Layers a transcoder worker makes for single-layer video (0: no
     /// offload). Needs `adaptive_layers`.
     pub offload_layers: u8,
+    /// Live captions on the pool's workers (None: off).
+    pub captions: Option<crate::config::CaptionsConfig>,
 }
 
 impl Default for ShardConfig {
@@ -63,6 +65,7 @@ impl Default for ShardConfig {
             empty_grace: Duration::from_secs(5),
             adaptive_layers: true,
             offload_layers: 0,
+            captions: None,
         }
     }
 }
@@ -178,6 +181,7 @@ pub enum ShardOutput {
     Timeout(Instant),
 }
 
+mod captions;
 mod transcode;
 pub use self::transcode::SOURCE;
 
@@ -248,6 +252,8 @@ pub struct ShardCore {
     pool_out: VecDeque<PoolCommand>,
     /// The room of each track with a worker session open (by pool key).
     offload_rooms: HashMap<u64, RoomId>,
+    /// The room of each audio track with a caption session open (by pool key).
+    caption_rooms: HashMap<u64, RoomId>,
 }
 
 impl ShardCore {
@@ -272,6 +278,7 @@ impl ShardCore {
             scratch: Vec::new(),
             pool_out: VecDeque::new(),
             offload_rooms: HashMap::new(),
+            caption_rooms: HashMap::new(),
         }
     }
 
@@ -342,7 +349,11 @@ impl ShardCore {
             ShardInput::Timeout(now) => self.handle_timeout(now),
             ShardInput::Command(now, cmd) => self.handle_command(now, cmd),
             ShardInput::Offload(now, event) => {
-                self.on_pool_event(now, event);
+                if self.is_caption_event(&event) {
+                    self.on_caption_event(now, event);
+                } else {
+                    self.on_pool_event(now, event);
+                }
                 self.settle(now);
             }
         }
@@ -493,12 +504,16 @@ impl ShardCore {
         let sid = new.id;
         let room_id = new.room.clone();
         let shard = self.id;
-        let room = self.rooms.entry(room_id.clone()).or_insert_with(|| {
+        if !self.rooms.contains_key(&room_id) {
             self.metrics.rooms.inc();
             let room = Room::new(room_id.clone(), shard);
             tracing::info!(parent: &room.span, "room opened");
-            room
-        });
+            self.rooms.insert(room_id.clone(), room);
+            self.captions_new_room(&room_id);
+        }
+        let Some(room) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
         let span = tracing::info_span!(parent: &room.span, "session", session = %sid.short());
         tracing::info!(
             parent: &span,
@@ -587,6 +602,7 @@ impl ShardCore {
         // Its tracks' worker sessions end with it.
         for (_, track) in &sess.tracks_in {
             self.offload_close(&room_id, *track);
+            self.captions_drop(*track);
         }
         let mut gone_tracks = Vec::new();
         if let Some(room) = self.rooms.get_mut(&room_id) {
@@ -610,6 +626,9 @@ impl ShardCore {
             self.unpublish(now, &room_id, track);
         }
         self.update_sending(&room_id);
+        // A lost session of the speaker who left no longer makes captions
+        // unavailable.
+        self.captions_sync(now, &room_id);
         self.broadcast(
             now,
             &room_id,
@@ -777,6 +796,7 @@ impl ShardCore {
                     None => return,
                 };
                 let participants = self.roster(&room_id);
+                let captions = self.captions_state(&room_id);
                 // Video it publishes that nobody shows yet: paused.
                 let paused: Vec<String> = self
                     .rooms
@@ -804,6 +824,9 @@ impl ShardCore {
                     if !tracks.is_empty() {
                         sess.outbox
                             .push_back(ServerMessage::Tracks { tracks }.to_json());
+                    }
+                    if let Some(state) = captions {
+                        sess.outbox.push_back(state.to_json());
                     }
                     sess.flush_outbox();
                     self.renegotiate.insert(sid);
@@ -941,6 +964,7 @@ impl ShardCore {
                         && layer.is_none()
                         && self.config.offload_layers > 0)
                         .then(Default::default),
+                    captions: None,
                 };
                 let others: Vec<SessionId> = match self.rooms.get_mut(&room_id) {
                     Some(room) => {
@@ -957,6 +981,7 @@ impl ShardCore {
                     self.offer_track(now, other, &track);
                 }
                 self.update_sending(&room_id);
+                self.captions_sync(now, &room_id);
             }
             Direction::Inactive => {}
         }
@@ -1142,6 +1167,7 @@ impl ShardCore {
         }
         self.assign_existing_tracks(now, sid);
         self.announce_state(now, sid);
+        self.captions_sync(now, &room_id);
     }
 
     /// Send a participant back to the waiting room: nothing flows to or from it.
@@ -1166,6 +1192,7 @@ impl ShardCore {
             }
         }
         self.announce_state(now, sid);
+        self.captions_sync(now, &room_id);
     }
 
     /// Tell the room (the participant included) about a changed state.
@@ -1234,6 +1261,7 @@ impl ShardCore {
         };
         let track_id = track.id;
         let offloaded = track.offload.is_some();
+        let captioned = track.captions.is_some();
         let frame = Fanout {
             rid: if offloaded { Some(SOURCE) } else { data.rid },
             time: data.time,
@@ -1245,6 +1273,9 @@ impl ShardCore {
         };
         if offloaded {
             self.offload_source(&room_id, track_id, &frame);
+        }
+        if captioned {
+            self.captions_audio(&room_id, track_id, &frame);
         }
         self.fan_out(now, &room_id, track_id, frame);
         if offloaded {
@@ -1577,15 +1608,26 @@ impl ShardCore {
         skip: Option<SessionId>,
         msg: &ServerMessage,
     ) {
+        self.broadcast_where(now, room, |sid, _| Some(sid) != skip, msg);
+    }
+
+    /// [`Self::broadcast`] to the sessions `to` picks.
+    fn broadcast_where(
+        &mut self,
+        now: Instant,
+        room: &RoomId,
+        to: impl Fn(SessionId, &Session) -> bool,
+        msg: &ServerMessage,
+    ) {
         let json = msg.to_json();
         let mut overflow = Vec::new();
         for sid in self.room_sessions(room) {
-            if Some(sid) == skip {
-                continue;
-            }
             let Some(sess) = self.sessions.get_mut(&sid) else {
                 continue;
             };
+            if !to(sid, sess) {
+                continue;
+            }
             // Without an open channel there is nothing to queue for: the
             // `welcome` sent when it opens carries the whole roster.
             if sess.channel.is_none() {
@@ -1636,6 +1678,7 @@ impl ShardCore {
             ClientMessage::RequestUnmute { id } => {
                 self.moderate(now, sid, Moderation::RequestUnmute, &id)
             }
+            ClientMessage::Captions { on } => self.on_captions_switch(now, sid, on),
             ClientMessage::VideoSize {
                 track,
                 width,

@@ -34,6 +34,29 @@ pub struct Track {
     /// can make (`[offload]` configured): its frames count as layer
     /// [`super::core::SOURCE`] and the worker's as `w1`, `w2`, ...
     pub offload: Option<Offloaded>,
+    /// An audio track with a caption session open (see `shard/core/captions.rs`).
+    pub captions: Option<CaptionFeed>,
+}
+
+/// An audio track's caption session.
+#[derive(Debug, Clone, Default)]
+pub struct CaptionFeed {
+    /// Opus packets sent to the pool (a group starts every
+    /// `captions::GROUP` of them).
+    pub packets: u64,
+    /// The pool has no worker for it now.
+    pub lost: bool,
+}
+
+/// A room's captions.
+#[derive(Debug, Clone, Default)]
+pub struct RoomCaptions {
+    /// Switched on (by an official, or `captions.on_at_start`).
+    pub on: bool,
+    /// Who switched them last (participant id), if someone did.
+    pub by: Option<SessionId>,
+    /// What the room was last told: (on, available).
+    pub announced: Option<(bool, bool)>,
 }
 
 impl Track {
@@ -82,6 +105,8 @@ pub struct Room {
     pub tracks: Vec<Track>,
     /// Since when the room has been empty.
     pub empty_since: Option<Instant>,
+    /// Live captions.
+    pub captions: RoomCaptions,
     /// The room's log span; its sessions' spans are its children.
     pub span: tracing::Span,
 }
@@ -95,6 +120,7 @@ impl Room {
             sessions: Vec::new(),
             tracks: Vec::new(),
             empty_since: None,
+            captions: RoomCaptions::default(),
             span,
         }
     }

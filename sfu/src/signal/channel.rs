@@ -119,6 +119,42 @@ pub enum ServerMessage {
         /// Why.
         reason: String,
     },
+    /// The room's captions: sent when the channel opens (on servers with
+    /// captions set up) and whenever they are switched or become
+    /// (un)available. `notice` says it in plain language.
+    CaptionsState {
+        /// Switched on.
+        on: bool,
+        /// Captions are being made (false while no worker can make them:
+        /// the call goes on without).
+        available: bool,
+        /// The spoken language, forced (`nl`, `en`).
+        language: String,
+        /// Who switched them last (participant id), if someone did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        /// What to tell the participant, in `language`.
+        notice: String,
+    },
+    /// A caption: what a participant said. A partial (`final` false) is
+    /// replaced by the next caption of the same participant.
+    Caption {
+        /// Who spoke (participant id).
+        participant: String,
+        /// Their display name from the token.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// The text.
+        text: String,
+        /// It will not change.
+        #[serde(rename = "final")]
+        is_final: bool,
+        /// The speech it covers, in milliseconds of the speaker's audio
+        /// since captions started for them.
+        start_ms: u32,
+        /// End of that speech.
+        end_ms: u32,
+    },
     /// A message from the client was refused.
     Error {
         /// Machine-readable code.
@@ -164,6 +200,11 @@ pub enum ClientMessage {
         /// The participant id.
         id: String,
     },
+    /// Officials only: switch the room's captions on or off.
+    Captions {
+        /// On.
+        on: bool,
+    },
     /// How large the client shows a video it receives: `track` is the mid of
     /// its m-line; 0 by 0 means hidden (nothing is sent for it then).
     VideoSize {
@@ -183,6 +224,28 @@ impl ClientMessage {
             return Err(format!("message over {MAX_CLIENT_MESSAGE} bytes"));
         }
         serde_json::from_slice(data).map_err(|e| e.to_string())
+    }
+}
+
+/// The plain-language notice for a captions state (language level B1:
+/// the counter's citizens include people with low literacy).
+pub fn captions_notice(language: &str, on: bool, available: bool) -> String {
+    let dutch = language != "en";
+    match (on, available, dutch) {
+        (true, true, true) => {
+            "De ondertiteling staat aan. Wat er gezegd wordt, verschijnt als tekst \
+             op het scherm. Er wordt niets opgenomen en niets bewaard."
+                .into()
+        }
+        (true, true, false) => "Captions are on. What is said appears as text on the screen. \
+             Nothing is recorded and nothing is kept."
+            .into(),
+        (true, false, true) => {
+            "De ondertiteling werkt nu even niet. Het gesprek gaat gewoon door.".into()
+        }
+        (true, false, false) => "Captions are not working right now. The call goes on.".into(),
+        (false, _, true) => "De ondertiteling staat uit.".into(),
+        (false, _, false) => "Captions are off.".into(),
     }
 }
 
@@ -208,6 +271,28 @@ mod tests {
         assert!(ClientMessage::parse(br#"{"type":"dance"}"#).is_err());
         assert!(ClientMessage::parse(b"\xff\x00").is_err());
         assert!(ClientMessage::parse(&vec![b' '; MAX_CLIENT_MESSAGE + 1]).is_err());
+    }
+
+    #[test]
+    fn captions_messages_have_their_documented_shape() {
+        assert_eq!(
+            ClientMessage::parse(br#"{"type":"captions","on":true}"#),
+            Ok(ClientMessage::Captions { on: true })
+        );
+        let m = ServerMessage::Caption {
+            participant: "a".into(),
+            name: Some("Anna".into()),
+            text: "Goedemorgen".into(),
+            is_final: true,
+            start_ms: 100,
+            end_ms: 900,
+        };
+        assert_eq!(
+            m.to_json(),
+            r#"{"type":"caption","participant":"a","name":"Anna","text":"Goedemorgen","final":true,"start_ms":100,"end_ms":900}"#
+        );
+        assert!(captions_notice("nl", true, true).contains("niets opgenomen"));
+        assert!(captions_notice("en", true, false).contains("call goes on"));
     }
 
     #[test]

@@ -5,10 +5,14 @@
 //! of the source's size, so a subscriber can tell which layer it gets and
 //! the bandwidth estimate sees realistic rates. It can stall (stop
 //! answering, as a worker whose process hangs) and be lost.
+//!
+//! Caption sessions get a final caption `"packets N to M"` for every
+//! [`CAPTION_EVERY`] Opus packets, so a test can see which speaker's audio
+//! reached the worker and whether captions flow.
 
 use std::collections::HashSet;
 
-use balie_offload::{Frame, Size};
+use balie_offload::{Caption, Frame, Size};
 use bytes::Bytes;
 use str0m::format::Codec;
 
@@ -32,8 +36,16 @@ pub struct FakePool {
     want_key: HashSet<(u64, u8)>,
     /// Sessions waiting for a source keyframe.
     need_key: HashSet<u64>,
+    /// Caption sessions open: (key, packets received).
+    pub captions: Vec<(u64, u64)>,
+    /// No worker makes captions: caption sessions are lost until
+    /// [`FakePool::captions_back`].
+    pub captions_down: bool,
     pending: Vec<PoolEvent>,
 }
+
+/// Opus packets per fake caption.
+pub const CAPTION_EVERY: u64 = 50;
 
 /// The layers it makes, lowest first: (divisor of the source's size, height).
 const LAYERS: [(usize, u16); 2] = [(6, 180), (3, 360)];
@@ -65,7 +77,25 @@ impl FakePool {
                 });
                 self.pending.push(PoolEvent::NeedKeyframe { key });
             }
+            PoolCommand::OpenCaptions { key, .. } => {
+                if self.captions.iter().any(|(k, _)| *k == key) {
+                    return;
+                }
+                self.captions.push((key, 0));
+                self.opened += 1;
+                if self.captions_down {
+                    self.pending.push(PoolEvent::Lost {
+                        key,
+                        reason: "no worker that makes captions".into(),
+                    });
+                }
+            }
             PoolCommand::Close { key } => {
+                let before = self.captions.len();
+                self.captions.retain(|(k, _)| *k != key);
+                if self.captions.len() < before {
+                    self.closed += 1;
+                }
                 if self.open.contains(&key) {
                     self.open.retain(|k| *k != key);
                     self.closed += 1;
@@ -80,6 +110,27 @@ impl FakePool {
     }
 
     fn frame(&mut self, key: u64, frame: Frame) {
+        if let Some((_, n)) = self.captions.iter_mut().find(|(k, _)| *k == key) {
+            if self.captions_down {
+                return;
+            }
+            *n += 1;
+            if *n % CAPTION_EVERY == 0 {
+                let ms = |p: u64| (p * 20) as u32;
+                self.pending.push(PoolEvent::Caption {
+                    key,
+                    caption: Caption {
+                        session: key,
+                        text: format!("packets {} to {}", *n - CAPTION_EVERY + 1, *n),
+                        start_ms: ms(*n - CAPTION_EVERY),
+                        end_ms: ms(*n),
+                        is_final: true,
+                        language: "nl".into(),
+                    },
+                });
+            }
+            return;
+        }
         if !self.open.contains(&key) || self.stalled {
             return;
         }
@@ -122,6 +173,25 @@ impl FakePool {
             self.need_key.insert(key);
             self.pending.push(PoolEvent::NeedKeyframe { key });
             self.pending.push(PoolEvent::Moved { key });
+        }
+    }
+
+    /// Every worker that makes captions is lost: caption sessions wait.
+    pub fn captions_lost(&mut self) {
+        self.captions_down = true;
+        for (key, _) in &self.captions {
+            self.pending.push(PoolEvent::Lost {
+                key: *key,
+                reason: "worker lost".into(),
+            });
+        }
+    }
+
+    /// A worker that makes captions is back: the waiting sessions move there.
+    pub fn captions_back(&mut self) {
+        self.captions_down = false;
+        for (key, _) in &self.captions {
+            self.pending.push(PoolEvent::Moved { key: *key });
         }
     }
 

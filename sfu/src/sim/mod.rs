@@ -129,7 +129,7 @@ impl Sim {
         // Cannot fail with the built-in aws-lc-rs provider.
         let setup = SessionSetup::new(400, config.adaptive_layers)
             .expect("aws-lc-rs generates certificates");
-        let config_offload = config.offload_layers;
+        let config_offload = config.offload_layers > 0 || config.captions.is_some();
         Sim {
             now: Instant::now(),
             shard: ShardCore::new(ShardId(0), config, shard_metrics),
@@ -147,7 +147,7 @@ impl Sim {
             seq: 0,
             rng: StdRng::seed_from_u64(seed),
             step: Duration::from_millis(1),
-            pool: (config_offload > 0).then(FakePool::default),
+            pool: config_offload.then(FakePool::default),
         }
     }
 

@@ -148,6 +148,10 @@ pub struct Peer {
     next_remb: Instant,
     /// Publish this instead of synthetic video (one layer).
     pub clip: Option<Clip>,
+    /// Opus packets to publish instead of synthetic audio (see
+    /// [`Peer::play`]), and the next one to send.
+    audio_clip: Option<Arc<Vec<Vec<u8>>>>,
+    audio_at: usize,
     /// Keep every video frame received (`Received::video`).
     pub keep_video: bool,
 }
@@ -249,6 +253,8 @@ impl Peer {
             remb: None,
             next_remb: now,
             clip: None,
+            audio_clip: None,
+            audio_at: 0,
             keep_video: false,
         };
         (peer, offer)
@@ -397,6 +403,13 @@ impl Peer {
         }
     }
 
+    /// Publish these Opus packets (20 ms each) from now on, once; after the
+    /// last, it is sent again and again (end a clip with silence).
+    pub fn play(&mut self, packets: Arc<Vec<Vec<u8>>>) {
+        self.audio_clip = Some(packets);
+        self.audio_at = 0;
+    }
+
     /// Send a JSON message on the data channel.
     pub fn send_json(&mut self, v: &Value) {
         self.send_raw(v.to_string().as_bytes());
@@ -437,7 +450,14 @@ impl Peer {
             while self.next_audio <= now {
                 self.next_audio += Duration::from_millis(20);
                 self.audio_no += 1;
-                let data = make_frame(self.tag, self.audio_no, 60, None);
+                let data = match &self.audio_clip {
+                    Some(clip) if !clip.is_empty() => {
+                        let i = self.audio_at.min(clip.len() - 1);
+                        self.audio_at += 1;
+                        clip[i].clone()
+                    }
+                    _ => make_frame(self.tag, self.audio_no, 60, None),
+                };
                 let rtp = MediaTime::new(self.audio_no as u64 * 960, Frequency::FORTY_EIGHT_KHZ);
                 self.write(mid, None, Codec::Opus, now, rtp, data);
             }

@@ -6,7 +6,7 @@ use std::path::Path;
 use balie_offload::tls::TlsFiles;
 use balie_sfu::offload::OffloadConfig;
 use balie_transcoder::metrics::Metrics as WorkerMetrics;
-use balie_transcoder::server::{Worker, WorkerConfig};
+use balie_transcoder::server::{CaptionsSetup, Worker, WorkerConfig};
 
 /// A worker on its own runtime and thread, so that it can die abruptly:
 /// shutting the runtime down stops its endpoint without a close frame, as
@@ -19,6 +19,15 @@ pub struct TestWorker {
 
 impl TestWorker {
     pub fn start(dir: &Path) -> TestWorker {
+        Self::start_with(dir, "127.0.0.1:0".parse().expect("addr"), None)
+    }
+
+    /// A worker on `listen`, making captions when `captions` is given.
+    pub fn start_with(
+        dir: &Path,
+        listen: SocketAddr,
+        captions: Option<CaptionsSetup>,
+    ) -> TestWorker {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -29,10 +38,11 @@ impl TestWorker {
             let _in_runtime = runtime.enter();
             Worker::bind(
                 &WorkerConfig {
-                    listen: "127.0.0.1:0".parse().expect("addr"),
+                    listen,
                     tls: TlsFiles::dev_worker(dir),
                     max_sessions: 4,
                     backend: Default::default(),
+                    captions,
                 },
                 metrics.clone(),
             )

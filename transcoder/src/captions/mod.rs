@@ -1,15 +1,23 @@
-//! Live captions (issue 7). Built so far: provisioning the default Whisper
-//! model without a model hub ([`models`]: `balie-transcoder models fetch`)
-//! and the CTranslate2-to-Hugging-Face converter it uses ([`ct2`]); the
-//! speech-to-text runtime: Whisper's exact log-mel ([`mel`]) and Whisper on
-//! candle with a key/value cache ([`whisper`]), behind `balie-transcoder
-//! transcribe FILE`. Streaming (partials, local agreement), voice activity
-//! detection, the audio sessions of the offload protocol and the SFU side
-//! are not built yet.
+//! Live captions: a participant's speech becomes text on the worker.
+//!
+//! - [`models`]: `balie-transcoder models fetch` provisions the default
+//!   Whisper model without a model hub, through the CTranslate2-to-Hugging
+//!   Face converter [`ct2`];
+//! - [`mel`] (Whisper's exact log-mel) and [`whisper`] (Whisper on candle,
+//!   with a key/value cache);
+//! - [`stream`]: voice activity, partials about once a second, finals by
+//!   local agreement;
+//! - [`audio`]: Opus and files to 16 kHz mono (and Opus out, for tests);
+//! - [`session`]: a caption session of the offload protocol, the worker's
+//!   end of `Control::OpenCaptions`;
+//! - [`speech`]: espeak-ng speech and the word error rate, for tests and
+//!   benchmarks.
 
 pub mod audio;
 pub mod ct2;
 pub mod mel;
 pub mod models;
+pub mod session;
+pub mod speech;
 pub mod stream;
 pub mod whisper;

@@ -76,6 +76,9 @@ pub struct Streamer {
     pending: Vec<f32>,
     /// The utterance being transcribed, if one is under way.
     utterance: Option<Utterance>,
+    /// Whisper runs since the last [`Streamer::take_work`]: seconds of
+    /// audio, and the time each took.
+    work: Vec<(f64, std::time::Duration)>,
 }
 
 struct Utterance {
@@ -96,7 +99,19 @@ impl Streamer {
             recent: Vec::new(),
             pending: Vec::new(),
             utterance: None,
+            work: Vec::new(),
         }
+    }
+
+    /// The Whisper runs since the last call: (seconds of audio, time
+    /// taken); their ratio is the real-time factor.
+    pub fn take_work(&mut self) -> Vec<(f64, std::time::Duration)> {
+        std::mem::take(&mut self.work)
+    }
+
+    /// Samples seen so far: the stream's clock.
+    pub fn position(&self) -> usize {
+        self.seen
     }
 
     fn seconds(samples: usize) -> f64 {
@@ -158,7 +173,7 @@ impl Streamer {
             return Ok(Vec::new());
         };
         u.since_partial = 0;
-        let words = split(&w.transcribe(&u.audio, &self.language)?.text);
+        let words = timed(w, &u.audio, &self.language, &mut self.work)?;
         let mut out = Vec::new();
         // Local agreement: what this and the last hypothesis agree on is final.
         let agreed = words
@@ -195,7 +210,7 @@ impl Streamer {
         let Some(u) = self.utterance.take() else {
             return Ok(Vec::new());
         };
-        let words = split(&w.transcribe(&u.audio, &self.language)?.text);
+        let words = timed(w, &u.audio, &self.language, &mut self.work)?;
         // Words already final stay as they were; the rest follows them.
         let rest: Vec<String> = words.into_iter().skip(u.committed).collect();
         if rest.is_empty() {
@@ -208,6 +223,19 @@ impl Streamer {
             is_final: true,
         }])
     }
+}
+
+/// Transcribe `audio`, noting the run in `work`; the words.
+fn timed(
+    w: &Whisper,
+    audio: &[f32],
+    language: &str,
+    work: &mut Vec<(f64, std::time::Duration)>,
+) -> Result<Vec<String>, WhisperError> {
+    let t0 = std::time::Instant::now();
+    let text = w.transcribe(audio, language)?.text;
+    work.push((Streamer::seconds(audio.len()), t0.elapsed()));
+    Ok(split(&text))
 }
 
 fn split(text: &str) -> Vec<String> {

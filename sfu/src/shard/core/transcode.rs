@@ -296,7 +296,8 @@ impl ShardCore {
             | PoolEvent::Layout { key, .. }
             | PoolEvent::NeedKeyframe { key }
             | PoolEvent::Moved { key }
-            | PoolEvent::Lost { key, .. } => *key,
+            | PoolEvent::Lost { key, .. }
+            | PoolEvent::Caption { key, .. } => *key,
         };
         let Some(room_id) = self.offload_rooms.get(&key).cloned() else {
             return; // closed since
@@ -352,6 +353,7 @@ impl ShardCore {
                     false,
                 );
             }
+            PoolEvent::Caption { .. } => {}
             PoolEvent::Moved { .. } | PoolEvent::Lost { .. } => {
                 o.layer_at = None;
                 self.offload_fall_back(&room_id, track_id);
