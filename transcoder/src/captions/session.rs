@@ -3,6 +3,13 @@
 //! them to 16 kHz mono and runs the [`Streamer`] (voice activity, partials,
 //! local agreement) on the worker's one shared [`Whisper`].
 //!
+//! Whisper runs on the session's own thread only (a rayon pool of one for
+//! candle's kernels): Whisper base's matrices are too small for candle to
+//! gain from more threads, and sessions that each spread over every core
+//! only get in each other's way (measured: two streams on two cores held
+//! end of speech to final text within 1.2 s this way, not within 2 s the
+//! other; `balie-transcoder captions-bench`).
+//!
 //! Nothing is kept: audio is dropped once transcribed, text once sent. A
 //! queue of [`QUEUE`] packets (5 s) absorbs a slow transcription; past it,
 //! packets are dropped and counted (the speech in them is lost to the
@@ -54,14 +61,23 @@ impl CaptionSession {
         let (st, m) = (stop.clone(), metrics.clone());
         std::thread::Builder::new()
             .name(format!("captions-{id}"))
-            .spawn(move || match OpusDecoder::new() {
-                Ok(decoder) => {
-                    let _ = ready_tx.send(Ok(()));
-                    let streamer = Streamer::new(&language);
-                    run(id, language, decoder, streamer, &whisper, rx, &st, &out, &m);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
+            .spawn(move || {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(move |_| format!("captions-{id}-whisper"))
+                    .build()
+                    .map_err(|e| format!("a thread for Whisper: {e}"));
+                match (OpusDecoder::new(), pool) {
+                    (Ok(decoder), Ok(pool)) => {
+                        let _ = ready_tx.send(Ok(()));
+                        let streamer = Streamer::new(&language);
+                        pool.install(|| {
+                            run(id, language, decoder, streamer, &whisper, rx, &st, &out, &m);
+                        });
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
                 }
             })
             .map_err(|e| (ErrorCode::Internal, format!("starting a thread: {e}")))?;
@@ -118,20 +134,24 @@ fn run(
     // packet, its arrival), for the latency from the end of speech.
     let mut arrivals: VecDeque<(usize, Instant)> = VecDeque::new();
     let mut decoded = 0usize;
-    while let Ok((frame, arrived)) = packets.recv() {
+    while let Ok(first) = packets.recv() {
         if stop.load(Ordering::Relaxed) {
             return;
         }
+        // Everything queued meanwhile goes to the streamer at once: one
+        // transcription for a backlog, not one per second of it.
         pcm.clear();
-        if decoder.decode(&frame.data, &mut pcm).is_err() {
-            metrics
-                .caption_audio
-                .with_label_values(&["undecodable"])
-                .inc();
-            continue;
+        for (frame, arrived) in std::iter::once(first).chain(packets.try_iter()) {
+            if decoder.decode(&frame.data, &mut pcm).is_err() {
+                metrics
+                    .caption_audio
+                    .with_label_values(&["undecodable"])
+                    .inc();
+                continue;
+            }
+            arrivals.push_back((decoded + pcm.len(), arrived));
         }
         decoded += pcm.len();
-        arrivals.push_back((decoded, arrived));
         let captions = match streamer.push(whisper, &pcm) {
             Ok(c) => c,
             Err(e) => {

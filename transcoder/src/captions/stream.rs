@@ -7,12 +7,23 @@
 //!   it) and ends after [`END_SILENCE`] without speech. Silence is never
 //!   sent to Whisper: it costs nothing and cannot be "heard" as words.
 //! - **Partials**: while an utterance goes on, every [`STEP`] of new audio
-//!   the utterance so far is transcribed and sent as a partial.
+//!   the utterance so far is transcribed and sent as a partial; and as soon
+//!   as speech has paused for [`PAUSE`] (with at least [`EAGER`] of new
+//!   audio since the last partial), so that
+//!   when the silence turns out to end the utterance, the hypothesis that
+//!   heard all of it is already there and becomes final without running
+//!   Whisper again. At most one partial per [`Streamer::push`]: a caller
+//!   that fell behind hands over everything queued at once and gets one
+//!   partial for it, not one per second of backlog.
 //! - **Finals** (local agreement, as Whisper-Streaming's LocalAgreement-2):
 //!   the words two consecutive hypotheses agree on, beyond those already
 //!   final, become final at once; the rest of the utterance's words become
 //!   final when it ends. An utterance longer than [`MAX_UTTERANCE`] is
 //!   ended there.
+//! - **Cost**: every hypothesis after the first is forced to begin with
+//!   the utterance's final words ([`Whisper::transcribe_after`]): they are
+//!   read in one decoder pass instead of decoded again token by token, so a
+//!   partial costs the encoder and the new words only.
 
 use super::mel::SAMPLE_RATE;
 use super::whisper::{Whisper, WhisperError};
@@ -21,6 +32,10 @@ use super::whisper::{Whisper, WhisperError};
 pub const STEP: f64 = 1.0;
 /// Silence that ends an utterance.
 pub const END_SILENCE: f64 = 0.5;
+/// New audio that earns a partial when speech pauses.
+pub const EAGER: f64 = 0.3;
+/// A pause this long (longer than the gaps between words) earns a partial.
+pub const PAUSE: f64 = 0.15;
 /// The longest utterance transcribed as one.
 pub const MAX_UTTERANCE: f64 = 25.0;
 const FRAME: usize = SAMPLE_RATE * 30 / 1000;
@@ -86,8 +101,11 @@ struct Utterance {
     audio: Vec<f32>,
     silent: usize,
     since_partial: usize,
-    previous: Vec<String>,
-    committed: usize,
+    /// The last hypothesis's tokens, and how much of the audio it heard.
+    previous: Vec<u32>,
+    heard: usize,
+    /// The tokens already final (a prefix of every later hypothesis).
+    committed: Vec<u32>,
 }
 
 impl Streamer {
@@ -124,6 +142,7 @@ impl Streamer {
         self.pending.extend_from_slice(pcm);
         let whole = self.pending.len() / FRAME * FRAME;
         let frames: Vec<f32> = self.pending.drain(..whole).collect();
+        let mut due = false;
         for frame in frames.chunks(FRAME) {
             let speech = self.vad.speech(frame);
             let at = self.seen;
@@ -138,7 +157,8 @@ impl Streamer {
                         silent: 0,
                         since_partial: 0,
                         previous: Vec::new(),
-                        committed: 0,
+                        heard: 0,
+                        committed: Vec::new(),
                     });
                 }
                 None => {
@@ -149,16 +169,24 @@ impl Streamer {
                 Some(u) => {
                     u.audio.extend_from_slice(frame);
                     u.since_partial += frame.len();
+                    let before = Self::seconds(u.silent);
                     u.silent = if speech { 0 } else { u.silent + frame.len() };
+                    let paused = before < PAUSE && Self::seconds(u.silent) >= PAUSE;
                     let ended = Self::seconds(u.silent) >= END_SILENCE
                         || Self::seconds(u.audio.len()) >= MAX_UTTERANCE;
                     if ended {
+                        due = false;
                         out.extend(self.finish(w)?);
-                    } else if Self::seconds(u.since_partial) >= STEP {
-                        out.extend(self.partial(w)?);
+                    } else if Self::seconds(u.since_partial) >= STEP
+                        || (paused && Self::seconds(u.since_partial) >= EAGER)
+                    {
+                        due = true;
                     }
                 }
             }
+        }
+        if due {
+            out.extend(self.partial(w)?);
         }
         Ok(out)
     }
@@ -173,36 +201,44 @@ impl Streamer {
             return Ok(Vec::new());
         };
         u.since_partial = 0;
-        let words = timed(w, &u.audio, &self.language, &mut self.work)?;
+        let hyp = timed(w, &u.audio, &self.language, &u.committed, &mut self.work)?;
         let mut out = Vec::new();
-        // Local agreement: what this and the last hypothesis agree on is final.
-        let agreed = words
+        // Local agreement: what this and the last hypothesis agree on is
+        // final, up to the last whole word.
+        let done = u.committed.len();
+        let agreed = hyp
             .iter()
             .zip(&u.previous)
             .take_while(|(a, b)| a == b)
             .count();
+        let mut cut = agreed;
+        while cut > done && cut < hyp.len() && !w.starts_word(hyp[cut]) {
+            cut -= 1;
+        }
         let (start, end) = (
             Self::seconds(u.start),
             Self::seconds(u.start + u.audio.len()),
         );
-        if agreed > u.committed {
+        if cut > done {
             out.push(Caption {
-                text: words[u.committed..agreed].join(" "),
+                text: w.text(&hyp[done..cut])?,
                 start,
                 end,
                 is_final: true,
             });
-            u.committed = agreed;
+            u.committed = hyp[..cut].to_vec();
         }
-        if words.len() > u.committed {
+        let rest = w.text(&hyp[u.committed.len()..])?;
+        if !rest.is_empty() {
             out.push(Caption {
-                text: words[u.committed..].join(" "),
+                text: rest,
                 start,
                 end,
                 is_final: false,
             });
         }
-        u.previous = words;
+        u.previous = hyp;
+        u.heard = u.audio.len();
         Ok(out)
     }
 
@@ -210,14 +246,21 @@ impl Streamer {
         let Some(u) = self.utterance.take() else {
             return Ok(Vec::new());
         };
-        let words = timed(w, &u.audio, &self.language, &mut self.work)?;
+        // The last hypothesis heard all the speech (only silence came
+        // since): it is the final text, no need to run Whisper again.
+        let speech_end = u.audio.len() - u.silent;
+        let hyp = if u.heard > 0 && u.heard >= speech_end {
+            u.previous
+        } else {
+            timed(w, &u.audio, &self.language, &u.committed, &mut self.work)?
+        };
         // Words already final stay as they were; the rest follows them.
-        let rest: Vec<String> = words.into_iter().skip(u.committed).collect();
+        let rest = w.text(&hyp[u.committed.len().min(hyp.len())..])?;
         if rest.is_empty() {
             return Ok(Vec::new());
         }
         Ok(vec![Caption {
-            text: rest.join(" "),
+            text: rest,
             start: Self::seconds(u.start),
             end: Self::seconds(u.start + u.audio.len() - u.silent),
             is_final: true,
@@ -225,21 +268,19 @@ impl Streamer {
     }
 }
 
-/// Transcribe `audio`, noting the run in `work`; the words.
+/// Transcribe `audio` after the final tokens `prefix`, noting the run in
+/// `work`; the hypothesis's tokens (beginning with `prefix`).
 fn timed(
     w: &Whisper,
     audio: &[f32],
     language: &str,
+    prefix: &[u32],
     work: &mut Vec<(f64, std::time::Duration)>,
-) -> Result<Vec<String>, WhisperError> {
+) -> Result<Vec<u32>, WhisperError> {
     let t0 = std::time::Instant::now();
-    let text = w.transcribe(audio, language)?.text;
+    let tokens = w.transcribe_after(audio, language, prefix)?.tokens;
     work.push((Streamer::seconds(audio.len()), t0.elapsed()));
-    Ok(split(&text))
-}
-
-fn split(text: &str) -> Vec<String> {
-    text.split_whitespace().map(str::to_string).collect()
+    Ok(tokens)
 }
 
 #[cfg(test)]

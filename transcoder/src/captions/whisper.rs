@@ -274,6 +274,23 @@ impl Whisper {
         })
     }
 
+    /// Whether `token` begins a word (its text starts with a space; in the
+    /// byte-level BPE, `Ġ`), so a cut before it splits no word.
+    pub fn starts_word(&self, token: u32) -> bool {
+        self.tokenizer
+            .id_to_token(token)
+            .is_some_and(|t| t.starts_with('Ġ'))
+    }
+
+    /// The text of `tokens` (a run of text tokens), trimmed.
+    pub fn text(&self, tokens: &[u32]) -> Result<String, WhisperError> {
+        let text = self
+            .tokenizer
+            .decode(tokens, true)
+            .map_err(|e| WhisperError::Tokenizer(e.to_string()))?;
+        Ok(text.trim().to_string())
+    }
+
     /// The token of a language (`nl`, `en`, ...).
     pub fn language_token(&self, lang: &str) -> Result<u32, WhisperError> {
         self.tokenizer
@@ -359,6 +376,19 @@ impl Whisper {
     /// Transcribe up to 30 s of 16 kHz mono audio in `language`. Only the
     /// audio's length (plus a second) is encoded, not a padded 30 s.
     pub fn transcribe(&self, pcm: &[f32], language: &str) -> Result<Transcript, WhisperError> {
+        self.transcribe_after(pcm, language, &[])
+    }
+
+    /// [`Whisper::transcribe`], the text forced to begin with `prefix`
+    /// (tokens already final): they are read in one decoder pass, and only
+    /// the words after them are decoded one token at a time. The
+    /// transcript's tokens begin with `prefix`.
+    pub fn transcribe_after(
+        &self,
+        pcm: &[f32],
+        language: &str,
+        prefix: &[u32],
+    ) -> Result<Transcript, WhisperError> {
         let lang = self.language_token(language)?;
         let max_samples = self.config.max_source_positions * 2 * HOP;
         let mut audio: Vec<f32> = pcm[..pcm.len().min(max_samples)].to_vec();
@@ -387,13 +417,18 @@ impl Whisper {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let mut cache = Cache { layers };
-        let prompt = [self.sot, lang, self.transcribe, self.no_timestamps];
         // About 3 tokens a second of speech; cap at 6, plus a little.
         let seconds = pcm.len() as f64 / SAMPLE_RATE as f64;
-        let cap = ((seconds * 6.0) as usize + 8).min(self.config.max_target_positions / 2);
-        let mut out: Vec<u32> = Vec::new();
+        let half = self.config.max_target_positions / 2;
+        let cap = ((seconds * 6.0) as usize + 8).min(half);
+        // A prefix longer than the cap (it cannot be, for what the cap let
+        // through before) is cut: the decoder's positions are bounded.
+        let prefix = &prefix[..prefix.len().min(half)];
+        let mut prompt = vec![self.sot, lang, self.transcribe, self.no_timestamps];
+        prompt.extend_from_slice(prefix);
+        let mut out: Vec<u32> = prefix.to_vec();
         let mut logits = self.decode_step(&prompt, 0, &mut cache)?;
-        for step in 0..cap {
+        for step in 0..cap.saturating_sub(prefix.len()).max(8) {
             let l = logits.broadcast_add(&self.suppress)?;
             let next = l.argmax(0)?.to_scalar::<u32>()?;
             if next == self.eot {
