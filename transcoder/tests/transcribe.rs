@@ -94,9 +94,20 @@ fn streamed_speech_gives_partials_then_finals_and_silence_gives_nothing() {
     }
     let mut s = Streamer::new("en");
     let mut captions = Vec::new();
+    // Finals that came out of a packet without a Whisper run: the
+    // hypothesis made when speech paused heard the whole utterance.
+    let mut finals_without_a_run = 0;
     for packet in pcm.chunks(SAMPLE_RATE / 50) {
-        captions.extend(s.push(&w, packet).expect("stream"));
+        let out = s.push(&w, packet).expect("stream");
+        if s.take_work().is_empty() && out.iter().any(|c| c.is_final) {
+            finals_without_a_run += 1;
+        }
+        captions.extend(out);
     }
+    assert!(
+        finals_without_a_run >= 1,
+        "an utterance's end is final without running Whisper again"
+    );
     captions.extend(s.flush(&w).expect("flush"));
     for c in &captions {
         eprintln!(
