@@ -3,20 +3,21 @@
 //! back on the control stream. Needs the default model (the test command
 //! provisions it) and espeak-ng.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use balie_offload::link::{client_endpoint, GroupSender, Link, LinkEvent};
-use balie_offload::tls::{client_config, make_dev_certs, TlsFiles};
+use balie_offload::link::{GroupSender, Link, LinkEvent};
 use balie_offload::{Caption, Control, ErrorCode, Frame, GroupHeader};
 use balie_transcoder::captions::audio::{encode_opus, OPUS_FRAME};
 use balie_transcoder::captions::mel::SAMPLE_RATE;
 use balie_transcoder::captions::speech::{speak, words};
 use balie_transcoder::captions::{models, whisper::Whisper};
 use balie_transcoder::metrics::Metrics;
-use balie_transcoder::server::{CaptionsSetup, Worker, WorkerConfig};
+use balie_transcoder::server::CaptionsSetup;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 fn model() -> Arc<Whisper> {
@@ -28,31 +29,11 @@ fn model() -> Arc<Whisper> {
     Arc::new(Whisper::load(&dir).expect("model loads"))
 }
 
+/// A worker taking two caption sessions' worth of video and `captions`.
 fn start_worker(dir: &Path, captions: Option<CaptionsSetup>) -> (SocketAddr, Metrics) {
-    make_dev_certs(dir, &["localhost".into(), "127.0.0.1".into()]).expect("dev certificates");
-    let metrics = Metrics::new();
-    let worker = Worker::bind(
-        &WorkerConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            tls: TlsFiles::dev_worker(dir),
-            max_sessions: 2,
-            backend: Default::default(),
-            captions,
-        },
-        metrics.clone(),
-    )
-    .expect("worker binds");
-    let addr = worker.local_addr().expect("addr");
-    tokio::spawn(worker.run());
+    common::certs(dir);
+    let (addr, metrics, _) = common::start_worker(dir, 2, captions);
     (addr, metrics)
-}
-
-async fn connect(dir: &Path, addr: SocketAddr) -> (Link, UnboundedReceiver<LinkEvent>) {
-    let cfg = client_config(&TlsFiles::dev_sfu(dir)).expect("client config");
-    let ep = client_endpoint(cfg, addr).expect("endpoint");
-    Link::connect(&ep, addr, "localhost", "test-sfu")
-        .await
-        .expect("link")
 }
 
 /// Send Opus packets as the SFU does: paced in real time, a group per
@@ -124,7 +105,7 @@ async fn opus_speech_in_gives_partials_then_final_captions_out() {
             max_sessions: 1,
         }),
     );
-    let (link, mut events) = connect(dir.path(), addr).await;
+    let (link, mut events) = common::connect(dir.path(), addr).await;
     assert_eq!(link.max_captions, 1);
     let packets = spoken(
         "en",
@@ -210,7 +191,7 @@ async fn opus_speech_in_gives_partials_then_final_captions_out() {
 async fn captions_are_refused_by_a_worker_without_a_model_or_for_an_unknown_language() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (addr, _) = start_worker(dir.path(), None);
-    let (link, mut events) = connect(dir.path(), addr).await;
+    let (link, mut events) = common::connect(dir.path(), addr).await;
     assert_eq!(link.max_captions, 0);
     link.send(Control::OpenCaptions {
         session: 1,
@@ -230,7 +211,7 @@ async fn captions_are_refused_by_a_worker_without_a_model_or_for_an_unknown_lang
             max_sessions: 4,
         }),
     );
-    let (link, mut events) = connect(dir.path(), addr).await;
+    let (link, mut events) = common::connect(dir.path(), addr).await;
     link.send(Control::OpenCaptions {
         session: 2,
         language: "zz".into(),

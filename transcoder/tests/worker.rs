@@ -2,6 +2,8 @@
 //! to the sizes asked for, keyframes where asked, capacity, and refusal of
 //! bad peers and bad messages.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,51 +11,18 @@ use std::time::{Duration, Instant};
 
 use balie_offload::io::{read_control, write_control};
 use balie_offload::link::{client_endpoint, Link, LinkEvent};
-use balie_offload::tls::{client_config, make_dev_certs, TlsFiles};
+use balie_offload::tls::{client_config, TlsFiles};
 use balie_offload::{Codec, Control, ErrorCode, Frame, GroupHeader, LayerSpec, Size, VERSION};
 use balie_transcoder::bench::LAYERS as TWO_LAYERS;
 use balie_transcoder::clip::{self, ClipFrame};
-use balie_transcoder::metrics::Metrics;
 use balie_transcoder::pipeline::Decoder;
-use balie_transcoder::server::{Worker, WorkerConfig};
+use common::{certs, connect, start_worker};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const HD: Size = Size {
     width: 1280,
     height: 720,
 };
-
-fn certs(dir: &Path) {
-    make_dev_certs(dir, &["localhost".into(), "127.0.0.1".into()]).expect("dev certificates");
-}
-
-/// Start a worker on an ephemeral loopback port.
-fn start_worker(dir: &Path, max_sessions: u32) -> (SocketAddr, Metrics, quinn::Endpoint) {
-    let metrics = Metrics::new();
-    let worker = Worker::bind(
-        &WorkerConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            tls: TlsFiles::dev_worker(dir),
-            max_sessions,
-            backend: Default::default(),
-            captions: None,
-        },
-        metrics.clone(),
-    )
-    .expect("worker binds");
-    let addr = worker.local_addr().expect("addr");
-    let ep = worker.endpoint();
-    tokio::spawn(worker.run());
-    (addr, metrics, ep)
-}
-
-async fn connect(dir: &Path, addr: SocketAddr) -> (Link, UnboundedReceiver<LinkEvent>) {
-    let cfg = client_config(&TlsFiles::dev_sfu(dir)).expect("client config");
-    let ep = client_endpoint(cfg, addr).expect("endpoint");
-    Link::connect(&ep, addr, "localhost", "test-sfu")
-        .await
-        .expect("link")
-}
 
 /// Send the clip as the SFU would: a group per GOP, paced at 30 fps.
 async fn publish(link: &Link, session: u64, clip: &[ClipFrame]) {
@@ -129,7 +98,7 @@ fn decoded_sizes(codec: Codec, frames: &[(GroupHeader, Frame)]) -> Vec<(u32, u32
 async fn layers_decode_to_the_sizes_asked_for(codec: Codec) {
     let dir = tempfile::tempdir().expect("tempdir");
     certs(dir.path());
-    let (addr, metrics, _ep) = start_worker(dir.path(), 4);
+    let (addr, metrics, _ep) = start_worker(dir.path(), 4, None);
     let (link, mut events) = connect(dir.path(), addr).await;
     assert!(link.agent.starts_with("balie-transcoder"), "{}", link.agent);
     let clip = clip::make(codec, HD, 75, 30, 1500).expect("clip");
@@ -214,7 +183,7 @@ async fn a_720p_h264_source_gives_360p_and_180p_layers_that_decode() {
 async fn a_keyframe_request_gives_a_keyframe_on_that_layer_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     certs(dir.path());
-    let (addr, _m, _ep) = start_worker(dir.path(), 4);
+    let (addr, _m, _ep) = start_worker(dir.path(), 4, None);
     let (link, mut events) = connect(dir.path(), addr).await;
     // One GOP of 60 frames: the only source keyframe is the first.
     let clip = clip::make(Codec::Vp8, HD, 60, 600, 1500).expect("clip");
@@ -266,7 +235,7 @@ async fn a_keyframe_request_gives_a_keyframe_on_that_layer_only() {
 async fn a_full_worker_refuses_a_session_with_capacity() {
     let dir = tempfile::tempdir().expect("tempdir");
     certs(dir.path());
-    let (addr, metrics, _ep) = start_worker(dir.path(), 1);
+    let (addr, metrics, _ep) = start_worker(dir.path(), 1, None);
     let (link, mut events) = connect(dir.path(), addr).await;
     assert_eq!(link.max_sessions, 1);
     let layers = vec![LayerSpec {
@@ -308,7 +277,7 @@ async fn a_peer_without_a_valid_certificate_is_refused() {
     certs(dir.path());
     let other = tempfile::tempdir().expect("tempdir");
     certs(other.path());
-    let (addr, metrics, _ep) = start_worker(dir.path(), 4);
+    let (addr, metrics, _ep) = start_worker(dir.path(), 4, None);
 
     // A certificate from another CA.
     let cfg = client_config(&TlsFiles::dev_sfu(other.path())).expect("config");
@@ -404,7 +373,7 @@ async fn error_reply(recv: &mut quinn::RecvStream) -> (ErrorCode, String) {
 async fn malformed_and_oversized_messages_get_a_protocol_error_and_the_worker_goes_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     certs(dir.path());
-    let (addr, metrics, _ep) = start_worker(dir.path(), 4);
+    let (addr, metrics, _ep) = start_worker(dir.path(), 4, None);
 
     // A control message that is not one.
     let conn = raw(dir.path(), addr).await;
