@@ -15,10 +15,10 @@
 
 use std::time::Instant;
 
-use balie_offload::{Caption, Frame};
-use bytes::Bytes;
+use balie_offload::Caption;
 use str0m::media::MediaKind;
 
+use super::transcode::pool_frame;
 use super::{Fanout, ShardCore};
 use crate::ids::{RoomId, SessionId, TrackId};
 use crate::offload::{PoolCommand, PoolEvent};
@@ -169,15 +169,8 @@ impl ShardCore {
         };
         let starts_group = feed.packets % GROUP == 0;
         feed.packets += 1;
-        self.pool_out.push_back(PoolCommand::Frame {
-            key: track_id.0,
-            frame: Frame {
-                rtp_time: frame.time.numer() as u32,
-                deadline_ms: 0,
-                key: starts_group,
-                data: Bytes::copy_from_slice(&frame.data),
-            },
-        });
+        self.pool_out
+            .push_back(pool_frame(track_id, frame, starts_group));
     }
 
     /// Whether a pool event is about a caption session.

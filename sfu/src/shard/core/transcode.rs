@@ -148,6 +148,19 @@ fn extend_time(last: MediaTime, rtp: u32) -> MediaTime {
     MediaTime::new(best, last.frequency())
 }
 
+/// A frame of `track` for its worker session; `key` starts a group.
+pub(super) fn pool_frame(track: TrackId, frame: &Fanout, key: bool) -> PoolCommand {
+    PoolCommand::Frame {
+        key: track.0,
+        frame: Frame {
+            rtp_time: frame.time.numer() as u32,
+            deadline_ms: 0,
+            key,
+            data: Bytes::copy_from_slice(&frame.data),
+        },
+    }
+}
+
 impl ShardCore {
     /// A source frame of an offloaded track: remember its parameters and
     /// time, and pass it to the worker while a session is open.
@@ -175,15 +188,8 @@ impl ShardCore {
         o.params = Some(frame.params);
         o.last_time = Some(frame.time);
         if o.open {
-            self.pool_out.push_back(PoolCommand::Frame {
-                key: track_id.0,
-                frame: Frame {
-                    rtp_time: frame.time.numer() as u32,
-                    deadline_ms: 0,
-                    key: frame.keyframe,
-                    data: Bytes::copy_from_slice(&frame.data),
-                },
-            });
+            self.pool_out
+                .push_back(pool_frame(track_id, frame, frame.keyframe));
         }
     }
 
