@@ -5,6 +5,8 @@
 #     docker build --target transcoder -t balie-transcoder .
 #     docker run --gpus all -e NVIDIA_DRIVER_CAPABILITIES=compute,video,utility \
 #       -p 4470:4470/udp -v /etc/balie/offload:/etc/balie/offload balie-transcoder
+#   live captions too (the default model is in the image; Whisper runs on the
+#   CPU cores given to the container): add -e BALIE_TRANSCODER_CAPTIONS=true
 #
 # balie-sfu: slim Debian runtime.
 # The build runs the same command as CI's release build: cargo build --release --locked.
@@ -55,7 +57,8 @@ ENV PATH=/root/.cargo/bin:$PATH
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p balie-transcoder --features cuda \
- && install -D target/release/balie-transcoder /out/balie-transcoder
+ && install -D target/release/balie-transcoder /out/balie-transcoder \
+ && /out/balie-transcoder models fetch --dir /out/models/whisper-base
 
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS transcoder
 RUN apt-get update -qq \
@@ -70,8 +73,10 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,video,utility \
     BALIE_TRANSCODER_METRICS=0.0.0.0:9471 \
     BALIE_TRANSCODER_CA=/etc/balie/offload/ca.pem \
     BALIE_TRANSCODER_CERT=/etc/balie/offload/worker.pem \
-    BALIE_TRANSCODER_KEY=/etc/balie/offload/worker.key
+    BALIE_TRANSCODER_KEY=/etc/balie/offload/worker.key \
+    BALIE_TRANSCODER_CAPTIONS_MODEL=/usr/share/balie/models/whisper-base
 COPY --from=build-transcoder /out/balie-transcoder /usr/local/bin/balie-transcoder
+COPY --from=build-transcoder /out/models/whisper-base /usr/share/balie/models/whisper-base
 USER balie
 EXPOSE 4470/udp 9471/tcp
 ENTRYPOINT ["/usr/local/bin/balie-transcoder"]
