@@ -146,6 +146,12 @@ fn audio_frames(c: &Client) -> u64 {
         .sum()
 }
 
+/// "passport" (or "passports": where a stream starts moves Whisper's
+/// windows, and base hears either).
+fn said_passport(words: &[String]) -> bool {
+    words.iter().any(|w| w.starts_with("passport"))
+}
+
 const LIBRIVOX: &str = "/usr/share/pocketsphinx/test/data/librivox";
 
 #[test]
@@ -307,7 +313,7 @@ fn a_killed_worker_gives_the_notice_the_call_goes_on_and_a_new_worker_brings_cap
         run_until(
             &mut [&mut olga, &mut ivo],
             Duration::from_secs_f64(end + 10.0),
-            |cs| finals_of(cs[0], "ivo").contains(&"passport".to_string())
+            |cs| said_passport(&finals_of(cs[0], "ivo"))
         ),
         "captions before the kill"
     );
@@ -358,7 +364,7 @@ fn a_killed_worker_gives_the_notice_the_call_goes_on_and_a_new_worker_brings_cap
     let again = run_until(
         &mut [&mut olga, &mut ivo],
         Duration::from_secs_f64(end + 10.0),
-        |cs| finals_of(cs[0], "ivo")[before..].contains(&"passport".to_string()),
+        |cs| said_passport(&finals_of(cs[0], "ivo")[before..]),
     );
     let after: Vec<String> = finals_of(&olga, "ivo")[before..].to_vec();
     assert!(again, "captions from the new worker: {after:?}");

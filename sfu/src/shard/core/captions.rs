@@ -200,6 +200,16 @@ impl ShardCore {
             }
             PoolEvent::Moved { key } => {
                 if let Some(room_id) = self.set_lost(key, false) {
+                    // The new worker's writer waits for a group's start:
+                    // the next packet begins one, so no audio is lost.
+                    if let Some(feed) = self
+                        .rooms
+                        .get_mut(&room_id)
+                        .and_then(|r| r.track(TrackId(key)))
+                        .and_then(|t| t.captions.as_mut())
+                    {
+                        feed.packets = 0;
+                    }
                     self.captions_announce(now, &room_id);
                 }
             }
