@@ -252,6 +252,20 @@ pub enum PoolEvent {
     Caption { key: u64, caption: Caption },
 }
 
+impl PoolEvent {
+    /// The session it is about (the shard's key).
+    pub fn key(&self) -> u64 {
+        match self {
+            PoolEvent::Frame { key, .. }
+            | PoolEvent::Layout { key, .. }
+            | PoolEvent::NeedKeyframe { key }
+            | PoolEvent::Moved { key }
+            | PoolEvent::Lost { key, .. }
+            | PoolEvent::Caption { key, .. } => *key,
+        }
+    }
+}
+
 /// What a shard needs to start its pool.
 #[derive(Clone)]
 pub struct OffloadSetup {

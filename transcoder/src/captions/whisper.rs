@@ -442,12 +442,8 @@ impl Whisper {
             out.push(next);
             logits = self.decode_step(&[next], prompt.len() + step, &mut cache)?;
         }
-        let text = self
-            .tokenizer
-            .decode(&out, true)
-            .map_err(|e| WhisperError::Tokenizer(e.to_string()))?;
         Ok(Transcript {
-            text: text.trim().to_string(),
+            text: self.text(&out)?,
             tokens: out,
             encode,
             decode: t1.elapsed(),

@@ -35,20 +35,27 @@ impl ShardCore {
         self.config.captions.is_some()
     }
 
-    /// The captions state message for a room now.
-    pub(super) fn captions_state(&self, room_id: &RoomId) -> Option<ServerMessage> {
-        let cfg = self.config.captions.as_ref()?;
+    /// A room's captions now: (on, available: no session without a worker).
+    fn captions_status(&self, room_id: &RoomId) -> Option<(bool, bool)> {
+        self.config.captions.as_ref()?;
         let room = self.rooms.get(room_id)?;
-        let on = room.captions.on;
         let available = !room
             .tracks
             .iter()
             .any(|t| t.captions.as_ref().is_some_and(|c| c.lost));
+        Some((room.captions.on, available))
+    }
+
+    /// The captions state message for a room now.
+    pub(super) fn captions_state(&self, room_id: &RoomId) -> Option<ServerMessage> {
+        let cfg = self.config.captions.as_ref()?;
+        let (on, available) = self.captions_status(room_id)?;
+        let by = self.rooms.get(room_id)?.captions.by;
         Some(ServerMessage::CaptionsState {
             on,
             available,
             language: cfg.language.clone(),
-            by: room.captions.by.map(|s| s.to_string()),
+            by: by.map(|s| s.to_string()),
             notice: captions_notice(&cfg.language, on, available),
         })
     }
@@ -137,10 +144,8 @@ impl ShardCore {
 
     /// Tell the room its captions state if it differs from what it was told.
     fn captions_announce(&mut self, now: Instant, room_id: &RoomId) {
-        let Some(msg) = self.captions_state(room_id) else {
-            return;
-        };
-        let ServerMessage::CaptionsState { on, available, .. } = msg else {
+        // Compared first; the message (with its notice) only built to send.
+        let Some((on, available)) = self.captions_status(room_id) else {
             return;
         };
         let Some(room) = self.rooms.get_mut(room_id) else {
@@ -154,17 +159,14 @@ impl ShardCore {
             self.metrics.captions_unavailable.inc();
         }
         tracing::info!(parent: &room.span, on, available, "captions state");
-        self.broadcast(now, room_id, None, &msg);
+        if let Some(msg) = self.captions_state(room_id) {
+            self.broadcast(now, room_id, None, &msg);
+        }
     }
 
     /// An Opus packet of `track`: to its caption session, if one is open.
     pub(super) fn captions_audio(&mut self, room_id: &RoomId, track_id: TrackId, frame: &Fanout) {
-        let Some(feed) = self
-            .rooms
-            .get_mut(room_id)
-            .and_then(|r| r.track(track_id))
-            .and_then(|t| t.captions.as_mut())
-        else {
+        let Some(feed) = self.caption_feed(room_id, track_id) else {
             return;
         };
         let starts_group = feed.packets % GROUP == 0;
@@ -175,15 +177,7 @@ impl ShardCore {
 
     /// Whether a pool event is about a caption session.
     pub(super) fn is_caption_event(&self, event: &PoolEvent) -> bool {
-        let key = match event {
-            PoolEvent::Frame { key, .. }
-            | PoolEvent::Layout { key, .. }
-            | PoolEvent::NeedKeyframe { key }
-            | PoolEvent::Moved { key }
-            | PoolEvent::Lost { key, .. }
-            | PoolEvent::Caption { key, .. } => *key,
-        };
-        self.caption_rooms.contains_key(&key)
+        self.caption_rooms.contains_key(&event.key())
     }
 
     /// News from the pool about a caption session.
@@ -191,27 +185,28 @@ impl ShardCore {
         match event {
             PoolEvent::Caption { key, caption } => self.caption(now, key, caption),
             PoolEvent::Lost { key, reason } => {
-                if let Some(room_id) = self.set_lost(key, true) {
-                    if let Some(room) = self.rooms.get(&room_id) {
-                        tracing::warn!(parent: &room.span, track = key, %reason, "captions unavailable");
-                    }
-                    self.captions_announce(now, &room_id);
+                let Some(room_id) = self.caption_rooms.get(&key).cloned() else {
+                    return;
+                };
+                if let Some(feed) = self.caption_feed(&room_id, TrackId(key)) {
+                    feed.lost = true;
                 }
+                if let Some(room) = self.rooms.get(&room_id) {
+                    tracing::warn!(parent: &room.span, track = key, %reason, "captions unavailable");
+                }
+                self.captions_announce(now, &room_id);
             }
             PoolEvent::Moved { key } => {
-                if let Some(room_id) = self.set_lost(key, false) {
+                let Some(room_id) = self.caption_rooms.get(&key).cloned() else {
+                    return;
+                };
+                if let Some(feed) = self.caption_feed(&room_id, TrackId(key)) {
+                    feed.lost = false;
                     // The new worker's writer waits for a group's start:
                     // the next packet begins one, so no audio is lost.
-                    if let Some(feed) = self
-                        .rooms
-                        .get_mut(&room_id)
-                        .and_then(|r| r.track(TrackId(key)))
-                        .and_then(|t| t.captions.as_mut())
-                    {
-                        feed.packets = 0;
-                    }
-                    self.captions_announce(now, &room_id);
+                    feed.packets = 0;
                 }
+                self.captions_announce(now, &room_id);
             }
             // Audio needs no keyframes, and makes no layers.
             PoolEvent::NeedKeyframe { .. } | PoolEvent::Frame { .. } | PoolEvent::Layout { .. } => {
@@ -219,17 +214,9 @@ impl ShardCore {
         }
     }
 
-    /// Mark a caption session lost or placed; its room.
-    fn set_lost(&mut self, key: u64, lost: bool) -> Option<RoomId> {
-        let room_id = self.caption_rooms.get(&key)?.clone();
-        let feed = self
-            .rooms
-            .get_mut(&room_id)?
-            .track(TrackId(key))?
-            .captions
-            .as_mut()?;
-        feed.lost = lost;
-        Some(room_id)
+    /// The caption session of a track, if it has one.
+    fn caption_feed(&mut self, room_id: &RoomId, track: TrackId) -> Option<&mut CaptionFeed> {
+        self.rooms.get_mut(room_id)?.track(track)?.captions.as_mut()
     }
 
     /// A caption segment: to every admitted participant of the room, with
@@ -238,18 +225,19 @@ impl ShardCore {
         let Some(room_id) = self.caption_rooms.get(&key).cloned() else {
             return;
         };
-        // A segment means the session is placed and working.
-        if self.set_lost(key, false).is_some() {
-            self.captions_announce(now, &room_id);
-        }
-        let Some(owner) = self
+        let Some(track) = self
             .rooms
             .get_mut(&room_id)
             .and_then(|r| r.track(TrackId(key)))
-            .map(|t| t.owner)
         else {
             return;
         };
+        let owner = track.owner;
+        // A segment means the session is placed and working.
+        if let Some(feed) = track.captions.as_mut().filter(|f| f.lost) {
+            feed.lost = false;
+            self.captions_announce(now, &room_id);
+        }
         let Some(speaker) = self.sessions.get(&owner) else {
             return;
         };

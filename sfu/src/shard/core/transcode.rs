@@ -297,14 +297,7 @@ impl ShardCore {
 
     /// News from the pool.
     pub(super) fn on_pool_event(&mut self, now: Instant, event: PoolEvent) {
-        let key = match &event {
-            PoolEvent::Frame { key, .. }
-            | PoolEvent::Layout { key, .. }
-            | PoolEvent::NeedKeyframe { key }
-            | PoolEvent::Moved { key }
-            | PoolEvent::Lost { key, .. }
-            | PoolEvent::Caption { key, .. } => *key,
-        };
+        let key = event.key();
         let Some(room_id) = self.offload_rooms.get(&key).cloned() else {
             return; // closed since
         };
