@@ -5,7 +5,8 @@
 #     docker build --target transcoder -t balie-transcoder .
 #     docker run --gpus all -e NVIDIA_DRIVER_CAPABILITIES=compute,video,utility \
 #       -p 4470:4470/udp -v /etc/balie/offload:/etc/balie/offload balie-transcoder
-#   live captions too (the default model is in the image; Whisper runs on the
+#   live captions too (the default model is in the image; with the image's
+#   BALIE_TRANSCODER_BACKEND=cuda Whisper runs on the GPU, with =cpu on the
 #   CPU cores given to the container): add -e BALIE_TRANSCODER_CAPTIONS=true
 #
 # balie-sfu: slim Debian runtime.
@@ -42,8 +43,9 @@ CMD ["--config", "/etc/balie/sfu.toml"]
 # runtime stage installs. FFmpeg loads NVDEC (libnvcuvid) and libcuda at run
 # time from the driver, which the NVIDIA container toolkit mounts when
 # NVIDIA_DRIVER_CAPABILITIES includes `video` and `compute`. Built with the
-# `cuda` feature: cudarc loads libcuda and NVRTC (in this runtime image) at
-# run time; without a GPU, `serve` stops with a clear error (set
+# `cuda` feature: cudarc loads libcuda, NVRTC and cuBLAS (both in this
+# runtime image; cuBLAS for Whisper's matrix products when captions are on)
+# at run time; without a GPU, `serve` stops with a clear error (set
 # BALIE_TRANSCODER_BACKEND=cpu to run it on CPUs).
 FROM ubuntu:24.04 AS build-transcoder
 RUN apt-get update -qq \

@@ -15,11 +15,21 @@ rm -rf "$out"
 mkdir -p "$out/lib"
 strip -o "$out/balie-transcoder" target/release/balie-transcoder
 cp transcoder/gpu-check.sh "$out/"
+# The captions check: Whisper's tokenizer (the check makes a model of base's
+# shapes with random weights there: the real weights, 145 MB, do not fit the
+# bundle) and speech to stream (two LibriVox readings, Debian's
+# pocketsphinx-testdata, one after the other).
+target/release/balie-transcoder models fetch >/dev/null
+cp "${BALIE_MODELS:-${XDG_CACHE_HOME:-$HOME/.cache}/balie/models}/whisper-base/tokenizer.json" "$out/"
+librivox=/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb
+ffmpeg -loglevel error -y -i "$librivox-0870.wav" -i "$librivox-0920.wav" \
+  -filter_complex '[0:a]apad=pad_dur=2[a];[a][1:a]concat=n=2:v=0:a=1,apad=pad_dur=2' \
+  -ar 16000 -ac 1 "$out/speech.wav"
 # Libraries FFmpeg opens itself at run time are the driver's; everything
 # linked is copied, the loader included.
 ldd target/release/balie-transcoder | awk '/=> \//{print $3} /^\s*\/lib.*ld-linux/{print $1}' |
   sort -u | while read -r lib; do cp -L "$lib" "$out/lib/"; done
-# One archive, small enough to carry to a GPU machine (about 45 MB).
+# One archive, small enough to carry to a GPU machine (about 46 MB).
 tar -C "$(dirname "$out")" -cJf "$out.tar.xz" "$(basename "$out")"
 echo "bundle: $out.tar.xz ($(du -h "$out.tar.xz" | cut -f1))"
 echo "on the GPU node: tar xJf $(basename "$out").tar.xz && ./$(basename "$out")/gpu-check.sh"

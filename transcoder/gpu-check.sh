@@ -8,7 +8,10 @@
 # It prints what the card offers, then a table: NVDEC decode frames per
 # second, GPU scaling time per frame, end-to-end layer frames per second,
 # and transcode sessions held in real time, each beside the CPU backend in
-# the same run, at 1080p and 720p, H.264 and VP8.
+# the same run, at 1080p and 720p, H.264 and VP8. Then the captions check:
+# Whisper on the GPU against the CPU on the same weights (base's shapes,
+# random weights: logits, tokens, timings) and live caption streams held
+# on the GPU (end of speech to final within 1.5 s at p95).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 seconds="${1:-5}"
@@ -17,24 +20,41 @@ date -u
 nvidia-smi --query-gpu=name,driver_version,memory.total,encoder.stats.sessionCount --format=csv 2>/dev/null ||
   echo "nvidia-smi not found"
 nproc
-# NVRTC comes with the CUDA toolkit or its pip wheels; put what is there on
-# the search path after the bundle (the driver's libcuda is in the system's).
+# NVRTC and cuBLAS come with the CUDA toolkit or its pip wheels (PyTorch
+# brings them); put what is there on the search path after the bundle (the
+# driver's libcuda is in the system's).
 extra=""
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
          /usr/lib/x86_64-linux-gnu \
          $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, s, "lib") for p in nvidia.__path__ for s in os.listdir(p)))' 2>/dev/null); do
-  [ -d "$d" ] && ls "$d"/libnvrtc.so* >/dev/null 2>&1 && extra="$extra:$d"
+  [ -d "$d" ] && { ls "$d"/libnvrtc.so* || ls "$d"/libcublas.so*; } >/dev/null 2>&1 && extra="$extra:$d"
 done
-echo "NVRTC from: ${extra#:}"
+echo "NVRTC and cuBLAS from: ${extra#:}"
+# cudarc (built against CUDA 12) opens libnvrtc.so, libcublas.so or their
+# .12 names; a CUDA 13 node's wheels hold only .13: unversioned links to
+# whatever was found.
+links="$here/cuda-links"
+mkdir -p "$links"
+for d in ${extra//:/ }; do
+  for f in "$d"/libnvrtc.so.* "$d"/libcublas.so.* "$d"/libcublasLt.so.*; do
+    [ -e "$f" ] || continue
+    name="$(basename "$f" | sed 's/\.so\..*/.so/')"
+    [ -e "$links/$name" ] || ln -s "$f" "$links/$name"
+  done
+done
 loader="$(ls "$here"/lib/ld-linux-x86-64.so.* 2>/dev/null | head -1)"
-libs="$here/lib$extra"
-echo "== gpu-check (a table at the end)"
-if [ -n "$loader" ]; then
-  # The bundled loader and glibc: whatever the node's distribution.
-  timeout 460 "$loader" --library-path "$libs" "$here/balie-transcoder" \
-    gpu-check --seconds "$seconds" --max 64
-else
-  LD_LIBRARY_PATH="$libs" timeout 460 "$here/balie-transcoder" \
-    gpu-check --seconds "$seconds" --max 64
-fi
-echo "rc=$?"
+libs="$here/lib:$links$extra"
+run() {
+  local limit="$1"; shift
+  if [ -n "$loader" ]; then
+    # The bundled loader and glibc: whatever the node's distribution.
+    timeout "$limit" "$loader" --library-path "$libs" "$here/balie-transcoder" "$@"
+  else
+    LD_LIBRARY_PATH="$libs" timeout "$limit" "$here/balie-transcoder" "$@"
+  fi
+  echo "rc=$?"
+}
+echo "== gpu-check: transcoding (a table at the end)"
+run 250 gpu-check --seconds "$seconds" --max 32
+echo "== gpu-check-captions: Whisper on the GPU (tables at the end)"
+run 200 gpu-check-captions --tokenizer "$here/tokenizer.json" --audio "$here/speech.wav" --max 128

@@ -24,7 +24,8 @@ struct Cli {
 enum Backend {
     /// FFmpeg on the CPU (always built).
     Cpu,
-    /// NVDEC decode and GPU scaling (needs the `cuda` feature and a GPU).
+    /// NVDEC decode and GPU scaling, and Whisper on the GPU for captions
+    /// (needs the `cuda` feature and a GPU).
     Cuda,
 }
 
@@ -80,7 +81,8 @@ enum Command {
         /// one `models fetch` provisions).
         #[arg(long, env = "BALIE_TRANSCODER_CAPTIONS_MODEL")]
         captions_model: Option<PathBuf>,
-        /// Caption sessions held at most (default: one per CPU core).
+        /// Caption sessions held at most (default: one per CPU core; four
+        /// per core with Whisper on the GPU, `--backend cuda`).
         #[arg(long, env = "BALIE_TRANSCODER_MAX_CAPTIONS")]
         max_captions: Option<u32>,
     },
@@ -124,6 +126,29 @@ enum Command {
         /// one `models fetch` provisions).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Where Whisper runs (`cuda`: a binary built with the `cuda`
+        /// feature and a GPU).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
+    },
+    /// The captions GPU check (feature `cuda`): Whisper on the GPU against
+    /// the CPU on the same weights (logits, tokens, timings), then live
+    /// caption streams held on the GPU (`transcoder/gpu-check.sh` runs it).
+    GpuCheckCaptions {
+        /// Whisper's tokenizer.json: the check then makes base's shapes with
+        /// random weights (no real model needed on the node).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// A real model folder instead.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Speech to stream (default: two LibriVox readings from Debian's
+        /// pocketsphinx-testdata).
+        #[arg(long)]
+        audio: Option<PathBuf>,
+        /// Most streams tried.
+        #[arg(long, default_value_t = 256)]
+        max: usize,
     },
     /// How many live caption streams this machine holds in real time on
     /// one shared model (end of speech to final text within 1.5 s at the
@@ -141,6 +166,9 @@ enum Command {
         /// A model folder (default: the one `models fetch` provisions).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Where Whisper runs.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
     },
     /// Captions models.
     Models {
@@ -219,15 +247,26 @@ fn run(command: Command) -> Result<(), String> {
             file,
             language,
             model,
-        } => transcribe(&file, &language, model),
+            backend,
+        } => transcribe(&file, &language, model, backend),
         Command::CaptionsBench {
             audio,
             language,
             max,
             model,
+            backend,
         } => {
             one_whisper_thread();
-            captions_bench(audio, &language, max, model)
+            captions_bench(audio, &language, max, model, backend)
+        }
+        Command::GpuCheckCaptions {
+            tokenizer,
+            model,
+            audio,
+            max,
+        } => {
+            one_whisper_thread();
+            gpu_check_captions(tokenizer, model, audio, max)
         }
         Command::Models {
             command: ModelsCommand::Fetch { dir, index },
@@ -277,12 +316,17 @@ fn run(command: Command) -> Result<(), String> {
             if captions {
                 one_whisper_thread();
             }
+            let backend_kind = backend;
             let backend = open_backend(backend)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
             let captions = if captions {
+                let whisper = load_model(captions_model, backend_kind)?;
+                // On the GPU the cores only decode Opus and make log-mels:
+                // four sessions each until gpu-check-captions says more.
+                let per_core = if whisper.on_gpu() { 4 } else { 1 };
                 Some(CaptionsSetup {
-                    whisper: std::sync::Arc::new(load_model(captions_model)?),
-                    max_sessions: max_captions.unwrap_or(cores),
+                    whisper: std::sync::Arc::new(whisper),
+                    max_sessions: max_captions.unwrap_or(per_core * cores),
                 })
             } else {
                 None
@@ -329,9 +373,10 @@ fn transcribe(
     file: &std::path::Path,
     language: &str,
     model: Option<PathBuf>,
+    backend: Backend,
 ) -> Result<(), String> {
     use balie_transcoder::captions::{audio, mel::SAMPLE_RATE, stream::Streamer};
-    let w = load_model(model)?;
+    let w = load_model(model, backend)?;
     let pcm = audio::read_pcm(file)?;
     let total = pcm.len() as f64 / SAMPLE_RATE as f64;
     // The live pipeline: 20 ms packets through voice activity detection,
@@ -379,9 +424,10 @@ fn captions_bench(
     language: &str,
     max: usize,
     model: Option<PathBuf>,
+    backend: Backend,
 ) -> Result<(), String> {
     use balie_transcoder::captions::{audio::read_pcm, bench, mel::SAMPLE_RATE};
-    let whisper = std::sync::Arc::new(load_model(model)?);
+    let whisper = std::sync::Arc::new(load_model(model, backend)?);
     let pcm = match audio {
         Some(path) => read_pcm(&path)?,
         None => bench::default_speech()?,
@@ -423,15 +469,49 @@ fn captions_bench(
 }
 
 /// Load the captions model from `dir`, or the one `models fetch`
-/// provisions.
-fn load_model(dir: Option<PathBuf>) -> Result<Whisper, String> {
+/// provisions, on the `backend`'s device.
+fn load_model(dir: Option<PathBuf>, backend: Backend) -> Result<Whisper, String> {
     let dir = dir.unwrap_or_else(balie_transcoder::captions::models::default_dir);
     let t = std::time::Instant::now();
-    let w = Whisper::load(&dir).map_err(|e| {
+    #[allow(unused_mut)]
+    let mut w = Whisper::load(&dir).map_err(|e| {
         format!("{e} (provision the default model with `balie-transcoder models fetch`)")
     })?;
-    info!(model = %dir.display(), seconds = t.elapsed().as_secs_f64(), "captions model loaded");
+    match backend {
+        Backend::Cpu => {}
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            let card = w
+                .use_gpu(0)
+                .map_err(|e| format!("captions on --backend cuda: {e}"))?;
+            info!(gpu = %card, "captions on the GPU");
+        }
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda => return Err(NO_CUDA.into()),
+    }
+    info!(model = %dir.display(), seconds = t.elapsed().as_secs_f64(), on_gpu = w.on_gpu(), "captions model loaded");
     Ok(w)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check_captions(
+    tokenizer: Option<PathBuf>,
+    model: Option<PathBuf>,
+    audio: Option<PathBuf>,
+    max: usize,
+) -> Result<(), String> {
+    balie_transcoder::pipeline::init().map_err(|e| e.to_string())?;
+    balie_transcoder::captions::gpucheck::run(tokenizer, model, audio, max)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check_captions(
+    _tokenizer: Option<PathBuf>,
+    _model: Option<PathBuf>,
+    _audio: Option<PathBuf>,
+    _max: usize,
+) -> Result<(), String> {
+    Err(NO_CUDA.replace("--backend cuda", "gpu-check-captions"))
 }
 
 #[cfg(feature = "cuda")]

@@ -86,3 +86,56 @@ fn without_a_driver_the_gpu_is_refused_and_with_one_it_scales_like_the_reference
         .iter()
         .all(|s| *s == (1, 640, 360) || *s == (2, 320, 180)));
 }
+
+/// Captions on the GPU: refused with the missing library named (and the
+/// CPU path still there) without a driver; with one, the GPU's first
+/// logits and tokens match the CPU's on the default model.
+#[test]
+fn captions_without_a_driver_are_refused_and_with_one_match_the_cpu() {
+    use balie_transcoder::captions::{models, speech::speak, whisper::Whisper};
+    let dir = models::default_dir();
+    assert!(
+        models::is_provisioned(&dir),
+        "the test command provisions it"
+    );
+    let cpu = Whisper::load(&dir).expect("model loads");
+    let mut gpu = Whisper::load(&dir).expect("model loads");
+    match gpu.use_gpu(0) {
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("was not found"), "{msg}");
+            assert!(msg.contains("CPU"), "{msg}");
+            assert!(!gpu.on_gpu());
+            eprintln!("no GPU here: {msg}");
+            // The model still works on the CPU after the refusal.
+            let pcm = speak("en", "Please bring your passport.").expect("speech");
+            let t = gpu.transcribe(&pcm, "en").expect("transcribed");
+            assert!(t.text.to_lowercase().contains("passport"), "{}", t.text);
+            return;
+        }
+        Ok(name) => eprintln!("GPU: {name}"),
+    }
+    assert!(gpu.on_gpu());
+    let pcm = speak(
+        "en",
+        "Please bring your passport to the counter on Monday morning.",
+    )
+    .expect("speech");
+    let a = cpu.first_logits(&pcm, "en").expect("cpu");
+    let b = gpu.gpu_first_logits(&pcm, "en").expect("gpu");
+    let top = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff <= 1e-3 * top.max(1.0),
+        "logits differ by {diff} (largest {top})"
+    );
+    let (tc, tg) = (
+        cpu.transcribe(&pcm, "en").expect("cpu"),
+        gpu.transcribe(&pcm, "en").expect("gpu"),
+    );
+    assert_eq!(tc.tokens, tg.tokens, "{:?} against {:?}", tc.text, tg.text);
+}

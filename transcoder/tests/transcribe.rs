@@ -150,3 +150,49 @@ fn streamed_speech_gives_partials_then_finals_and_silence_gives_nothing() {
         t.elapsed()
     );
 }
+
+/// The GPU check's stand-in model (base's shapes, seeded random weights,
+/// the real tokenizer) loads and runs through the same pipeline here; the
+/// first logits `first_logits` gives (what the GPU check compares) are
+/// the ones the greedy decoder picks its first token from.
+#[test]
+fn the_random_stand_in_model_loads_and_decodes_like_the_real_one() {
+    use balie_transcoder::captions::randmodel;
+    let real = models::default_dir();
+    assert!(
+        models::is_provisioned(&real),
+        "the test command provisions it"
+    );
+    let dir = std::env::temp_dir().join(format!("balie-random-test-{}", std::process::id()));
+    randmodel::write(&dir, &real.join("tokenizer.json"), 7).expect("written");
+    let w = Whisper::load(&dir).expect("loads");
+    std::fs::remove_dir_all(&dir).expect("removed");
+    assert_eq!(w.config.d_model, 512);
+    assert_eq!(w.config.encoder_layers, 6);
+    // Two seconds of a tone.
+    let pcm: Vec<f32> = (0..32_000)
+        .map(|i| 0.3 * (i as f32 * 440.0 * std::f32::consts::TAU / 16_000.0).sin())
+        .collect();
+    let logits = w.first_logits(&pcm, "en").expect("logits");
+    assert_eq!(logits.len(), w.config.vocab_size);
+    assert!(logits.iter().all(|x| x.is_finite()));
+    let spread = logits.iter().copied().fold(f32::MIN, f32::max)
+        - logits.iter().copied().fold(f32::MAX, f32::min);
+    assert!(
+        spread > 1.0,
+        "random weights give distinct logits: {spread}"
+    );
+    let t = w.transcribe(&pcm, "en").expect("decoded");
+    // Text tokens only: the first is the largest logit up to end-of-text.
+    let eot = 50_257;
+    let best = (0..=eot)
+        .max_by(|a, b| logits[*a].total_cmp(&logits[*b]))
+        .expect("a token") as u32;
+    if best == eot as u32 {
+        assert!(t.tokens.is_empty(), "{:?}", t.tokens);
+    } else {
+        assert_eq!(t.tokens.first(), Some(&best), "{:?}", t.tokens);
+    }
+    // A random model rarely stops: it decodes up to the cap (2 s: 20).
+    assert!(t.tokens.len() <= 20, "{}", t.tokens.len());
+}

@@ -4,8 +4,8 @@
 //! A step runs `n` of the worker's own caption sessions ([`CaptionSession`]:
 //! Opus decode, voice activity, streaming Whisper; no QUIC: the network is
 //! not what is measured). Each is fed the same speech as 20 ms Opus packets
-//! in real time, the streams started 0.7 s apart so their utterances do not
-//! line up. For every final caption, the latency is the time from when the
+//! in real time, the streams started 0.7 s apart (wrapping round within the
+//! speech's length) so their utterances do not line up. For every final caption, the latency is the time from when the
 //! end of the speech it covers was fed to when the text came out; the last
 //! final of an utterance covers the end of speech itself. A step holds when
 //! the 95th percentile of the end-of-utterance latency is within the goal
@@ -79,7 +79,10 @@ pub fn step(
             .await
             .map_err(|(_, why)| why)?;
             let packets = packets.clone();
-            let offset = Duration::from_millis(700 * i as u64);
+            // 0.7 s apart, wrapping round within the speech's length (a
+            // hundred streams do not wait a minute for the last to start).
+            let length_ms = (pcm.len() * 1000 / SAMPLE_RATE).max(1) as u64;
+            let offset = Duration::from_millis((700 * i as u64) % length_ms);
             tasks.push(tokio::spawn(run_stream(i, session, packets, offset, rx)));
         }
         let mut all = Vec::new();

@@ -4,7 +4,10 @@
 //!   Whisper model without a model hub, through the CTranslate2-to-Hugging
 //!   Face converter [`ct2`];
 //! - [`mel`] (Whisper's exact log-mel) and [`whisper`] (Whisper on candle,
-//!   with a key/value cache);
+//!   with a key/value cache); `gpu` (feature `cuda`): the same model on the
+//!   GPU (cuBLAS and our own kernels through NVRTC), `gpucheck` its check
+//!   against the CPU; [`randmodel`]: base's shapes with random weights, for
+//!   that check on a node without the real model;
 //! - [`stream`]: voice activity, partials about once a second, finals by
 //!   local agreement;
 //! - [`audio`]: Opus and files to 16 kHz mono (and Opus out, for tests);
@@ -17,8 +20,13 @@
 pub mod audio;
 pub mod bench;
 pub mod ct2;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+#[cfg(feature = "cuda")]
+pub mod gpucheck;
 pub mod mel;
 pub mod models;
+pub mod randmodel;
 pub mod session;
 pub mod speech;
 pub mod stream;

@@ -32,6 +32,56 @@ pub enum WhisperError {
     Tokenizer(String),
     #[error("the tokenizer has no {0} token")]
     Token(String),
+    #[error("GPU: {0}")]
+    Gpu(String),
+}
+
+/// One model run over one window of audio: the encoder once, then decoder
+/// steps. The CPU (candle) and the GPU (`captions::gpu`, feature `cuda`)
+/// each implement it; [`Whisper::transcribe_after`] drives either the same
+/// way (prompt, token cap, repetition guard).
+pub(crate) trait Forward {
+    /// Encode a log-mel spectrogram (`num_mel_bins` rows of `frames`).
+    fn encode(&mut self, mel: &[f32], frames: usize) -> Result<(), WhisperError>;
+    /// Feed `tokens` at position `offset` (after those fed before); the
+    /// most likely next token, special tokens suppressed.
+    fn next_token(&mut self, tokens: &[u32], offset: usize) -> Result<u32, WhisperError>;
+}
+
+/// [`Forward`] on the CPU: candle, with the key/value [`Cache`].
+struct CpuForward<'a> {
+    w: &'a Whisper,
+    cache: Option<Cache>,
+}
+
+impl Forward for CpuForward<'_> {
+    fn encode(&mut self, mel: &[f32], frames: usize) -> Result<(), WhisperError> {
+        let audio_features = self.w.encode(mel, frames)?;
+        let layers = self
+            .w
+            .decoder
+            .iter()
+            .map(|l| {
+                let k = l.cross.split(&l.cross.k.forward(&audio_features)?)?;
+                let v = l.cross.split(&l.cross.v.forward(&audio_features)?)?;
+                Ok((None, (k, v)))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.cache = Some(Cache { layers });
+        Ok(())
+    }
+
+    fn next_token(&mut self, tokens: &[u32], offset: usize) -> Result<u32, WhisperError> {
+        let cache = self
+            .cache
+            .as_mut()
+            .ok_or_else(|| WhisperError::Gpu("decoding before encoding".into()))?;
+        let logits = self.w.decode_step(tokens, offset, cache)?;
+        Ok(logits
+            .broadcast_add(&self.w.suppress)?
+            .argmax(0)?
+            .to_scalar::<u32>()?)
+    }
 }
 
 /// The fields of `config.json` the model needs.
@@ -151,6 +201,12 @@ pub struct Whisper {
     sot: u32,
     transcribe: u32,
     no_timestamps: u32,
+    /// The folder it was loaded from (the GPU loads the same weights).
+    #[cfg(feature = "cuda")]
+    dir: std::path::PathBuf,
+    /// Set by [`Whisper::use_gpu`]: every window then runs there.
+    #[cfg(feature = "cuda")]
+    gpu: Option<super::gpu::GpuWhisper>,
 }
 
 /// The text of one window and what it cost.
@@ -271,7 +327,90 @@ impl Whisper {
             tokenizer,
             device,
             config: config.clone(),
+            #[cfg(feature = "cuda")]
+            dir: dir.to_path_buf(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
+    }
+
+    /// Run every window on GPU `ordinal` from now on (the same weights,
+    /// uploaded; the tokenizer, log-mel and decoding policy stay here).
+    /// Returns what the card is.
+    #[cfg(feature = "cuda")]
+    pub fn use_gpu(&mut self, ordinal: usize) -> Result<String, WhisperError> {
+        let g = super::gpu::GpuWhisper::load(&self.dir, &self.config, &self.suppress, ordinal)?;
+        let name = g.name.clone();
+        self.gpu = Some(g);
+        Ok(name)
+    }
+
+    /// Whether windows run on a GPU.
+    pub fn on_gpu(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.gpu.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    /// The decoder's first logits for `pcm` on the CPU (for comparing the
+    /// GPU's arithmetic with candle's): the prompt of `language`, no prefix.
+    pub fn first_logits(&self, pcm: &[f32], language: &str) -> Result<Vec<f32>, WhisperError> {
+        let (mel, frames) = self.window_mel(pcm);
+        let mut f = CpuForward {
+            w: self,
+            cache: None,
+        };
+        f.encode(&mel, frames)?;
+        let cache = f
+            .cache
+            .as_mut()
+            .ok_or_else(|| WhisperError::Gpu("no cache".into()))?;
+        let prompt = self.prompt(language, &[])?;
+        Ok(self.decode_step(&prompt, 0, cache)?.to_vec1::<f32>()?)
+    }
+
+    /// [`Whisper::first_logits`] on the GPU (after [`Whisper::use_gpu`]).
+    #[cfg(feature = "cuda")]
+    pub fn gpu_first_logits(&self, pcm: &[f32], language: &str) -> Result<Vec<f32>, WhisperError> {
+        let g = self
+            .gpu
+            .as_ref()
+            .ok_or_else(|| WhisperError::Gpu("not on a GPU (use_gpu first)".into()))?;
+        let (mel, frames) = self.window_mel(pcm);
+        let prompt = self.prompt(language, &[])?;
+        let mut f = g.forward()?;
+        let r = f.first_logits(&mel, frames, &prompt);
+        g.give_back(f);
+        r
+    }
+
+    /// The prompt: start of transcript, the language, transcribe, no
+    /// timestamps, then `prefix`.
+    fn prompt(&self, language: &str, prefix: &[u32]) -> Result<Vec<u32>, WhisperError> {
+        let lang = self.language_token(language)?;
+        let mut prompt = vec![self.sot, lang, self.transcribe, self.no_timestamps];
+        prompt.extend_from_slice(prefix);
+        Ok(prompt)
+    }
+
+    /// The log-mel of a window: up to 30 s of `pcm` and a second of
+    /// silence, an even number of frames. Returns (mel, frames).
+    pub(crate) fn window_mel(&self, pcm: &[f32]) -> (Vec<f32>, usize) {
+        let max_samples = self.config.max_source_positions * 2 * HOP;
+        let mut audio: Vec<f32> = pcm[..pcm.len().min(max_samples)].to_vec();
+        let padded = (audio.len() + SAMPLE_RATE).min(max_samples);
+        audio.resize(padded, 0.0);
+        let (mel, mut frames) = self.mel.log_mel(&audio);
+        frames -= frames % 2;
+        let mel = if frames * self.config.num_mel_bins == mel.len() {
+            mel
+        } else {
+            // Drop an odd last frame of every row.
+            let all = mel.len() / self.config.num_mel_bins;
+            mel.chunks(all).flat_map(|r| r[..frames].to_vec()).collect()
+        };
+        (mel, frames)
     }
 
     /// Whether `token` begins a word (its text starts with a space; in the
@@ -389,48 +528,44 @@ impl Whisper {
         language: &str,
         prefix: &[u32],
     ) -> Result<Transcript, WhisperError> {
-        let lang = self.language_token(language)?;
-        let max_samples = self.config.max_source_positions * 2 * HOP;
-        let mut audio: Vec<f32> = pcm[..pcm.len().min(max_samples)].to_vec();
-        let padded = (audio.len() + SAMPLE_RATE).min(max_samples);
-        audio.resize(padded, 0.0);
-        let t0 = std::time::Instant::now();
-        let (mel, mut frames) = self.mel.log_mel(&audio);
-        frames -= frames % 2;
-        let mel = if frames * self.config.num_mel_bins == mel.len() {
-            mel
-        } else {
-            // Drop an odd last frame of every row.
-            let all = mel.len() / self.config.num_mel_bins;
-            mel.chunks(all).flat_map(|r| r[..frames].to_vec()).collect()
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            let mut f = g.forward()?;
+            let t = self.run(&mut f, pcm, language, prefix);
+            g.give_back(f);
+            return t;
+        }
+        let mut f = CpuForward {
+            w: self,
+            cache: None,
         };
-        let audio_features = self.encode(&mel, frames)?;
+        self.run(&mut f, pcm, language, prefix)
+    }
+
+    /// [`Whisper::transcribe_after`] through `f`.
+    fn run(
+        &self,
+        f: &mut dyn Forward,
+        pcm: &[f32],
+        language: &str,
+        prefix: &[u32],
+    ) -> Result<Transcript, WhisperError> {
+        // A prefix longer than half the decoder's positions (it cannot be,
+        // for what the cap let through before) is cut.
+        let half = self.config.max_target_positions / 2;
+        let prefix = &prefix[..prefix.len().min(half)];
+        let prompt = self.prompt(language, prefix)?;
+        let t0 = std::time::Instant::now();
+        let (mel, frames) = self.window_mel(pcm);
+        f.encode(&mel, frames)?;
         let encode = t0.elapsed();
         let t1 = std::time::Instant::now();
-        let layers = self
-            .decoder
-            .iter()
-            .map(|l| {
-                let k = l.cross.split(&l.cross.k.forward(&audio_features)?)?;
-                let v = l.cross.split(&l.cross.v.forward(&audio_features)?)?;
-                Ok((None, (k, v)))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut cache = Cache { layers };
         // About 3 tokens a second of speech; cap at 6, plus a little.
         let seconds = pcm.len() as f64 / SAMPLE_RATE as f64;
-        let half = self.config.max_target_positions / 2;
         let cap = ((seconds * 6.0) as usize + 8).min(half);
-        // A prefix longer than the cap (it cannot be, for what the cap let
-        // through before) is cut: the decoder's positions are bounded.
-        let prefix = &prefix[..prefix.len().min(half)];
-        let mut prompt = vec![self.sot, lang, self.transcribe, self.no_timestamps];
-        prompt.extend_from_slice(prefix);
         let mut out: Vec<u32> = prefix.to_vec();
-        let mut logits = self.decode_step(&prompt, 0, &mut cache)?;
+        let mut next = f.next_token(&prompt, 0)?;
         for step in 0..cap.saturating_sub(prefix.len()).max(8) {
-            let l = logits.broadcast_add(&self.suppress)?;
-            let next = l.argmax(0)?.to_scalar::<u32>()?;
             if next == self.eot {
                 break;
             }
@@ -440,7 +575,7 @@ impl Whisper {
                 break;
             }
             out.push(next);
-            logits = self.decode_step(&[next], prompt.len() + step, &mut cache)?;
+            next = f.next_token(&[next], prompt.len() + step)?;
         }
         Ok(Transcript {
             text: self.text(&out)?,

@@ -1,0 +1,153 @@
+//! `balie-transcoder gpu-check-captions` (feature `cuda`): Whisper on the
+//! GPU beside the CPU in the same run. Run by `transcoder/gpu-check.sh`.
+//!
+//! 1. **Arithmetic**: the same model on both (the real one with `--model`,
+//!    else base's shapes with seeded random weights, [`super::randmodel`]),
+//!    windows of 5, 15 and 30 s: the largest difference between the GPU's
+//!    and the CPU's first logits, and whether the greedy tokens agree.
+//! 2. **Speed**: a window's encoder and per-token decoder time on each.
+//! 3. **Streams**: `captions-bench`'s steps on the GPU (live caption
+//!    sessions fed speech as Opus in real time; end of speech to final text
+//!    within 1.5 s at the 95th percentile, nothing dropped).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::audio::read_pcm;
+use super::bench;
+use super::mel::SAMPLE_RATE;
+use super::whisper::Whisper;
+
+/// Run the check: `tokenizer` (Whisper's tokenizer.json) for the random
+/// model unless `model` names a real one; `audio` the speech streamed.
+pub fn run(
+    tokenizer: Option<PathBuf>,
+    model: Option<PathBuf>,
+    audio: Option<PathBuf>,
+    max: usize,
+) -> Result<(), String> {
+    let mut made = None;
+    let dir = match (model, tokenizer) {
+        (Some(m), _) => m,
+        (None, Some(tok)) => {
+            let dir =
+                std::env::temp_dir().join(format!("balie-random-whisper-{}", std::process::id()));
+            made = Some(Remove(dir.clone()));
+            let t = Instant::now();
+            super::randmodel::write(&dir, &tok, 7)?;
+            println!(
+                "model: Whisper base's shapes, seeded random weights ({:.1} s to make)",
+                t.elapsed().as_secs_f64()
+            );
+            dir
+        }
+        (None, None) => return Err("give --model DIR or --tokenizer FILE".into()),
+    };
+    let cpu = Whisper::load(&dir).map_err(|e| e.to_string())?;
+    let mut gpu = Whisper::load(&dir).map_err(|e| e.to_string())?;
+    // Loaded: the random model's files can go (also on an early return).
+    drop(made);
+    let t = Instant::now();
+    let name = gpu.use_gpu(0).map_err(|e| e.to_string())?;
+    println!(
+        "GPU: {name}; weights up and kernels compiled in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    let speech = match &audio {
+        Some(path) => read_pcm(path)?,
+        None => bench::default_speech()?,
+    };
+    if speech.is_empty() {
+        return Err("no audio to stream".into());
+    }
+    let lang = "en";
+    println!("| window | max abs logit difference (largest logit) | tokens agreeing | CPU encode / per token | GPU encode / per token |");
+    println!("| --- | --- | --- | --- | --- |");
+    let mut worst = 0f32;
+    for secs in [5usize, 15, 30] {
+        let pcm: Vec<f32> = speech
+            .iter()
+            .copied()
+            .cycle()
+            .take(secs * SAMPLE_RATE)
+            .collect();
+        let a = cpu.first_logits(&pcm, lang).map_err(|e| e.to_string())?;
+        let b = gpu
+            .gpu_first_logits(&pcm, lang)
+            .map_err(|e| e.to_string())?;
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .filter(|d| d.is_finite())
+            .fold(0f32, f32::max);
+        let top = a
+            .iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .fold(0f32, |m, x| m.max(x.abs()));
+        worst = worst.max(diff / top.max(1e-6));
+        let rc = cpu.transcribe(&pcm, lang).map_err(|e| e.to_string())?;
+        let rg = gpu.transcribe(&pcm, lang).map_err(|e| e.to_string())?;
+        let agree = rc
+            .tokens
+            .iter()
+            .zip(&rg.tokens)
+            .take_while(|(x, y)| x == y)
+            .count();
+        let per = |r: &super::whisper::Transcript| {
+            r.decode.as_secs_f64() * 1000.0 / (r.tokens.len().max(1)) as f64
+        };
+        println!(
+            "| {secs} s | {diff:.2e} ({top:.2}) | {agree} of {} (GPU {}) | {:.0} ms / {:.1} ms | {:.1} ms / {:.2} ms |",
+            rc.tokens.len(),
+            rg.tokens.len(),
+            rc.encode.as_secs_f64() * 1000.0,
+            per(&rc),
+            rg.encode.as_secs_f64() * 1000.0,
+            per(&rg),
+        );
+    }
+    println!("largest logit difference relative to the largest logit: {worst:.2e}");
+    drop(cpu);
+    let gpu = Arc::new(gpu);
+    println!(
+        "\nlive caption streams on the GPU ({:.1} s of speech per stream):",
+        speech.len() as f64 / SAMPLE_RATE as f64
+    );
+    println!("| streams | end of speech to final, p50 / p95 s | finals | real-time factor | audio dropped | CPU cores busy | held |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let mut best = 0;
+    // From 16 streams (a GPU holds more than that; each step takes the
+    // speech's length).
+    for n in bench::counts(max).into_iter().filter(|n| *n >= 16.min(max)) {
+        let s = bench::step(&gpu, &speech, lang, n)?;
+        println!(
+            "| {} | {:.2} / {:.2} | {} | {:.3} | {} | {:.2} | {} |",
+            s.streams,
+            s.end_p50.as_secs_f64(),
+            s.end_p95.as_secs_f64(),
+            s.finals,
+            s.rtf,
+            s.dropped,
+            s.cores,
+            if s.held { "yes" } else { "no" }
+        );
+        if !s.held {
+            break;
+        }
+        best = n;
+    }
+    println!("caption streams held in real time on the GPU: {best}");
+    Ok(())
+}
+
+/// Removes a folder when dropped.
+struct Remove(PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
