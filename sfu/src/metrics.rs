@@ -30,6 +30,7 @@ pub struct Metrics {
     channel_messages: IntCounterVec,
     layer_switches: IntCounterVec,
     layer_switches_done: IntCounterVec,
+    wakeups: IntCounterVec,
     bwe_estimate: HistogramVec,
     loss_caps: IntCounterVec,
     offload_tracks: IntGaugeVec,
@@ -97,7 +98,50 @@ pub struct ShardMetrics {
     /// Times a room's captions became unavailable (no worker).
     pub captions_unavailable: IntCounter,
     layer_switches: IntCounterVec,
+    /// Sessions woken by their own str0m timer, by the timer's reason
+    /// (indexed by [`wakeup_index`]).
+    pub wakeups: [IntCounter; WAKEUP_REASONS.len()],
     shard: String,
+}
+
+/// The labels of `balie_timer_wakeups_total`: what a session's str0m timer
+/// was for when the shard woke the session for it.
+pub const WAKEUP_REASONS: [&str; 14] = [
+    "dtls",
+    "ice",
+    "sctp",
+    "channel",
+    "stats",
+    "feedback",
+    "nack",
+    "twcc",
+    "pause_check",
+    "send_stream",
+    "packetize",
+    "pacer",
+    "bwe",
+    "other",
+];
+
+/// The index in [`WAKEUP_REASONS`] of a str0m timeout reason.
+pub fn wakeup_index(reason: str0m::Reason) -> usize {
+    use str0m::Reason as R;
+    match reason {
+        R::DTLS => 0,
+        R::Ice => 1,
+        R::Sctp => 2,
+        R::Channel => 3,
+        R::Stats => 4,
+        R::Feedback => 5,
+        R::Nack => 6,
+        R::Twcc => 7,
+        R::PauseCheck => 8,
+        R::SendStream => 9,
+        R::Packetize | R::ReceiveReorder => 10,
+        R::Pacer(_) => 11,
+        R::BweDelayControl | R::BweProbeControl | R::BweProbeEstimator => 12,
+        _ => 13,
+    }
 }
 
 impl ShardMetrics {
@@ -208,6 +252,14 @@ impl Metrics {
                 shard,
             )
             .expect("valid metric"),
+            wakeups: IntCounterVec::new(
+                Opts::new(
+                    "timer_wakeups_total",
+                    "Sessions woken by their own str0m timer, by what the timer was for (where a shard's time goes when little media flows).",
+                ),
+                &["shard", "reason"],
+            )
+            .expect("valid metric"),
             bwe_estimate: HistogramVec::new(
                 HistogramOpts::new(
                     "bwe_estimate_bps",
@@ -280,6 +332,7 @@ impl Metrics {
             Box::new(m.channel_messages.clone()),
             Box::new(m.layer_switches.clone()),
             Box::new(m.layer_switches_done.clone()),
+            Box::new(m.wakeups.clone()),
             Box::new(m.bwe_estimate.clone()),
             Box::new(m.loss_caps.clone()),
             Box::new(m.offload_tracks.clone()),
@@ -328,6 +381,7 @@ impl Metrics {
             captions_final: self.captions.with_label_values(&[s, "final"]),
             captions_unavailable: self.captions_unavailable.with_label_values(&[s]),
             layer_switches: self.layer_switches.clone(),
+            wakeups: WAKEUP_REASONS.map(|r| self.wakeups.with_label_values(&[s, r])),
             shard: s.to_string(),
         }
     }

@@ -30,7 +30,7 @@ use super::room::{Room, Track};
 use super::session::{Drive, LeaveReason, OutState, Session, SessionKind, TrackOut};
 use super::timers::{TimerKey, TimerQueue};
 use crate::ids::{RoomId, SessionId, ShardId, TrackId};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{wakeup_index, ShardMetrics};
 use crate::offload::{PoolCommand, PoolEvent};
 use crate::signal::channel::{ClientMessage, ServerMessage, TrackInfo, CHANNEL_LABEL};
 use crate::token::{Claims, Role};
@@ -207,16 +207,20 @@ enum Woken {
     ByInput,
 }
 
-/// The least time between wake-ups for str0m's delay controller alone. Its
-/// timer fires every round-trip time while no TWCC report came within two
-/// round trips (it then does nothing but set the next one): on a LAN or
-/// loopback, every fraction of a millisecond per session. 25 ms is the
-/// controller's own update interval. Measured with balie-bench, 300 audio
-/// calls over loopback: about 95,000 such wake-ups a second per shard
-/// before; server CPU 37 -> 22-25 s over the 30 s hold, join p99 268 -> 25-37 ms.
+/// The least time between wake-ups for str0m's delay controller alone, in
+/// a session without video. The controller runs every 25 ms, and while no
+/// TWCC report came within two round trips it does nothing but set its next
+/// timer one round trip ahead: on a LAN or loopback, a fraction of a
+/// millisecond. A session without video uses no estimate (no layer depends
+/// on it), so its controller is woken every 100 ms, the interval of str0m's
+/// stats and about that of TWCC feedback; other timers due before that wait
+/// for it (at most 100 ms). Measured with balie-bench, 300 audio calls over
+/// loopback, 40 s hold: no clamp, about 95,000 wake-ups a second per shard;
+/// 25 ms, 33.1-35.5 server CPU seconds; 100 ms, 28.5-31.4 (bandwidth
+/// wake-ups 11,800 -> 4,900 a second per shard, `balie_timer_wakeups_total`).
 /// Only when that timer is the session's earliest and the session has no
 /// video; see `drive_on`.
-const BWE_DELAY_TICK: Duration = Duration::from_millis(25);
+const BWE_DELAY_TICK: Duration = Duration::from_millis(100);
 /// How soon a keyframe request for a layer switch is repeated while the
 /// keyframe has not come.
 const SWITCH_REASK: Duration = Duration::from_millis(350);
@@ -454,6 +458,7 @@ impl ShardCore {
                         continue; // stale entry
                     }
                     sess.deadline = None;
+                    self.metrics.wakeups[wakeup_index(sess.rtc.last_timeout_reason())].inc();
                     if sess.handle_input(Input::Timeout(now)).is_err() {
                         self.metrics.err_rtc_panic.inc();
                         self.close(now, sid, LeaveReason::Failed);

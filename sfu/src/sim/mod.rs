@@ -655,6 +655,12 @@ mod tests {
         };
         assert!(has("direction=\"down\"") && has("layer=\"low\""), "{text}");
         assert!(has("balie_layer_switches_total") && has("balie_bwe_estimate_bps_count"));
+        // Timer wake-ups by what they were for: a video call paces and estimates.
+        assert!(
+            has("balie_timer_wakeups_total{reason=\"pacer\"")
+                && has("balie_timer_wakeups_total{reason=\"bwe\""),
+            "{text}"
+        );
         assert!(
             has("cause=\"layer_switch\""),
             "switch keyframe requests counted"
