@@ -438,32 +438,7 @@ fn captions_bench(
         pcm.len() as f64 / SAMPLE_RATE as f64,
         bench::GOAL.as_secs_f64()
     );
-    println!(
-        "| streams | utterances | end of speech to final, p50 / p95 s | finals | any final, p50 / p95 s | real-time factor | audio dropped | cores busy | held |"
-    );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    let mut best = 0;
-    for n in bench::counts(max) {
-        let s = bench::step(&whisper, &pcm, language, n)?;
-        println!(
-            "| {} | {} | {:.2} / {:.2} | {} | {:.2} / {:.2} | {:.2} | {} | {:.2} | {} |",
-            s.streams,
-            s.utterances,
-            s.end_p50.as_secs_f64(),
-            s.end_p95.as_secs_f64(),
-            s.finals,
-            s.p50.as_secs_f64(),
-            s.p95.as_secs_f64(),
-            s.rtf,
-            s.dropped,
-            s.cores,
-            if s.held { "yes" } else { "no" }
-        );
-        if !s.held {
-            break;
-        }
-        best = n;
-    }
+    let best = bench::steps(&whisper, &pcm, language, bench::counts(max))?;
     println!("caption streams held in real time: {best}");
     Ok(())
 }

@@ -220,6 +220,43 @@ pub fn default_speech() -> Result<Vec<f32>, String> {
     Ok(pcm)
 }
 
+/// Run [`step`] for each count in turn, printing a Markdown table row per
+/// step, until one does not hold; the most streams held.
+pub fn steps(
+    whisper: &Arc<Whisper>,
+    pcm: &[f32],
+    language: &str,
+    counts: impl IntoIterator<Item = usize>,
+) -> Result<usize, String> {
+    println!(
+        "| streams | utterances | end of speech to final, p50 / p95 s | finals | any final, p50 / p95 s | real-time factor | audio dropped | cores busy | held |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut best = 0;
+    for n in counts {
+        let s = step(whisper, pcm, language, n)?;
+        println!(
+            "| {} | {} | {:.2} / {:.2} | {} | {:.2} / {:.2} | {:.3} | {} | {:.2} | {} |",
+            s.streams,
+            s.utterances,
+            s.end_p50.as_secs_f64(),
+            s.end_p95.as_secs_f64(),
+            s.finals,
+            s.p50.as_secs_f64(),
+            s.p95.as_secs_f64(),
+            s.rtf,
+            s.dropped,
+            s.cores,
+            if s.held { "yes" } else { "no" }
+        );
+        if !s.held {
+            break;
+        }
+        best = n;
+    }
+    Ok(best)
+}
+
 /// The stream counts tried, in order, up to `max`.
 pub fn counts(max: usize) -> Vec<usize> {
     let mut n = vec![1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256];

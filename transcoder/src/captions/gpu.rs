@@ -779,6 +779,164 @@ fn im2col(
     Ok(())
 }
 
+/// Where [`Scratch::project_h`] writes: the query, key and value buffers,
+/// a decoder layer's self-attention cache from a position on, or its
+/// cross-attention keys and values.
+#[derive(Clone, Copy)]
+enum To {
+    Q,
+    K,
+    V,
+    SelfK(usize, usize),
+    SelfV(usize, usize),
+    CrossK(usize),
+    CrossV(usize),
+}
+
+/// The keys and values [`Scratch::attend`] reads: the encoder's own, a
+/// decoder layer's self-attention cache, or its cross-attention's.
+#[derive(Clone, Copy)]
+enum Kv {
+    Own,
+    SelfCache(usize),
+    Cross(usize),
+}
+
+impl Scratch {
+    /// `h = LN(x)` over `n` rows.
+    fn norm_x(&mut self, k: &Kernels, norm: &Norm, n: usize, d: usize) -> Result<(), WhisperError> {
+        layer_norm(
+            k,
+            &self.stream,
+            norm,
+            &self.x.slice(..),
+            n,
+            d,
+            &mut self.h.slice_mut(..),
+        )
+    }
+
+    /// `to = h W^T + b` over `n` rows.
+    fn project_h(&mut self, k: &Kernels, lin: &Lin, n: usize, to: To) -> Result<(), WhisperError> {
+        let Scratch {
+            blas,
+            stream,
+            h,
+            q,
+            kk,
+            vv,
+            self_k,
+            self_v,
+            cross_k,
+            cross_v,
+            ..
+        } = self;
+        let rows = |from: usize| from * lin.out..(from + n) * lin.out;
+        let mut y = match to {
+            To::Q => q.slice_mut(..),
+            To::K => kk.slice_mut(..),
+            To::V => vv.slice_mut(..),
+            To::SelfK(j, at) => self_k[j].slice_mut(rows(at)),
+            To::SelfV(j, at) => self_v[j].slice_mut(rows(at)),
+            To::CrossK(j) => cross_k[j].slice_mut(..),
+            To::CrossV(j) => cross_v[j].slice_mut(..),
+        };
+        linear(k, blas, stream, lin, &h.slice(..), n, &mut y, false)
+    }
+
+    /// `o = attention(q, keys, values)` for `tq` queries over `tk` keys.
+    fn attend(
+        &mut self,
+        k: &Kernels,
+        heads: usize,
+        d: usize,
+        (tq, tk): (usize, usize),
+        causal: Option<usize>,
+        kv: Kv,
+    ) -> Result<(), WhisperError> {
+        let Scratch {
+            blas,
+            stream,
+            q,
+            kk,
+            vv,
+            self_k,
+            self_v,
+            cross_k,
+            cross_v,
+            scores,
+            o,
+            ..
+        } = self;
+        let (keys, values) = match kv {
+            Kv::Own => (kk.slice(..), vv.slice(..)),
+            Kv::SelfCache(j) => (self_k[j].slice(..tk * d), self_v[j].slice(..tk * d)),
+            Kv::Cross(j) => (cross_k[j].slice(..tk * d), cross_v[j].slice(..tk * d)),
+        };
+        attention(
+            k,
+            blas,
+            stream,
+            heads,
+            d,
+            &q.slice(..),
+            &keys,
+            &values,
+            (tq, tk),
+            causal,
+            scores,
+            &mut o.slice_mut(..),
+        )
+    }
+
+    /// `x += o W^T + b`: an attention's output projection into the residual.
+    fn out_add(&mut self, k: &Kernels, lin: &Lin, n: usize, d: usize) -> Result<(), WhisperError> {
+        linear(
+            k,
+            &self.blas,
+            &self.stream,
+            lin,
+            &self.o.slice(..),
+            n,
+            &mut self.h.slice_mut(..),
+            false,
+        )?;
+        add_into(k, &self.stream, &mut self.x, &self.h.slice(..), n * d)
+    }
+
+    /// `x += fc2(GELU(fc1(LN(x))))`: the feed-forward block.
+    fn mlp(
+        &mut self,
+        k: &Kernels,
+        (norm, fc1, fc2): (&Norm, &Lin, &Lin),
+        n: usize,
+        d: usize,
+    ) -> Result<(), WhisperError> {
+        self.norm_x(k, norm, n, d)?;
+        linear(
+            k,
+            &self.blas,
+            &self.stream,
+            fc1,
+            &self.h.slice(..),
+            n,
+            &mut self.ff.slice_mut(..),
+            true,
+        )?;
+        linear(
+            k,
+            &self.blas,
+            &self.stream,
+            fc2,
+            &self.ff.slice(..),
+            n,
+            &mut self.h.slice_mut(..),
+            false,
+        )?;
+        add_into(k, &self.stream, &mut self.x, &self.h.slice(..), n * d)
+    }
+}
+
 impl GpuForward<'_> {
     /// Wait for the stream (timings then measure the GPU's work).
     fn sync(&self) -> Result<(), WhisperError> {
@@ -837,102 +995,14 @@ impl Forward for GpuForward<'_> {
         )?;
         add_into(k, &s.stream, &mut s.x, &g.enc_pos.slice(..t * d), t * d)?;
         for l in &g.enc {
-            layer_norm(
-                k,
-                &s.stream,
-                &l.attn_ln,
-                &s.x.slice(..),
-                t,
-                d,
-                &mut s.h.slice_mut(..),
-            )?;
             let a = &l.attn;
-            let h = s.h.slice(..);
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &a.q,
-                &h,
-                t,
-                &mut s.q.slice_mut(..),
-                false,
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &a.k,
-                &h,
-                t,
-                &mut s.kk.slice_mut(..),
-                false,
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &a.v,
-                &h,
-                t,
-                &mut s.vv.slice_mut(..),
-                false,
-            )?;
-            attention(
-                k,
-                &s.blas,
-                &s.stream,
-                a.heads,
-                d,
-                &s.q.slice(..),
-                &s.kk.slice(..),
-                &s.vv.slice(..),
-                (t, t),
-                None,
-                &mut s.scores,
-                &mut s.o.slice_mut(..),
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &a.o,
-                &s.o.slice(..),
-                t,
-                &mut s.h.slice_mut(..),
-                false,
-            )?;
-            add_into(k, &s.stream, &mut s.x, &s.h.slice(..), t * d)?;
-            layer_norm(
-                k,
-                &s.stream,
-                &l.ln,
-                &s.x.slice(..),
-                t,
-                d,
-                &mut s.h.slice_mut(..),
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &l.fc1,
-                &s.h.slice(..),
-                t,
-                &mut s.ff.slice_mut(..),
-                true,
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &l.fc2,
-                &s.ff.slice(..),
-                t,
-                &mut s.h.slice_mut(..),
-                false,
-            )?;
-            add_into(k, &s.stream, &mut s.x, &s.h.slice(..), t * d)?;
+            s.norm_x(k, &l.attn_ln, t, d)?;
+            s.project_h(k, &a.q, t, To::Q)?;
+            s.project_h(k, &a.k, t, To::K)?;
+            s.project_h(k, &a.v, t, To::V)?;
+            s.attend(k, a.heads, d, (t, t), None, Kv::Own)?;
+            s.out_add(k, &a.o, t, d)?;
+            s.mlp(k, (&l.ln, &l.fc1, &l.fc2), t, d)?;
         }
         layer_norm(
             k,
@@ -945,27 +1015,8 @@ impl Forward for GpuForward<'_> {
         )?;
         // The audio's keys and values for every decoder layer's cross-attention.
         for (j, l) in g.dec.iter().enumerate() {
-            let h = s.h.slice(..);
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &l.cross.k,
-                &h,
-                t,
-                &mut s.cross_k[j].slice_mut(..),
-                false,
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &l.cross.v,
-                &h,
-                t,
-                &mut s.cross_v[j].slice_mut(..),
-                false,
-            )?;
+            s.project_h(k, &l.cross.k, t, To::CrossK(j))?;
+            s.project_h(k, &l.cross.v, t, To::CrossV(j))?;
         }
         s.t_audio = t;
         self.sync()
@@ -1001,148 +1052,18 @@ impl Forward for GpuForward<'_> {
         unsafe { l.launch(blocks(n * d)) }.map_err(gpu)?;
         let total = offset + n;
         for (j, l) in g.dec.iter().enumerate() {
-            let a = &l.attn;
-            layer_norm(
-                k,
-                &s.stream,
-                &l.attn_ln,
-                &s.x.slice(..),
-                n,
-                d,
-                &mut s.h.slice_mut(..),
-            )?;
-            let h = s.h.slice(..);
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &a.q,
-                &h,
-                n,
-                &mut s.q.slice_mut(..),
-                false,
-            )?;
-            let new = offset * d..total * d;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &a.k,
-                &h,
-                n,
-                &mut s.self_k[j].slice_mut(new.clone()),
-                false,
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &a.v,
-                &h,
-                n,
-                &mut s.self_v[j].slice_mut(new),
-                false,
-            )?;
-            attention(
-                k,
-                &s.blas,
-                &s.stream,
-                a.heads,
-                d,
-                &s.q.slice(..),
-                &s.self_k[j].slice(..total * d),
-                &s.self_v[j].slice(..total * d),
-                (n, total),
-                Some(offset),
-                &mut s.scores,
-                &mut s.o.slice_mut(..),
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &a.o,
-                &s.o.slice(..),
-                n,
-                &mut s.h.slice_mut(..),
-                false,
-            )?;
-            add_into(k, &s.stream, &mut s.x, &s.h.slice(..), n * d)?;
-            let c = &l.cross;
-            layer_norm(
-                k,
-                &s.stream,
-                &l.cross_ln,
-                &s.x.slice(..),
-                n,
-                d,
-                &mut s.h.slice_mut(..),
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &c.q,
-                &s.h.slice(..),
-                n,
-                &mut s.q.slice_mut(..),
-                false,
-            )?;
-            attention(
-                k,
-                &s.blas,
-                &s.stream,
-                c.heads,
-                d,
-                &s.q.slice(..),
-                &s.cross_k[j].slice(..t * d),
-                &s.cross_v[j].slice(..t * d),
-                (n, t),
-                None,
-                &mut s.scores,
-                &mut s.o.slice_mut(..),
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &c.o,
-                &s.o.slice(..),
-                n,
-                &mut s.h.slice_mut(..),
-                false,
-            )?;
-            add_into(k, &s.stream, &mut s.x, &s.h.slice(..), n * d)?;
-            layer_norm(
-                k,
-                &s.stream,
-                &l.ln,
-                &s.x.slice(..),
-                n,
-                d,
-                &mut s.h.slice_mut(..),
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &l.fc1,
-                &s.h.slice(..),
-                n,
-                &mut s.ff.slice_mut(..),
-                true,
-            )?;
-            linear(
-                k,
-                &s.blas,
-                &s.stream,
-                &l.fc2,
-                &s.ff.slice(..),
-                n,
-                &mut s.h.slice_mut(..),
-                false,
-            )?;
-            add_into(k, &s.stream, &mut s.x, &s.h.slice(..), n * d)?;
+            let (a, c) = (&l.attn, &l.cross);
+            s.norm_x(k, &l.attn_ln, n, d)?;
+            s.project_h(k, &a.q, n, To::Q)?;
+            s.project_h(k, &a.k, n, To::SelfK(j, offset))?;
+            s.project_h(k, &a.v, n, To::SelfV(j, offset))?;
+            s.attend(k, a.heads, d, (n, total), Some(offset), Kv::SelfCache(j))?;
+            s.out_add(k, &a.o, n, d)?;
+            s.norm_x(k, &l.cross_ln, n, d)?;
+            s.project_h(k, &c.q, n, To::Q)?;
+            s.attend(k, c.heads, d, (n, t), None, Kv::Cross(j))?;
+            s.out_add(k, &c.o, n, d)?;
+            s.mlp(k, (&l.ln, &l.fc1, &l.fc2), n, d)?;
         }
         // The last token's logits against the token embedding, then the
         // masked argmax on the card: one int comes back.

@@ -116,29 +116,10 @@ pub fn run(
         "\nlive caption streams on the GPU ({:.1} s of speech per stream):",
         speech.len() as f64 / SAMPLE_RATE as f64
     );
-    println!("| streams | end of speech to final, p50 / p95 s | finals | real-time factor | audio dropped | CPU cores busy | held |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
-    let mut best = 0;
     // From 16 streams (a GPU holds more than that; each step takes the
     // speech's length).
-    for n in bench::counts(max).into_iter().filter(|n| *n >= 16.min(max)) {
-        let s = bench::step(&gpu, &speech, lang, n)?;
-        println!(
-            "| {} | {:.2} / {:.2} | {} | {:.3} | {} | {:.2} | {} |",
-            s.streams,
-            s.end_p50.as_secs_f64(),
-            s.end_p95.as_secs_f64(),
-            s.finals,
-            s.rtf,
-            s.dropped,
-            s.cores,
-            if s.held { "yes" } else { "no" }
-        );
-        if !s.held {
-            break;
-        }
-        best = n;
-    }
+    let counts = bench::counts(max).into_iter().filter(|n| *n >= 16.min(max));
+    let best = bench::steps(&gpu, &speech, lang, counts)?;
     println!("caption streams held in real time on the GPU: {best}");
     Ok(())
 }
