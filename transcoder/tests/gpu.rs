@@ -122,13 +122,8 @@ fn captions_without_a_driver_are_refused_and_with_one_match_the_cpu() {
     )
     .expect("speech");
     let a = cpu.first_logits(&pcm, "en").expect("cpu");
-    let b = gpu.gpu_first_logits(&pcm, "en").expect("gpu");
-    let top = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let b = gpu.engine_first_logits(&pcm, "en").expect("gpu");
+    let (diff, top) = balie_transcoder::captions::engine::logit_difference(&a, &b);
     assert!(
         diff <= 1e-3 * top.max(1.0),
         "logits differ by {diff} (largest {top})"

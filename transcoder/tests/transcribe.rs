@@ -196,3 +196,37 @@ fn the_random_stand_in_model_loads_and_decodes_like_the_real_one() {
     // A random model rarely stops: it decodes up to the cap (2 s: 20).
     assert!(t.tokens.len() <= 20, "{}", t.tokens.len());
 }
+
+/// The GPU engine (`captions/engine.rs`: every buffer, offset, stride,
+/// mask and cache position the GPU uses) run on its CPU mirror (each
+/// kernel's arithmetic in Rust, sgemm by cuBLAS's definition): the same
+/// first logits as candle and the same tokens, on the real model.
+#[test]
+fn the_gpu_engine_on_its_cpu_mirror_transcribes_like_candle() {
+    let cpu = model();
+    let mut mirror = model();
+    mirror.use_mirror().expect("the engine loads on the mirror");
+    assert!(!mirror.on_gpu());
+    let pcm = speak("en", "Please bring your passport to the counter.").expect("speech");
+    let a = cpu.first_logits(&pcm, "en").expect("candle");
+    let b = mirror.engine_first_logits(&pcm, "en").expect("engine");
+    assert_eq!(a.len(), b.len());
+    let (diff, top) = balie_transcoder::captions::engine::logit_difference(&a, &b);
+    eprintln!("first logits: largest difference {diff:e} (largest logit {top})");
+    assert!(diff <= 1e-3 * top.max(1.0), "logits differ by {diff}");
+    let t = std::time::Instant::now();
+    let (tc, tm) = (
+        cpu.transcribe(&pcm, "en").expect("candle"),
+        mirror.transcribe(&pcm, "en").expect("engine"),
+    );
+    eprintln!("{:?} / {:?} ({:?})", tc.text, tm.text, t.elapsed());
+    assert!(tm.text.to_lowercase().contains("passport"), "{}", tm.text);
+    assert_eq!(tc.tokens, tm.tokens);
+    // A forced prefix (how finals are decoded) through the engine too.
+    let half = &tc.tokens[..tc.tokens.len() / 2];
+    let (pc, pm) = (
+        cpu.transcribe_after(&pcm, "en", half).expect("candle"),
+        mirror.transcribe_after(&pcm, "en", half).expect("engine"),
+    );
+    assert_eq!(pc.tokens, pm.tokens);
+}

@@ -1,46 +1,41 @@
-//! Whisper on the GPU (feature `cuda`): the same model, weights and
-//! arithmetic as the CPU path ([`super::whisper`]), run with cuBLAS for the
-//! matrix products and seven small kernels of our own ([`KERNELS`],
-//! compiled at start with NVRTC) for the rest: im2col for the two
-//! convolutions, bias and GELU, residual adds, layer norm, softmax (with the
-//! decoder's causal mask), token embedding and a masked argmax. Everything
-//! stays in f32, so a window's tokens match the CPU's (`gpu-check` compares
-//! the two on the same weights).
+//! Whisper on the GPU (feature `cuda`): the engine of
+//! [`super::engine`] on a CUDA device. Matrix products are cuBLAS sgemm
+//! (strided-batched over the heads for attention); the rest are seven
+//! small f32 kernels of our own ([`KERNELS`], compiled at start with NVRTC):
+//! im2col for the two convolutions, bias and GELU, residual adds, layer
+//! norm, softmax (with the decoder's causal mask), token embedding and a
+//! masked argmax, so one int per token comes back.
 //!
 //! Why not candle's own `cuda` feature: it compiles its kernels with nvcc
 //! at build time (about 20 minutes on 2 cores, and a CUDA toolkit on every
 //! build machine) and links libcuda and cuBLAS dynamically, so a binary
 //! built with it does not even start without a driver. cudarc loads libcuda,
 //! NVRTC and cuBLAS at run time (`dynamic-loading`): the `cuda` build runs
-//! everywhere, and [`GpuWhisper::load`] says what is missing.
+//! everywhere, and [`load`] says what is missing.
 //!
-//! Sessions share one upload of the weights; each window runs on a
-//! [`Scratch`] of its own (a CUDA stream, a cuBLAS handle and every
-//! activation buffer, sized for a 30 s window), taken from a pool and given
-//! back, so concurrent caption sessions overlap on the card.
+//! Each lane is a CUDA stream with its own cuBLAS handle (windows of
+//! concurrent caption sessions overlap on the card); the weights are
+//! uploaded once on the default stream and shared.
 //!
 //! `unsafe` is allowed in this module only, for kernel launches and cuBLAS
 //! calls (cudarc cannot check their arguments): every launch passes exactly
-//! its kernel's parameters in order, and every buffer is checked against
-//! the sizes a call reads or writes before the call ([`Scratch`] is sized
-//! for the model's largest window and decoder length, and
-//! [`GpuForward::encode`] and [`GpuForward::next_token`] refuse anything
-//! larger).
+//! its kernel's parameters in order, and the engine checks every call's
+//! extent against its buffers before the lane is asked (`engine::fits` and
+//! the checks beside each call there).
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
 use cudarc::cublas::sys::cublasOperation_t as Op;
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::cublas::{CudaBlas, Gemm as _, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
 
-use super::whisper::{Config, Forward, WhisperError};
+use super::engine::{Device, Engine, Gemm, Lane, R};
+use super::whisper::{Config, WhisperError};
 
 fn gpu(e: impl std::fmt::Debug) -> WhisperError {
     WhisperError::Gpu(format!("{e:?}"))
@@ -182,94 +177,20 @@ struct Kernels {
     argmax: CudaFunction,
 }
 
-/// `y = x W^T + b`, W row-major `[out, inp]` (PyTorch's layout).
-struct Lin {
-    w: CudaSlice<f32>,
-    b: CudaSlice<f32>,
-    out: usize,
-    inp: usize,
-}
-
-struct Norm {
-    g: CudaSlice<f32>,
-    b: CudaSlice<f32>,
-}
-
-struct Attn {
-    q: Lin,
-    k: Lin,
-    v: Lin,
-    o: Lin,
-    heads: usize,
-}
-
-struct EncLayer {
-    attn: Attn,
-    attn_ln: Norm,
-    fc1: Lin,
-    fc2: Lin,
-    ln: Norm,
-}
-
-struct DecLayer {
-    attn: Attn,
-    attn_ln: Norm,
-    cross: Attn,
-    cross_ln: Norm,
-    fc1: Lin,
-    fc2: Lin,
-    ln: Norm,
-}
-
-/// Whisper's weights on the card, shared by every session.
-pub struct GpuWhisper {
-    /// The card, as the driver names it.
-    pub name: String,
+/// The card: its context and the compiled kernels.
+pub struct Cuda {
     ctx: Arc<CudaContext>,
-    k: Kernels,
-    d: usize,
-    n_mels: usize,
-    ffn: usize,
-    vocab: usize,
-    max_src: usize,
-    max_tgt: usize,
-    conv1: Lin,
-    conv2: Lin,
-    enc_pos: CudaSlice<f32>,
-    enc: Vec<EncLayer>,
-    enc_ln: Norm,
-    embed: CudaSlice<f32>,
-    dec_pos: CudaSlice<f32>,
-    dec: Vec<DecLayer>,
-    dec_ln: Norm,
-    suppress: CudaSlice<f32>,
-    spare: Mutex<Vec<Scratch>>,
+    k: Arc<Kernels>,
+    name: String,
 }
 
-/// One window's working memory and stream.
-pub struct Scratch {
+/// One window's CUDA stream and cuBLAS handle, and the few ints it moves.
+pub struct CudaLane {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
-    mel: CudaSlice<f32>,
-    cols: CudaSlice<f32>,
-    x1: CudaSlice<f32>,
-    x: CudaSlice<f32>,
-    h: CudaSlice<f32>,
-    q: CudaSlice<f32>,
-    kk: CudaSlice<f32>,
-    vv: CudaSlice<f32>,
-    o: CudaSlice<f32>,
-    ff: CudaSlice<f32>,
-    scores: CudaSlice<f32>,
-    self_k: Vec<CudaSlice<f32>>,
-    self_v: Vec<CudaSlice<f32>>,
-    cross_k: Vec<CudaSlice<f32>>,
-    cross_v: Vec<CudaSlice<f32>>,
-    tokens: CudaSlice<u32>,
-    logits: CudaSlice<f32>,
-    best: CudaSlice<i32>,
-    /// Audio positions of the window encoded last (0: none yet).
-    t_audio: usize,
+    k: Arc<Kernels>,
+    tokens: RefCell<CudaSlice<u32>>,
+    best: RefCell<CudaSlice<i32>>,
 }
 
 /// Check that the libraries cudarc loads are there (it panics on first
@@ -295,247 +216,63 @@ fn libraries_present() -> Result<(), WhisperError> {
     }
 }
 
-impl GpuWhisper {
-    /// Upload the model in `dir` (the Hugging Face layout the CPU path
-    /// loaded, with its `config`) to GPU `ordinal`. `suppress` is the
-    /// additive mask of tokens never emitted (0 or -inf per vocabulary entry).
-    pub fn load(
-        dir: &Path,
-        config: &Config,
-        suppress: &Tensor,
-        ordinal: usize,
-    ) -> Result<GpuWhisper, WhisperError> {
-        libraries_present()?;
-        let ctx = CudaContext::new(ordinal).map_err(gpu)?;
-        let name = ctx.name().map_err(gpu)?;
-        let ptx = cudarc::nvrtc::compile_ptx(KERNELS)
-            .map_err(|e| WhisperError::Gpu(format!("compiling the Whisper kernels: {e:?}")))?;
-        let module = ctx.load_module(ptx).map_err(gpu)?;
-        let f = |n: &str| module.load_function(n).map_err(gpu);
-        let k = Kernels {
-            im2col: f("im2col3")?,
-            bias_act: f("bias_act")?,
-            add: f("add_into")?,
-            layer_norm: f("layer_norm")?,
-            softmax: f("softmax_rows")?,
-            embed: f("embed_tokens")?,
-            argmax: f("argmax_masked")?,
-        };
-        let path = dir.join("model.safetensors");
-        let bytes = std::fs::read(&path).map_err(|e| WhisperError::Load {
-            path: path.display().to_string(),
-            why: e.to_string(),
-        })?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-        drop(bytes);
-        let up = Upload {
-            tensors,
-            stream: ctx.default_stream(),
-        };
-        let d = config.d_model;
-        let ffn = up.dims("model.encoder.layers.0.fc1.weight")?[0];
-        let attn = |p: &str, heads: usize| -> Result<Attn, WhisperError> {
-            Ok(Attn {
-                q: up.lin(&format!("{p}.q_proj"))?,
-                k: up.lin(&format!("{p}.k_proj"))?,
-                v: up.lin(&format!("{p}.v_proj"))?,
-                o: up.lin(&format!("{p}.out_proj"))?,
-                heads,
-            })
-        };
-        let enc = (0..config.encoder_layers)
-            .map(|i| {
-                let p = format!("model.encoder.layers.{i}");
-                Ok(EncLayer {
-                    attn: attn(&format!("{p}.self_attn"), config.encoder_attention_heads)?,
-                    attn_ln: up.norm(&format!("{p}.self_attn_layer_norm"))?,
-                    fc1: up.lin(&format!("{p}.fc1"))?,
-                    fc2: up.lin(&format!("{p}.fc2"))?,
-                    ln: up.norm(&format!("{p}.final_layer_norm"))?,
-                })
-            })
-            .collect::<Result<Vec<_>, WhisperError>>()?;
-        let dec = (0..config.decoder_layers)
-            .map(|i| {
-                let p = format!("model.decoder.layers.{i}");
-                let heads = config.decoder_attention_heads;
-                Ok(DecLayer {
-                    attn: attn(&format!("{p}.self_attn"), heads)?,
-                    attn_ln: up.norm(&format!("{p}.self_attn_layer_norm"))?,
-                    cross: attn(&format!("{p}.encoder_attn"), heads)?,
-                    cross_ln: up.norm(&format!("{p}.encoder_attn_layer_norm"))?,
-                    fc1: up.lin(&format!("{p}.fc1"))?,
-                    fc2: up.lin(&format!("{p}.fc2"))?,
-                    ln: up.norm(&format!("{p}.final_layer_norm"))?,
-                })
-            })
-            .collect::<Result<Vec<_>, WhisperError>>()?;
-        let g = GpuWhisper {
-            name,
-            k,
-            d,
-            n_mels: config.num_mel_bins,
-            ffn,
-            vocab: config.vocab_size,
-            max_src: config.max_source_positions,
-            max_tgt: config.max_target_positions,
-            conv1: up.lin("model.encoder.conv1")?,
-            conv2: up.lin("model.encoder.conv2")?,
-            enc_pos: up.get("model.encoder.embed_positions.weight")?,
-            enc,
-            enc_ln: up.norm("model.encoder.layer_norm")?,
-            embed: up.get("model.decoder.embed_tokens.weight")?,
-            dec_pos: up.get("model.decoder.embed_positions.weight")?,
-            dec,
-            dec_ln: up.norm("model.decoder.layer_norm")?,
-            suppress: up.upload(&suppress.to_vec1::<f32>()?)?,
-            spare: Mutex::new(Vec::new()),
-            ctx,
-        };
-        // The uploads are done before any session's stream reads them.
-        up.stream.synchronize().map_err(gpu)?;
-        let heads_divide = g
-            .enc
-            .iter()
-            .map(|l| l.attn.heads)
-            .chain(g.dec.iter().map(|l| l.attn.heads))
-            .all(|h| h > 0 && d.is_multiple_of(h));
-        if !heads_divide
-            || g.conv1.inp != g.n_mels * 3
-            || g.conv2.inp != d * 3
-            || g.embed.len() != g.vocab * d
-        {
-            return Err(WhisperError::Gpu(
-                "the model's heads, convolutions or embedding do not fit its configured sizes"
-                    .into(),
-            ));
-        }
-        Ok(g)
+/// Open GPU `ordinal`, compile the kernels and upload the model in `dir`.
+pub fn load(
+    dir: &Path,
+    config: &Config,
+    suppress: &[f32],
+    ordinal: usize,
+) -> Result<Engine<Cuda>, WhisperError> {
+    libraries_present()?;
+    let ctx = CudaContext::new(ordinal).map_err(gpu)?;
+    let name = ctx.name().map_err(gpu)?;
+    let ptx = cudarc::nvrtc::compile_ptx(KERNELS)
+        .map_err(|e| WhisperError::Gpu(format!("compiling the Whisper kernels: {e:?}")))?;
+    let module = ctx.load_module(ptx).map_err(gpu)?;
+    let f = |n: &str| module.load_function(n).map_err(gpu);
+    let k = Arc::new(Kernels {
+        im2col: f("im2col3")?,
+        bias_act: f("bias_act")?,
+        add: f("add_into")?,
+        layer_norm: f("layer_norm")?,
+        softmax: f("softmax_rows")?,
+        embed: f("embed_tokens")?,
+        argmax: f("argmax_masked")?,
+    });
+    Engine::load(dir, config, suppress, Cuda { ctx, k, name })
+}
+
+impl Device for Cuda {
+    type Buf = CudaSlice<f32>;
+    type Lane = CudaLane;
+
+    fn name(&self) -> String {
+        self.name.clone()
     }
 
-    /// A window's forward pass (a pooled [`Scratch`], or a new one).
-    pub(crate) fn forward(&self) -> Result<GpuForward<'_>, WhisperError> {
-        let spare = self.spare.lock().ok().and_then(|mut s| s.pop());
-        let s = match spare {
-            Some(s) => s,
-            None => self.scratch()?,
-        };
-        Ok(GpuForward { g: self, s })
+    fn is_gpu(&self) -> bool {
+        true
     }
 
-    /// Return a forward pass's scratch to the pool.
-    pub(crate) fn give_back(&self, f: GpuForward<'_>) {
-        if let Ok(mut s) = self.spare.lock() {
-            s.push(f.s);
-        }
-    }
-
-    fn scratch(&self) -> Result<Scratch, WhisperError> {
+    fn lane(&self) -> R<CudaLane> {
         let stream = self.ctx.new_stream().map_err(gpu)?;
         let blas = CudaBlas::new(stream.clone()).map_err(gpu)?;
-        let (d, src, tgt) = (self.d, self.max_src, self.max_tgt);
-        let heads = self
-            .enc
-            .iter()
-            .map(|l| l.attn.heads)
-            .chain(self.dec.iter().map(|l| l.attn.heads))
-            .max()
-            .unwrap_or(1);
-        let z = |n: usize| stream.alloc_zeros::<f32>(n.max(1)).map_err(gpu);
-        let per_layer = |n: usize, count: usize| -> Result<Vec<CudaSlice<f32>>, WhisperError> {
-            (0..count).map(|_| z(n)).collect()
-        };
-        let layers = self.dec.len();
-        Ok(Scratch {
-            mel: z(self.n_mels * 2 * src)?,
-            cols: z((2 * src * self.n_mels * 3).max(src * d * 3))?,
-            x1: z(2 * src * d)?,
-            x: z(src.max(tgt) * d)?,
-            h: z(src.max(tgt) * d)?,
-            q: z(src.max(tgt) * d)?,
-            kk: z(src * d)?,
-            vv: z(src * d)?,
-            o: z(src.max(tgt) * d)?,
-            ff: z(src.max(tgt) * self.ffn)?,
-            scores: z(heads * src.max(tgt) * src.max(tgt))?,
-            self_k: per_layer(tgt * d, layers)?,
-            self_v: per_layer(tgt * d, layers)?,
-            cross_k: per_layer(src * d, layers)?,
-            cross_v: per_layer(src * d, layers)?,
-            tokens: stream.alloc_zeros::<u32>(tgt).map_err(gpu)?,
-            logits: z(self.vocab)?,
-            best: stream.alloc_zeros::<i32>(1).map_err(gpu)?,
-            t_audio: 0,
+        Ok(CudaLane {
+            tokens: RefCell::new(stream.alloc_zeros::<u32>(4096).map_err(gpu)?),
+            best: RefCell::new(stream.alloc_zeros::<i32>(1).map_err(gpu)?),
+            k: self.k.clone(),
             blas,
             stream,
         })
     }
-}
 
-/// Weights from the safetensors file to the card, as f32.
-struct Upload {
-    tensors: HashMap<String, Tensor>,
-    stream: Arc<CudaStream>,
-}
-
-impl Upload {
-    fn tensor(&self, name: &str) -> Result<&Tensor, WhisperError> {
-        self.tensors.get(name).ok_or_else(|| WhisperError::Load {
-            path: "model.safetensors".into(),
-            why: format!("no tensor {name}"),
-        })
+    fn upload(&self, v: &[f32]) -> R<CudaSlice<f32>> {
+        self.ctx.default_stream().clone_htod(v).map_err(gpu)
     }
 
-    fn dims(&self, name: &str) -> Result<Vec<usize>, WhisperError> {
-        Ok(self.tensor(name)?.dims().to_vec())
+    fn uploaded(&self) -> R<()> {
+        self.ctx.default_stream().synchronize().map_err(gpu)
     }
-
-    fn upload(&self, v: &[f32]) -> Result<CudaSlice<f32>, WhisperError> {
-        self.stream.clone_htod(v).map_err(gpu)
-    }
-
-    fn get(&self, name: &str) -> Result<CudaSlice<f32>, WhisperError> {
-        let v = self
-            .tensor(name)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        self.upload(&v)
-    }
-
-    /// A linear layer (or a convolution, its kernel flattened to
-    /// `[out, in * 3]`); no bias (Whisper's key projections) is zeros.
-    fn lin(&self, prefix: &str) -> Result<Lin, WhisperError> {
-        let wname = format!("{prefix}.weight");
-        let dims = self.dims(&wname)?;
-        let out = dims[0];
-        let inp: usize = dims[1..].iter().product();
-        let bname = format!("{prefix}.bias");
-        let b = if self.tensors.contains_key(&bname) {
-            self.get(&bname)?
-        } else {
-            self.upload(&vec![0f32; out])?
-        };
-        Ok(Lin {
-            w: self.get(&wname)?,
-            b,
-            out,
-            inp,
-        })
-    }
-
-    fn norm(&self, prefix: &str) -> Result<Norm, WhisperError> {
-        Ok(Norm {
-            g: self.get(&format!("{prefix}.weight"))?,
-            b: self.get(&format!("{prefix}.bias"))?,
-        })
-    }
-}
-
-/// A window's run: [`Forward`] on the card.
-pub(crate) struct GpuForward<'a> {
-    g: &'a GpuWhisper,
-    s: Scratch,
 }
 
 fn blocks(n: usize) -> LaunchConfig {
@@ -558,684 +295,232 @@ fn i(n: usize) -> i32 {
     n as i32
 }
 
-/// cuBLAS is column-major: a row-major `[r, c]` matrix is its `c x r`
-/// transpose there. `Y = X W^T` (row-major `[n, out]`) is, column-major,
-/// `Y^T (out x n) = op(W) . X^T` with W's storage read transposed.
-fn linear_cfg(out: usize, inp: usize, n: usize) -> GemmConfig<f32> {
-    GemmConfig {
-        transa: Op::CUBLAS_OP_T,
-        transb: Op::CUBLAS_OP_N,
-        m: i(out),
-        n: i(n),
-        k: i(inp),
-        alpha: 1.0f32,
-        lda: i(inp),
-        ldb: i(inp),
-        beta: 0.0f32,
-        ldc: i(out),
-    }
-}
-
-/// Per head h: `S_h = Q_h K_h^T / sqrt(dh)` (row-major `[tq, tk]`, heads
-/// one after another), Q and K row-major `[t, d]` with head h in columns
-/// `h*dh..`. Column-major: `S_h^T (tk x tq) = op(K_h) . Q_h^T`.
-fn scores_cfg(heads: usize, d: usize, tq: usize, tk: usize) -> StridedBatchedConfig<f32> {
-    let dh = d / heads;
+/// Our [`Gemm`] as cudarc's configuration.
+fn cublas_cfg(g: &Gemm) -> StridedBatchedConfig<f32> {
+    let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
     StridedBatchedConfig {
         gemm: GemmConfig {
-            transa: Op::CUBLAS_OP_T,
-            transb: Op::CUBLAS_OP_N,
-            m: i(tk),
-            n: i(tq),
-            k: i(dh),
-            alpha: (dh as f32).powf(-0.5),
-            lda: i(d),
-            ldb: i(d),
+            transa: op(g.ta),
+            transb: op(g.tb),
+            m: i(g.m),
+            n: i(g.n),
+            k: i(g.k),
+            alpha: g.alpha,
+            lda: i(g.lda),
+            ldb: i(g.ldb),
             beta: 0.0f32,
-            ldc: i(tk),
+            ldc: i(g.ldc),
         },
-        batch_size: i(heads),
-        stride_a: dh as i64,
-        stride_b: dh as i64,
-        stride_c: (tq * tk) as i64,
+        batch_size: i(g.batch),
+        stride_a: g.sa as i64,
+        stride_b: g.sb as i64,
+        stride_c: g.sc as i64,
     }
 }
 
-/// Per head h: `O_h = P_h V_h` into columns `h*dh..` of the row-major
-/// `[tq, d]` output. Column-major: `O_h^T (dh x tq) = V_h^T . P_h^T`.
-fn values_cfg(heads: usize, d: usize, tq: usize, tk: usize) -> StridedBatchedConfig<f32> {
-    let dh = d / heads;
-    StridedBatchedConfig {
-        gemm: GemmConfig {
-            transa: Op::CUBLAS_OP_N,
-            transb: Op::CUBLAS_OP_N,
-            m: i(dh),
-            n: i(tq),
-            k: i(tk),
-            alpha: 1.0f32,
-            lda: i(d),
-            ldb: i(tk),
-            beta: 0.0f32,
-            ldc: i(d),
-        },
-        batch_size: i(heads),
-        stride_a: dh as i64,
-        stride_b: (tq * tk) as i64,
-        stride_c: dh as i64,
-    }
+/// `buf[off..]`, or an error instead of cudarc's panic.
+fn from(buf: &CudaSlice<f32>, off: usize) -> R<cudarc::driver::CudaView<'_, f32>> {
+    buf.try_slice(off..)
+        .ok_or_else(|| WhisperError::Gpu("an offset past a buffer".into()))
 }
 
-/// `y[..rows * lin.out] = x[..rows * lin.inp] W^T + b`, GELU if `gelu`.
-#[allow(clippy::too_many_arguments)]
-fn linear(
-    k: &Kernels,
-    blas: &CudaBlas,
-    stream: &Arc<CudaStream>,
-    lin: &Lin,
-    x: &CudaView<f32>,
-    n: usize,
-    y: &mut CudaViewMut<f32>,
-    gelu: bool,
-) -> Result<(), WhisperError> {
-    if x.len() < n * lin.inp || y.len() < n * lin.out {
-        return Err(WhisperError::Gpu(
-            "a linear layer's buffers are too small".into(),
-        ));
-    }
-    let cfg = linear_cfg(lin.out, lin.inp, n);
-    // SAFETY: W holds out x inp, x at least n x inp, y at least n x out
-    // (checked above), with the leading dimensions given.
-    unsafe { blas.gemm(cfg, &lin.w, x, y) }.map_err(gpu)?;
-    let (rows_, cols, act) = (i(n), i(lin.out), i32::from(gelu));
-    let mut l = stream.launch_builder(&k.bias_act);
-    l.arg(y).arg(&lin.b).arg(&rows_).arg(&cols).arg(&act);
-    // SAFETY: bias_act(float* y, const float* b, int rows, int cols, int gelu);
-    // y holds rows x cols, b cols.
-    unsafe { l.launch(blocks(n * lin.out)) }.map_err(gpu)?;
-    Ok(())
+fn from_mut(buf: &mut CudaSlice<f32>, off: usize) -> R<cudarc::driver::CudaViewMut<'_, f32>> {
+    buf.try_slice_mut(off..)
+        .ok_or_else(|| WhisperError::Gpu("an offset past a buffer".into()))
 }
 
-fn layer_norm(
-    k: &Kernels,
-    stream: &Arc<CudaStream>,
-    norm: &Norm,
-    x: &CudaView<f32>,
-    n: usize,
-    d: usize,
-    y: &mut CudaViewMut<f32>,
-) -> Result<(), WhisperError> {
-    if x.len() < n * d || y.len() < n * d || norm.g.len() != d {
-        return Err(WhisperError::Gpu(
-            "a layer norm's buffers are too small".into(),
-        ));
-    }
-    let dd = i(d);
-    let mut l = stream.launch_builder(&k.layer_norm);
-    l.arg(x).arg(&norm.g).arg(&norm.b).arg(y).arg(&dd);
-    // SAFETY: layer_norm(const float* x, const float* g, const float* b,
-    // float* y, int d), one block per row; x and y hold n rows of d.
-    unsafe { l.launch(rows(n)) }.map_err(gpu)?;
-    Ok(())
-}
+impl Lane for CudaLane {
+    type Buf = CudaSlice<f32>;
 
-fn add_into(
-    k: &Kernels,
-    stream: &Arc<CudaStream>,
-    y: &mut CudaSlice<f32>,
-    x: &CudaView<f32>,
-    n: usize,
-) -> Result<(), WhisperError> {
-    if y.len() < n || x.len() < n {
-        return Err(WhisperError::Gpu("an add's buffers are too small".into()));
-    }
-    let nn = i(n);
-    let mut l = stream.launch_builder(&k.add);
-    l.arg(y).arg(x).arg(&nn);
-    // SAFETY: add_into(float* y, const float* x, int n); both hold n.
-    unsafe { l.launch(blocks(n)) }.map_err(gpu)?;
-    Ok(())
-}
-
-/// Multi-head attention: `q` `[tq, d]`, `kk` and `vv` `[tk, d]` (heads side
-/// by side in each row); `out[tq, d]`. `causal`: the decoder's mask, the
-/// new rows starting at that position.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    k: &Kernels,
-    blas: &CudaBlas,
-    stream: &Arc<CudaStream>,
-    heads: usize,
-    d: usize,
-    q: &CudaView<f32>,
-    kk: &CudaView<f32>,
-    vv: &CudaView<f32>,
-    (tq, tk): (usize, usize),
-    causal: Option<usize>,
-    scores: &mut CudaSlice<f32>,
-    out: &mut CudaViewMut<f32>,
-) -> Result<(), WhisperError> {
-    if q.len() < tq * d
-        || kk.len() < tk * d
-        || vv.len() < tk * d
-        || out.len() < tq * d
-        || scores.len() < heads * tq * tk
-    {
-        return Err(WhisperError::Gpu(
-            "attention's buffers are too small".into(),
-        ));
-    }
-    let s = scores_cfg(heads, d, tq, tk);
-    // SAFETY: head h reads kk[h*dh + j + t*d] (t < tk, j < dh) and
-    // q[h*dh + j + r*d] (r < tq), writes scores[h*tq*tk ..][tq*tk]: inside
-    // the sizes checked above.
-    unsafe { blas.gemm_strided_batched(s, kk, q, scores) }.map_err(gpu)?;
-    let (cols, tq_, off, c) = (
-        i(tk),
-        i(tq),
-        i(causal.unwrap_or(0)),
-        i32::from(causal.is_some()),
-    );
-    let mut l = stream.launch_builder(&k.softmax);
-    l.arg(&mut *scores).arg(&cols).arg(&tq_).arg(&off).arg(&c);
-    // SAFETY: softmax_rows(float* s, int cols, int tq, int offset, int causal),
-    // one block per row of heads * tq rows of tk.
-    unsafe { l.launch(rows(heads * tq)) }.map_err(gpu)?;
-    let o = values_cfg(heads, d, tq, tk);
-    // SAFETY: head h reads vv[h*dh + j + t*d], scores[h*tq*tk + t + r*tk],
-    // writes out[h*dh + j + r*d] (j < dh, t < tk, r < tq): checked above.
-    unsafe { blas.gemm_strided_batched(o, vv, &*scores, out) }.map_err(gpu)?;
-    Ok(())
-}
-
-/// `cols[t, c*3 + k] = x[c, t*stride + k - 1]`: a kernel-3, padding-1
-/// convolution's input as rows for one product. `dims`: x's strides per
-/// channel and per time step, channels, time steps in, stride, out.
-fn im2col(
-    k: &Kernels,
-    stream: &Arc<CudaStream>,
-    x: &CudaView<f32>,
-    dims: [usize; 6],
-    cols: &mut CudaSlice<f32>,
-) -> Result<(), WhisperError> {
-    let [sc, st, cin, tin, _, tout] = dims;
-    let last = (cin - 1) * sc + (tin - 1) * st;
-    if cols.len() < tout * cin * 3 || x.len() <= last {
-        return Err(WhisperError::Gpu("im2col's buffers are too small".into()));
-    }
-    let a = dims.map(i);
-    let mut l = stream.launch_builder(&k.im2col);
-    l.arg(x)
-        .arg(&a[0])
-        .arg(&a[1])
-        .arg(&a[2])
-        .arg(&a[3])
-        .arg(&a[4])
-        .arg(&a[5])
-        .arg(cols);
-    // SAFETY: im2col3(const float* x, int sc, int st, int cin, int tin,
-    // int stride, int tout, float* cols); x holds every (c, t) it reads
-    // (the last checked), cols tout x cin*3 (checked).
-    unsafe { l.launch(blocks(tout * cin * 3)) }.map_err(gpu)?;
-    Ok(())
-}
-
-/// Where [`Scratch::project_h`] writes: the query, key and value buffers,
-/// a decoder layer's self-attention cache from a position on, or its
-/// cross-attention keys and values.
-#[derive(Clone, Copy)]
-enum To {
-    Q,
-    K,
-    V,
-    SelfK(usize, usize),
-    SelfV(usize, usize),
-    CrossK(usize),
-    CrossV(usize),
-}
-
-/// The keys and values [`Scratch::attend`] reads: the encoder's own, a
-/// decoder layer's self-attention cache, or its cross-attention's.
-#[derive(Clone, Copy)]
-enum Kv {
-    Own,
-    SelfCache(usize),
-    Cross(usize),
-}
-
-impl Scratch {
-    /// `h = LN(x)` over `n` rows.
-    fn norm_x(&mut self, k: &Kernels, norm: &Norm, n: usize, d: usize) -> Result<(), WhisperError> {
-        layer_norm(
-            k,
-            &self.stream,
-            norm,
-            &self.x.slice(..),
-            n,
-            d,
-            &mut self.h.slice_mut(..),
-        )
+    fn zeros(&self, n: usize) -> R<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(gpu)
     }
 
-    /// `to = h W^T + b` over `n` rows.
-    fn project_h(&mut self, k: &Kernels, lin: &Lin, n: usize, to: To) -> Result<(), WhisperError> {
-        let Scratch {
-            blas,
-            stream,
-            h,
-            q,
-            kk,
-            vv,
-            self_k,
-            self_v,
-            cross_k,
-            cross_v,
-            ..
-        } = self;
-        let rows = |from: usize| from * lin.out..(from + n) * lin.out;
-        let mut y = match to {
-            To::Q => q.slice_mut(..),
-            To::K => kk.slice_mut(..),
-            To::V => vv.slice_mut(..),
-            To::SelfK(j, at) => self_k[j].slice_mut(rows(at)),
-            To::SelfV(j, at) => self_v[j].slice_mut(rows(at)),
-            To::CrossK(j) => cross_k[j].slice_mut(..),
-            To::CrossV(j) => cross_v[j].slice_mut(..),
-        };
-        linear(k, blas, stream, lin, &h.slice(..), n, &mut y, false)
+    fn len(buf: &CudaSlice<f32>) -> usize {
+        buf.len()
     }
 
-    /// `o = attention(q, keys, values)` for `tq` queries over `tk` keys.
-    fn attend(
-        &mut self,
-        k: &Kernels,
-        heads: usize,
-        d: usize,
-        (tq, tk): (usize, usize),
-        causal: Option<usize>,
-        kv: Kv,
-    ) -> Result<(), WhisperError> {
-        let Scratch {
-            blas,
-            stream,
-            q,
-            kk,
-            vv,
-            self_k,
-            self_v,
-            cross_k,
-            cross_v,
-            scores,
-            o,
-            ..
-        } = self;
-        let (keys, values) = match kv {
-            Kv::Own => (kk.slice(..), vv.slice(..)),
-            Kv::SelfCache(j) => (self_k[j].slice(..tk * d), self_v[j].slice(..tk * d)),
-            Kv::Cross(j) => (cross_k[j].slice(..tk * d), cross_v[j].slice(..tk * d)),
-        };
-        attention(
-            k,
-            blas,
-            stream,
-            heads,
-            d,
-            &q.slice(..),
-            &keys,
-            &values,
-            (tq, tk),
-            causal,
-            scores,
-            &mut o.slice_mut(..),
-        )
+    fn write(&self, data: &[f32], to: &mut CudaSlice<f32>) -> R<()> {
+        let mut view = to
+            .try_slice_mut(..data.len())
+            .ok_or_else(|| WhisperError::Gpu("writing past a buffer".into()))?;
+        self.stream.memcpy_htod(data, &mut view).map_err(gpu)
     }
 
-    /// `x += o W^T + b`: an attention's output projection into the residual.
-    fn out_add(&mut self, k: &Kernels, lin: &Lin, n: usize, d: usize) -> Result<(), WhisperError> {
-        linear(
-            k,
-            &self.blas,
-            &self.stream,
-            lin,
-            &self.o.slice(..),
-            n,
-            &mut self.h.slice_mut(..),
-            false,
-        )?;
-        add_into(k, &self.stream, &mut self.x, &self.h.slice(..), n * d)
-    }
-
-    /// `x += fc2(GELU(fc1(LN(x))))`: the feed-forward block.
-    fn mlp(
-        &mut self,
-        k: &Kernels,
-        (norm, fc1, fc2): (&Norm, &Lin, &Lin),
-        n: usize,
-        d: usize,
-    ) -> Result<(), WhisperError> {
-        self.norm_x(k, norm, n, d)?;
-        linear(
-            k,
-            &self.blas,
-            &self.stream,
-            fc1,
-            &self.h.slice(..),
-            n,
-            &mut self.ff.slice_mut(..),
-            true,
-        )?;
-        linear(
-            k,
-            &self.blas,
-            &self.stream,
-            fc2,
-            &self.ff.slice(..),
-            n,
-            &mut self.h.slice_mut(..),
-            false,
-        )?;
-        add_into(k, &self.stream, &mut self.x, &self.h.slice(..), n * d)
-    }
-}
-
-impl GpuForward<'_> {
-    /// Wait for the stream (timings then measure the GPU's work).
-    fn sync(&self) -> Result<(), WhisperError> {
-        self.s.stream.synchronize().map_err(gpu)
-    }
-}
-
-impl Forward for GpuForward<'_> {
-    fn encode(&mut self, mel: &[f32], frames: usize) -> Result<(), WhisperError> {
-        let g = self.g;
-        let s = &mut self.s;
-        let (d, k) = (g.d, &g.k);
-        let t = frames / 2;
-        if !frames.is_multiple_of(2) || t == 0 || t > g.max_src || mel.len() != g.n_mels * frames {
-            return Err(WhisperError::Gpu(format!(
-                "a window of {frames} mel frames cannot be encoded"
-            )));
-        }
-        s.stream
-            .memcpy_htod(mel, &mut s.mel.slice_mut(..mel.len()))
-            .map_err(gpu)?;
-        // conv1 (stride 1) and conv2 (stride 2), each one product.
-        im2col(
-            k,
-            &s.stream,
-            &s.mel.slice(..mel.len()),
-            [frames, 1, g.n_mels, frames, 1, frames],
-            &mut s.cols,
-        )?;
-        linear(
-            k,
-            &s.blas,
-            &s.stream,
-            &g.conv1,
-            &s.cols.slice(..),
-            frames,
-            &mut s.x1.slice_mut(..),
-            true,
-        )?;
-        im2col(
-            k,
-            &s.stream,
-            &s.x1.slice(..),
-            [1, d, d, frames, 2, t],
-            &mut s.cols,
-        )?;
-        linear(
-            k,
-            &s.blas,
-            &s.stream,
-            &g.conv2,
-            &s.cols.slice(..),
-            t,
-            &mut s.x.slice_mut(..),
-            true,
-        )?;
-        add_into(k, &s.stream, &mut s.x, &g.enc_pos.slice(..t * d), t * d)?;
-        for l in &g.enc {
-            let a = &l.attn;
-            s.norm_x(k, &l.attn_ln, t, d)?;
-            s.project_h(k, &a.q, t, To::Q)?;
-            s.project_h(k, &a.k, t, To::K)?;
-            s.project_h(k, &a.v, t, To::V)?;
-            s.attend(k, a.heads, d, (t, t), None, Kv::Own)?;
-            s.out_add(k, &a.o, t, d)?;
-            s.mlp(k, (&l.ln, &l.fc1, &l.fc2), t, d)?;
-        }
-        layer_norm(
-            k,
-            &s.stream,
-            &g.enc_ln,
-            &s.x.slice(..),
-            t,
-            d,
-            &mut s.h.slice_mut(..),
-        )?;
-        // The audio's keys and values for every decoder layer's cross-attention.
-        for (j, l) in g.dec.iter().enumerate() {
-            s.project_h(k, &l.cross.k, t, To::CrossK(j))?;
-            s.project_h(k, &l.cross.v, t, To::CrossV(j))?;
-        }
-        s.t_audio = t;
-        self.sync()
-    }
-
-    fn next_token(&mut self, tokens: &[u32], offset: usize) -> Result<u32, WhisperError> {
-        let g = self.g;
-        let s = &mut self.s;
-        let (d, k, n, t) = (g.d, &g.k, tokens.len(), s.t_audio);
-        if t == 0 {
-            return Err(WhisperError::Gpu("decoding before encoding".into()));
-        }
-        if n == 0 || offset + n > g.max_tgt || tokens.iter().any(|tok| *tok as usize >= g.vocab) {
-            return Err(WhisperError::Gpu(format!(
-                "{n} tokens at position {offset} cannot be decoded"
-            )));
-        }
-        s.stream
-            .memcpy_htod(tokens, &mut s.tokens.slice_mut(..n))
-            .map_err(gpu)?;
-        let (off, nn, dd) = (i(offset), i(n), i(d));
-        let mut l = s.stream.launch_builder(&k.embed);
-        l.arg(&s.tokens)
-            .arg(&g.embed)
-            .arg(&g.dec_pos)
-            .arg(&off)
-            .arg(&nn)
-            .arg(&dd)
-            .arg(&mut s.x);
-        // SAFETY: embed_tokens(const unsigned int* tok, const float* table,
-        // const float* pos, int offset, int n, int d, float* x): tokens < vocab
-        // and offset + n <= max_tgt (checked), x holds n x d.
-        unsafe { l.launch(blocks(n * d)) }.map_err(gpu)?;
-        let total = offset + n;
-        for (j, l) in g.dec.iter().enumerate() {
-            let (a, c) = (&l.attn, &l.cross);
-            s.norm_x(k, &l.attn_ln, n, d)?;
-            s.project_h(k, &a.q, n, To::Q)?;
-            s.project_h(k, &a.k, n, To::SelfK(j, offset))?;
-            s.project_h(k, &a.v, n, To::SelfV(j, offset))?;
-            s.attend(k, a.heads, d, (n, total), Some(offset), Kv::SelfCache(j))?;
-            s.out_add(k, &a.o, n, d)?;
-            s.norm_x(k, &l.cross_ln, n, d)?;
-            s.project_h(k, &c.q, n, To::Q)?;
-            s.attend(k, c.heads, d, (n, t), None, Kv::Cross(j))?;
-            s.out_add(k, &c.o, n, d)?;
-            s.mlp(k, (&l.ln, &l.fc1, &l.fc2), n, d)?;
-        }
-        // The last token's logits against the token embedding, then the
-        // masked argmax on the card: one int comes back.
-        layer_norm(
-            k,
-            &s.stream,
-            &g.dec_ln,
-            &s.x.slice((n - 1) * d..n * d),
-            1,
-            d,
-            &mut s.h.slice_mut(..d),
-        )?;
-        // Logits = h E^T: a linear layer of the embedding, no bias.
-        let cfg = linear_cfg(g.vocab, d, 1);
-        // SAFETY: the embedding holds vocab x d (checked at load), h at
-        // least d, logits vocab.
-        unsafe { s.blas.gemm(cfg, &g.embed, &s.h.slice(..d), &mut s.logits) }.map_err(gpu)?;
-        let vocab = i(g.vocab);
-        let mut l = s.stream.launch_builder(&k.argmax);
-        l.arg(&s.logits)
-            .arg(&g.suppress)
-            .arg(&vocab)
-            .arg(&mut s.best);
-        // SAFETY: argmax_masked(const float* l, const float* mask, int n,
-        // int* out), one block; logits and mask hold vocab, out 1.
-        unsafe { l.launch(rows(1)) }.map_err(gpu)?;
-        let mut best = [0i32; 1];
-        s.stream.memcpy_dtoh(&s.best, &mut best).map_err(gpu)?;
-        s.stream.synchronize().map_err(gpu)?;
-        u32::try_from(best[0]).map_err(|_| WhisperError::Gpu("a negative token".into()))
-    }
-}
-
-impl GpuForward<'_> {
-    /// The first decode step's logits (for comparing with the CPU):
-    /// encodes `mel`, feeds `prompt` and copies the logits back.
-    pub(crate) fn first_logits(
-        &mut self,
-        mel: &[f32],
-        frames: usize,
-        prompt: &[u32],
-    ) -> Result<Vec<f32>, WhisperError> {
-        self.encode(mel, frames)?;
-        self.next_token(prompt, 0)?;
-        let mut out = vec![0f32; self.g.vocab];
-        self.s
-            .stream
-            .memcpy_dtoh(&self.s.logits, &mut out)
-            .map_err(gpu)?;
+    fn read(&self, from_buf: &CudaSlice<f32>, n: usize) -> R<Vec<f32>> {
+        let view = from_buf
+            .try_slice(..n)
+            .ok_or_else(|| WhisperError::Gpu("reading past a buffer".into()))?;
+        let mut out = vec![0f32; n];
+        self.stream.memcpy_dtoh(&view, &mut out).map_err(gpu)?;
         self.sync()?;
         Ok(out)
+    }
+
+    fn gemm(
+        &self,
+        g: &Gemm,
+        (a, oa): (&CudaSlice<f32>, usize),
+        (b, ob): (&CudaSlice<f32>, usize),
+        (c, oc): (&mut CudaSlice<f32>, usize),
+    ) -> R<()> {
+        let (a, b, mut c) = (from(a, oa)?, from(b, ob)?, from_mut(c, oc)?);
+        let cfg = cublas_cfg(g);
+        // SAFETY: the engine checked that A, B and C hold the extents this
+        // product reads and writes from these offsets (`engine::fits`).
+        if g.batch == 1 {
+            unsafe { self.blas.gemm(cfg.gemm, &a, &b, &mut c) }.map_err(gpu)
+        } else {
+            unsafe { self.blas.gemm_strided_batched(cfg, &a, &b, &mut c) }.map_err(gpu)
+        }
+    }
+
+    fn im2col(&self, x: &CudaSlice<f32>, dims: [usize; 6], cols: &mut CudaSlice<f32>) -> R<()> {
+        let [_, _, cin, _, _, tout] = dims;
+        let a = dims.map(i);
+        let mut l = self.stream.launch_builder(&self.k.im2col);
+        l.arg(x)
+            .arg(&a[0])
+            .arg(&a[1])
+            .arg(&a[2])
+            .arg(&a[3])
+            .arg(&a[4])
+            .arg(&a[5])
+            .arg(cols);
+        // SAFETY: im2col3(const float* x, int sc, int st, int cin, int tin,
+        // int stride, int tout, float* cols); the engine checked x holds
+        // cin x tin at those strides and cols tout x cin*3.
+        unsafe { l.launch(blocks(tout * cin * 3)) }.map_err(gpu)?;
+        Ok(())
+    }
+
+    fn bias_act(
+        &self,
+        (y, off): (&mut CudaSlice<f32>, usize),
+        b: &CudaSlice<f32>,
+        rows_: usize,
+        cols: usize,
+        gelu: bool,
+    ) -> R<()> {
+        let mut y = from_mut(y, off)?;
+        let (r, c, act) = (i(rows_), i(cols), i32::from(gelu));
+        let mut l = self.stream.launch_builder(&self.k.bias_act);
+        l.arg(&mut y).arg(b).arg(&r).arg(&c).arg(&act);
+        // SAFETY: bias_act(float* y, const float* b, int rows, int cols, int
+        // gelu); y holds rows x cols from the offset (the product before it
+        // wrote them), b cols.
+        unsafe { l.launch(blocks(rows_ * cols)) }.map_err(gpu)?;
+        Ok(())
+    }
+
+    fn add(&self, y: &mut CudaSlice<f32>, (x, off): (&CudaSlice<f32>, usize), n: usize) -> R<()> {
+        let x = from(x, off)?;
+        let nn = i(n);
+        let mut l = self.stream.launch_builder(&self.k.add);
+        l.arg(y).arg(&x).arg(&nn);
+        // SAFETY: add_into(float* y, const float* x, int n); both hold n
+        // (checked by the engine).
+        unsafe { l.launch(blocks(n)) }.map_err(gpu)?;
+        Ok(())
+    }
+
+    fn layer_norm(
+        &self,
+        (x, off): (&CudaSlice<f32>, usize),
+        (g, b): (&CudaSlice<f32>, &CudaSlice<f32>),
+        y: &mut CudaSlice<f32>,
+        rows_: usize,
+        d: usize,
+    ) -> R<()> {
+        let x = from(x, off)?;
+        let dd = i(d);
+        let mut l = self.stream.launch_builder(&self.k.layer_norm);
+        l.arg(&x).arg(g).arg(b).arg(y).arg(&dd);
+        // SAFETY: layer_norm(const float* x, const float* g, const float* b,
+        // float* y, int d), one block per row; x and y hold rows x d
+        // (checked by the engine), g and b d.
+        unsafe { l.launch(rows(rows_)) }.map_err(gpu)?;
+        Ok(())
+    }
+
+    fn softmax(
+        &self,
+        s: &mut CudaSlice<f32>,
+        rows_: usize,
+        cols: usize,
+        tq: usize,
+        causal: Option<usize>,
+    ) -> R<()> {
+        let (c, t, off, on) = (
+            i(cols),
+            i(tq),
+            i(causal.unwrap_or(0)),
+            i32::from(causal.is_some()),
+        );
+        let mut l = self.stream.launch_builder(&self.k.softmax);
+        l.arg(s).arg(&c).arg(&t).arg(&off).arg(&on);
+        // SAFETY: softmax_rows(float* s, int cols, int tq, int offset, int
+        // causal), one block per row; s holds rows x cols (the product
+        // before it wrote them).
+        unsafe { l.launch(rows(rows_)) }.map_err(gpu)?;
+        Ok(())
+    }
+
+    fn embed(
+        &self,
+        tokens: &[u32],
+        (table, pos): (&CudaSlice<f32>, &CudaSlice<f32>),
+        offset: usize,
+        d: usize,
+        x: &mut CudaSlice<f32>,
+    ) -> R<()> {
+        let n = tokens.len();
+        let mut tok = self.tokens.borrow_mut();
+        {
+            let mut dst = tok
+                .try_slice_mut(..n)
+                .ok_or_else(|| WhisperError::Gpu("too many tokens".into()))?;
+            self.stream.memcpy_htod(tokens, &mut dst).map_err(gpu)?;
+        }
+        let (o, nn, dd) = (i(offset), i(n), i(d));
+        let mut l = self.stream.launch_builder(&self.k.embed);
+        l.arg(&*tok)
+            .arg(table)
+            .arg(pos)
+            .arg(&o)
+            .arg(&nn)
+            .arg(&dd)
+            .arg(x);
+        // SAFETY: embed_tokens(const unsigned int* tok, const float* table,
+        // const float* pos, int offset, int n, int d, float* x): the engine
+        // checked tokens < vocab, offset + n <= the positions, x n x d.
+        unsafe { l.launch(blocks(n * d)) }.map_err(gpu)?;
+        Ok(())
+    }
+
+    fn argmax(&self, logits: &CudaSlice<f32>, mask: &CudaSlice<f32>, n: usize) -> R<u32> {
+        let nn = i(n);
+        let mut best_buf = self.best.borrow_mut();
+        let mut l = self.stream.launch_builder(&self.k.argmax);
+        l.arg(logits).arg(mask).arg(&nn).arg(&mut *best_buf);
+        // SAFETY: argmax_masked(const float* l, const float* mask, int n,
+        // int* out), one block; logits and mask hold n, out 1.
+        unsafe { l.launch(rows(1)) }.map_err(gpu)?;
+        let mut best = [0i32; 1];
+        self.stream
+            .memcpy_dtoh(&*best_buf, &mut best)
+            .map_err(gpu)?;
+        self.sync()?;
+        u32::try_from(best[0]).map_err(|_| WhisperError::Gpu("a negative token".into()))
+    }
+
+    fn sync(&self) -> R<()> {
+        self.stream.synchronize().map_err(gpu)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    /// cuBLAS's strided batched sgemm, column-major, as its documentation
-    /// defines it: the reference the configurations are checked against.
-    fn sgemm(c: &StridedBatchedConfig<f32>, a: &[f32], b: &[f32], out: &mut [f32]) {
-        let g = &c.gemm;
-        let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
-        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
-        for batch in 0..c.batch_size as usize {
-            let (oa, ob, oc) = (
-                batch * c.stride_a as usize,
-                batch * c.stride_b as usize,
-                batch * c.stride_c as usize,
-            );
-            for i in 0..m {
-                for j in 0..n {
-                    let mut sum = 0f32;
-                    for p in 0..k {
-                        let x = match g.transa {
-                            Op::CUBLAS_OP_N => a[oa + i + p * lda],
-                            _ => a[oa + p + i * lda],
-                        };
-                        let y = match g.transb {
-                            Op::CUBLAS_OP_N => b[ob + p + j * ldb],
-                            _ => b[ob + j + p * ldb],
-                        };
-                        sum += x * y;
-                    }
-                    let o = &mut out[oc + i + j * ldc];
-                    *o = g.alpha * sum + g.beta * *o;
-                }
-            }
-        }
-    }
-
-    fn one(g: GemmConfig<f32>) -> StridedBatchedConfig<f32> {
-        StridedBatchedConfig {
-            gemm: g,
-            batch_size: 1,
-            stride_a: 0,
-            stride_b: 0,
-            stride_c: 0,
-        }
-    }
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
-
-    fn close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() < 1e-4, "at {i}: {x} against {y}");
-        }
-    }
-
-    #[test]
-    fn the_linear_layout_is_x_times_w_transposed() {
-        let (out, inp, n) = (5, 7, 3);
-        let (w, x) = (values(out * inp, 1), values(n * inp, 2));
-        let mut y = vec![0f32; n * out];
-        sgemm(&one(linear_cfg(out, inp, n)), &w, &x, &mut y);
-        let want: Vec<f32> = (0..n)
-            .flat_map(|r| {
-                let (w, x) = (&w, &x);
-                (0..out).map(move |o| (0..inp).map(|i| x[r * inp + i] * w[o * inp + i]).sum())
-            })
-            .collect();
-        close(&y, &want);
-    }
-
-    #[test]
-    fn the_attention_layouts_give_each_heads_softmax_of_q_k_times_v() {
-        let (heads, d, tq, tk) = (3, 12, 4, 6);
-        let dh = d / heads;
-        let (q, k, v) = (values(tq * d, 3), values(tk * d, 4), values(tk * d, 5));
-        let mut s = vec![0f32; heads * tq * tk];
-        sgemm(&scores_cfg(heads, d, tq, tk), &k, &q, &mut s);
-        // The softmax kernel's arithmetic, causal from position tk - tq.
-        let offset = tk - tq;
-        for (row, r) in s.chunks_mut(tk).enumerate() {
-            let lim = tk.min(offset + row % tq + 1);
-            let m = r[..lim].iter().copied().fold(f32::MIN, f32::max);
-            let sum: f32 = r[..lim].iter().map(|x| (x - m).exp()).sum();
-            for (j, x) in r.iter_mut().enumerate() {
-                *x = if j < lim { (*x - m).exp() / sum } else { 0.0 };
-            }
-        }
-        let mut o = vec![0f32; tq * d];
-        sgemm(&values_cfg(heads, d, tq, tk), &v, &s, &mut o);
-        // Row-major, head by head, as candle computes it.
-        let mut want = vec![0f32; tq * d];
-        for h in 0..heads {
-            for i in 0..tq {
-                let lim = tk.min(offset + i + 1);
-                let w: Vec<f32> = (0..lim)
-                    .map(|t| {
-                        (0..dh)
-                            .map(|j| q[i * d + h * dh + j] * k[t * d + h * dh + j])
-                            .sum::<f32>()
-                            / (dh as f32).sqrt()
-                    })
-                    .collect();
-                let m = w.iter().copied().fold(f32::MIN, f32::max);
-                let sum: f32 = w.iter().map(|x| (x - m).exp()).sum();
-                for j in 0..dh {
-                    want[i * d + h * dh + j] = (0..lim)
-                        .map(|t| (w[t] - m).exp() / sum * v[t * d + h * dh + j])
-                        .sum();
-                }
-            }
-        }
-        close(&o, &want);
-    }
     /// NVRTC needs no GPU: where its library is (the test command puts
     /// NVIDIA's wheel on the library path and sets BALIE_REQUIRE_NVRTC),
     /// both kernel sources must compile.

@@ -74,19 +74,9 @@ pub fn run(
             .collect();
         let a = cpu.first_logits(&pcm, lang).map_err(|e| e.to_string())?;
         let b = gpu
-            .gpu_first_logits(&pcm, lang)
+            .engine_first_logits(&pcm, lang)
             .map_err(|e| e.to_string())?;
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .filter(|d| d.is_finite())
-            .fold(0f32, f32::max);
-        let top = a
-            .iter()
-            .copied()
-            .filter(|x| x.is_finite())
-            .fold(0f32, |m, x| m.max(x.abs()));
+        let (diff, top) = super::engine::logit_difference(&a, &b);
         worst = worst.max(diff / top.max(1e-6));
         let rc = cpu.transcribe(&pcm, lang).map_err(|e| e.to_string())?;
         let rg = gpu.transcribe(&pcm, lang).map_err(|e| e.to_string())?;

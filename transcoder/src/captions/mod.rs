@@ -4,10 +4,12 @@
 //!   Whisper model without a model hub, through the CTranslate2-to-Hugging
 //!   Face converter [`ct2`];
 //! - [`mel`] (Whisper's exact log-mel) and [`whisper`] (Whisper on candle,
-//!   with a key/value cache); `gpu` (feature `cuda`): the same model on the
-//!   GPU (cuBLAS and our own kernels through NVRTC), `gpucheck` its check
-//!   against the CPU; [`randmodel`]: base's shapes with random weights, for
-//!   that check on a node without the real model;
+//!   with a key/value cache); [`engine`]: the same model as device calls,
+//!   run by `gpu` (feature `cuda`: cuBLAS and our own kernels through
+//!   NVRTC) or, in tests, by [`mirror`] (the kernels' arithmetic on the
+//!   CPU); `gpucheck` checks the GPU against the CPU; [`randmodel`]: base's
+//!   shapes with random weights, for that check on a node without the real
+//!   model;
 //! - [`stream`]: voice activity, partials about once a second, finals by
 //!   local agreement;
 //! - [`audio`]: Opus and files to 16 kHz mono (and Opus out, for tests);
@@ -20,11 +22,13 @@
 pub mod audio;
 pub mod bench;
 pub mod ct2;
+pub mod engine;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 #[cfg(feature = "cuda")]
 pub mod gpucheck;
 pub mod mel;
+pub mod mirror;
 pub mod models;
 pub mod randmodel;
 pub mod session;

@@ -201,12 +201,11 @@ pub struct Whisper {
     sot: u32,
     transcribe: u32,
     no_timestamps: u32,
-    /// The folder it was loaded from (the GPU loads the same weights).
-    #[cfg(feature = "cuda")]
+    /// The folder it was loaded from (an engine loads the same weights).
     dir: std::path::PathBuf,
-    /// Set by [`Whisper::use_gpu`]: every window then runs there.
-    #[cfg(feature = "cuda")]
-    gpu: Option<super::gpu::GpuWhisper>,
+    /// Set by [`Whisper::use_gpu`] (or [`Whisper::use_mirror`]): every
+    /// window then runs there.
+    engine: Option<Box<dyn super::engine::Windows>>,
 }
 
 /// The text of one window and what it cost.
@@ -327,10 +326,8 @@ impl Whisper {
             tokenizer,
             device,
             config: config.clone(),
-            #[cfg(feature = "cuda")]
             dir: dir.to_path_buf(),
-            #[cfg(feature = "cuda")]
-            gpu: None,
+            engine: None,
         })
     }
 
@@ -339,18 +336,27 @@ impl Whisper {
     /// Returns what the card is.
     #[cfg(feature = "cuda")]
     pub fn use_gpu(&mut self, ordinal: usize) -> Result<String, WhisperError> {
-        let g = super::gpu::GpuWhisper::load(&self.dir, &self.config, &self.suppress, ordinal)?;
-        let name = g.name.clone();
-        self.gpu = Some(g);
+        let suppress = self.suppress.to_vec1::<f32>()?;
+        let e = super::gpu::load(&self.dir, &self.config, &suppress, ordinal)?;
+        let name = e.name();
+        self.engine = Some(Box::new(e));
         Ok(name)
+    }
+
+    /// Run every window through the GPU engine on its CPU mirror
+    /// ([`super::mirror`]): the engine's calls, each kernel's arithmetic in
+    /// Rust. Slow; for tests of the engine where there is no GPU.
+    pub fn use_mirror(&mut self) -> Result<(), WhisperError> {
+        let suppress = self.suppress.to_vec1::<f32>()?;
+        let e =
+            super::engine::Engine::load(&self.dir, &self.config, &suppress, super::mirror::Mirror)?;
+        self.engine = Some(Box::new(e));
+        Ok(())
     }
 
     /// Whether windows run on a GPU.
     pub fn on_gpu(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        return self.gpu.is_some();
-        #[cfg(not(feature = "cuda"))]
-        false
+        self.engine.as_ref().is_some_and(|e| e.on_gpu())
     }
 
     /// The decoder's first logits for `pcm` on the CPU (for comparing the
@@ -370,19 +376,20 @@ impl Whisper {
         Ok(self.decode_step(&prompt, 0, cache)?.to_vec1::<f32>()?)
     }
 
-    /// [`Whisper::first_logits`] on the GPU (after [`Whisper::use_gpu`]).
-    #[cfg(feature = "cuda")]
-    pub fn gpu_first_logits(&self, pcm: &[f32], language: &str) -> Result<Vec<f32>, WhisperError> {
-        let g = self
-            .gpu
+    /// [`Whisper::first_logits`] through the engine windows run on (after
+    /// [`Whisper::use_gpu`] or [`Whisper::use_mirror`]).
+    pub fn engine_first_logits(
+        &self,
+        pcm: &[f32],
+        language: &str,
+    ) -> Result<Vec<f32>, WhisperError> {
+        let e = self
+            .engine
             .as_ref()
-            .ok_or_else(|| WhisperError::Gpu("not on a GPU (use_gpu first)".into()))?;
+            .ok_or_else(|| WhisperError::Gpu("no engine (use_gpu first)".into()))?;
         let (mel, frames) = self.window_mel(pcm);
         let prompt = self.prompt(language, &[])?;
-        let mut f = g.forward()?;
-        let r = f.first_logits(&mel, frames, &prompt);
-        g.give_back(f);
-        r
+        e.first_logits(&mel, frames, &prompt)
     }
 
     /// The prompt: start of transcript, the language, transcribe, no
@@ -528,12 +535,8 @@ impl Whisper {
         language: &str,
         prefix: &[u32],
     ) -> Result<Transcript, WhisperError> {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            let mut f = g.forward()?;
-            let t = self.run(&mut f, pcm, language, prefix);
-            g.give_back(f);
-            return t;
+        if let Some(e) = &self.engine {
+            return e.transcribe(self, pcm, language, prefix);
         }
         let mut f = CpuForward {
             w: self,
@@ -543,7 +546,7 @@ impl Whisper {
     }
 
     /// [`Whisper::transcribe_after`] through `f`.
-    fn run(
+    pub(crate) fn run(
         &self,
         f: &mut dyn Forward,
         pcm: &[f32],
