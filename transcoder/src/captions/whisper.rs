@@ -206,6 +206,8 @@ pub struct Whisper {
     /// Set by [`Whisper::use_gpu`] (or [`Whisper::use_mirror`]): every
     /// window then runs there.
     engine: Option<Box<dyn super::engine::Windows>>,
+    /// The engine failed once: windows run here from then on.
+    engine_failed: std::sync::atomic::AtomicBool,
 }
 
 /// The text of one window and what it cost.
@@ -328,6 +330,7 @@ impl Whisper {
             config: config.clone(),
             dir: dir.to_path_buf(),
             engine: None,
+            engine_failed: Default::default(),
         })
     }
 
@@ -354,9 +357,12 @@ impl Whisper {
         Ok(())
     }
 
-    /// Whether windows run on a GPU.
+    /// Whether windows run on a GPU (and it has not failed).
     pub fn on_gpu(&self) -> bool {
         self.engine.as_ref().is_some_and(|e| e.on_gpu())
+            && !self
+                .engine_failed
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The decoder's first logits for `pcm` on the CPU (for comparing the
@@ -535,8 +541,20 @@ impl Whisper {
         language: &str,
         prefix: &[u32],
     ) -> Result<Transcript, WhisperError> {
+        use std::sync::atomic::Ordering;
         if let Some(e) = &self.engine {
-            return e.transcribe(self, pcm, language, prefix);
+            if !self.engine_failed.load(Ordering::Relaxed) {
+                match e.transcribe(self, pcm, language, prefix) {
+                    Ok(t) => return Ok(t),
+                    // A failing GPU (a driver fault, memory) does not stop
+                    // captions: this window and every later one run here.
+                    Err(err) => {
+                        if !self.engine_failed.swap(true, Ordering::Relaxed) {
+                            tracing::error!(%err, "Whisper's GPU engine failed; captions go on on the CPU");
+                        }
+                    }
+                }
+            }
         }
         let mut f = CpuForward {
             w: self,
@@ -608,6 +626,50 @@ fn repeats(out: &[u32], next: u32) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::repeats;
+
+    /// An engine that always fails.
+    struct Broken;
+
+    impl super::super::engine::Windows for Broken {
+        fn on_gpu(&self) -> bool {
+            true
+        }
+
+        fn transcribe(
+            &self,
+            _: &super::Whisper,
+            _: &[f32],
+            _: &str,
+            _: &[u32],
+        ) -> Result<super::Transcript, super::WhisperError> {
+            Err(super::WhisperError::Gpu("an Xid error".into()))
+        }
+
+        fn first_logits(
+            &self,
+            _: &[f32],
+            _: usize,
+            _: &[u32],
+        ) -> Result<Vec<f32>, super::WhisperError> {
+            Err(super::WhisperError::Gpu("an Xid error".into()))
+        }
+    }
+
+    #[test]
+    fn a_failing_engine_hands_every_window_to_the_cpu() {
+        let dir = super::super::models::default_dir();
+        assert!(
+            super::super::models::is_provisioned(&dir),
+            "the test command provisions it"
+        );
+        let mut w = super::Whisper::load(&dir).expect("model loads");
+        w.engine = Some(Box::new(Broken));
+        assert!(w.on_gpu());
+        let pcm = super::super::speech::speak("en", "Please bring your passport.").expect("speech");
+        let t = w.transcribe(&pcm, "en").expect("the CPU takes over");
+        assert!(t.text.to_lowercase().contains("passport"), "{}", t.text);
+        assert!(!w.on_gpu(), "no longer on the GPU");
+    }
 
     #[test]
     fn loops_are_caught_and_speech_is_not() {
