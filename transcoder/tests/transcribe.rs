@@ -230,3 +230,36 @@ fn the_gpu_engine_on_its_cpu_mirror_transcribes_like_candle() {
     );
     assert_eq!(pc.tokens, pm.tokens);
 }
+
+/// The engine at its largest window (30 s: every encoder position, the
+/// biggest attention), on its CPU mirror: candle's tokens.
+#[test]
+fn the_gpu_engine_on_its_cpu_mirror_takes_a_whole_30_s_window() {
+    use balie_transcoder::captions::mel::SAMPLE_RATE;
+    let cpu = model();
+    let mut mirror = model();
+    mirror.use_mirror().expect("the engine loads on the mirror");
+    let data = Path::new("/usr/share/pocketsphinx/test/data/librivox");
+    let mut pcm = Vec::new();
+    for id in ["0870", "0920"].iter().cycle().take(6) {
+        let path = data.join(format!("sense_and_sensibility_01_austen_64kb-{id}.wav"));
+        pcm.extend(audio::read_pcm(&path).expect("audio"));
+    }
+    // 29 s and the second of silence the window adds: 3,000 mel frames,
+    // 1,500 encoder positions, the model's most.
+    pcm.truncate(29 * SAMPLE_RATE);
+    assert_eq!(pcm.len(), 29 * SAMPLE_RATE, "the readings are long enough");
+    let t = std::time::Instant::now();
+    let (tc, tm) = (
+        cpu.transcribe(&pcm, "en").expect("candle"),
+        mirror.transcribe(&pcm, "en").expect("engine"),
+    );
+    eprintln!(
+        "{} tokens ({:?}): {:?}",
+        tm.tokens.len(),
+        t.elapsed(),
+        tm.text
+    );
+    assert!(tm.tokens.len() > 40, "{}", tm.text);
+    assert_eq!(tc.tokens, tm.tokens);
+}
