@@ -27,6 +27,7 @@ pub mod engine;
 pub mod gpu;
 #[cfg(feature = "cuda")]
 pub mod gpucheck;
+pub mod kernels;
 pub mod mel;
 pub mod mirror;
 pub mod models;
