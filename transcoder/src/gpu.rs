@@ -275,12 +275,10 @@ impl GpuScaler {
         }
         let (sy, suv) = (src.stride(0) as i32, src.stride(1) as i32);
         let (cstep, n) = (if nv12 { 2i32 } else { 1 }, sizes.len() as i32);
-        let (w, h) = sizes.iter().fold((0u32, 0u32), |(w, h), s| {
-            (w.max(s.width.into()), h.max(s.height.into()))
-        });
+        let (grid_dim, block_dim) = scale_grid(&sizes);
         let cfg = LaunchConfig {
-            grid_dim: (w.div_ceil(16), h.div_ceil(16), sizes.len() as u32),
-            block_dim: (16, 16, 1),
+            grid_dim,
+            block_dim,
             shared_mem_bytes: 0,
         };
         let (sw_i, sh_i) = (sw as i32, sh as i32);
@@ -338,22 +336,7 @@ impl GpuScaler {
             src.data(2).len()
         };
         let v = s.alloc_zeros::<u8>(v_len).map_err(driver)?;
-        let mut offsets = Vec::new();
-        let mut params = Vec::new();
-        let mut at = 0usize;
-        for l in sizes {
-            let (w, h) = (usize::from(l.width), usize::from(l.height));
-            let c = (w / 2) * (h / 2);
-            offsets.push([at, at + w * h, at + w * h + c]);
-            params.extend_from_slice(&[
-                w as i32,
-                h as i32,
-                at as i32,
-                (at + w * h) as i32,
-                (at + w * h + c) as i32,
-            ]);
-            at += w * h + 2 * c;
-        }
+        let (params, offsets, at) = layer_params(sizes);
         Ok(Buffers {
             source: (src.width(), src.height(), src.format()),
             layers: sizes.to_vec(),
@@ -365,6 +348,42 @@ impl GpuScaler {
             offsets,
         })
     }
+}
+
+/// The kernel's `layers` parameter for these layer sizes (five ints per
+/// layer: width, height, and the offsets of its Y, U and V planes in the
+/// output, I420 packed tightly one layer after another), those offsets, and
+/// the output's length.
+pub fn layer_params(sizes: &[Size]) -> (Vec<i32>, Vec<[usize; 3]>, usize) {
+    let mut offsets = Vec::new();
+    let mut params = Vec::new();
+    let mut at = 0usize;
+    for l in sizes {
+        let (w, h) = (usize::from(l.width), usize::from(l.height));
+        let c = (w / 2) * (h / 2);
+        offsets.push([at, at + w * h, at + w * h + c]);
+        params.extend_from_slice(&[
+            w as i32,
+            h as i32,
+            at as i32,
+            (at + w * h) as i32,
+            (at + w * h + c) as i32,
+        ]);
+        at += w * h + 2 * c;
+    }
+    (params, offsets, at)
+}
+
+/// The launch grid of the scaling kernel: 16 x 16 threads per block over
+/// the largest layer, one grid layer (z) per output layer.
+pub fn scale_grid(sizes: &[Size]) -> ((u32, u32, u32), (u32, u32, u32)) {
+    let (w, h) = sizes.iter().fold((0u32, 0u32), |(w, h), s| {
+        (w.max(s.width.into()), h.max(s.height.into()))
+    });
+    (
+        (w.div_ceil(16), h.div_ceil(16), sizes.len() as u32),
+        (16, 16, 1),
+    )
 }
 
 /// The kernel's arithmetic on the CPU, for checking it: `src` scaled to

@@ -40,22 +40,28 @@ static thread_local std::barrier<>* block_barrier;
 #define __shared__ static
 static inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 static inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-// One launch: blocks one after another, each as `block` threads.
-template <class F> void launch(unsigned grid, unsigned block, F f) {
-    blockDim = {block, 1, 1};
-    gridDim = {grid, 1, 1};
-    for (unsigned b = 0; b < grid; b++) {
-        std::barrier<> bar(block);
+// One launch: blocks one after another, each as its threads.
+template <class F> void launch3(dim3 grid, dim3 block, F f) {
+    blockDim = block;
+    gridDim = grid;
+    unsigned n = block.x * block.y * block.z;
+    for (unsigned bz = 0; bz < grid.z; bz++)
+    for (unsigned by = 0; by < grid.y; by++)
+    for (unsigned bx = 0; bx < grid.x; bx++) {
+        std::barrier<> bar(n);
         std::vector<std::thread> ts;
-        for (unsigned t = 0; t < block; t++)
-            ts.emplace_back([&, t, b] {
-                threadIdx = {t, 0, 0};
-                blockIdx = {b, 0, 0};
+        for (unsigned t = 0; t < n; t++)
+            ts.emplace_back([&, t, bx, by, bz] {
+                threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+                blockIdx = {bx, by, bz};
                 block_barrier = &bar;
                 f();
             });
         for (auto& t : ts) t.join();
     }
+}
+template <class F> void launch(unsigned grid, unsigned block, F f) {
+    launch3({grid, 1, 1}, {block, 1, 1}, f);
 }
 "#;
 
@@ -73,6 +79,10 @@ static void wr(const std::vector<float>& v) {
     FILE* f = std::fopen("out.bin", "wb");
     std::fwrite(v.data(), 4, v.size(), f);
     std::fclose(f);
+}
+static std::vector<unsigned char> rd8(const char* name) {
+    std::vector<float> v = rd(name);
+    return std::vector<unsigned char>(v.begin(), v.end());
 }
 static unsigned blocks(size_t n) { return (unsigned)std::max<size_t>(1, (n + 255) / 256); }
 int main(int argc, char** argv) {
@@ -112,6 +122,19 @@ int main(int argc, char** argv) {
         int out = -1;
         launch(1, 256, [&] { argmax_masked(l.data(), m.data(), a[0], &out); });
         wr(std::vector<float>{(float)out});
+#ifdef SCALER
+    } else if (k == "scale") {
+        // sy suv cstep sw sh n out_len grid.x grid.y
+        auto y = rd8("y.bin"); auto u = rd8("u.bin"); auto v = rd8("v.bin");
+        auto lf = rd("layers.bin");
+        std::vector<int> layers(lf.begin(), lf.end());
+        std::vector<unsigned char> out(a[6], 0);
+        const unsigned char* vp = a[2] == 2 ? u.data() + 1 : v.data();
+        launch3({(unsigned)a[7], (unsigned)a[8], (unsigned)a[5]}, {16, 16, 1}, [&] {
+            scale_layers(y.data(), a[0], u.data(), vp, a[1], a[2], a[3], a[4], layers.data(), a[5], out.data());
+        });
+        wr(std::vector<float>(out.begin(), out.end()));
+#endif
     } else {
         return 3;
     }
@@ -119,14 +142,19 @@ int main(int argc, char** argv) {
 }
 "#;
 
-/// The kernels compiled for the CPU, once per test binary.
+/// The kernels compiled for the CPU, once per test binary (with the
+/// `cuda` feature, issue 6's scaling kernel too).
 fn driver() -> &'static Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("balie-kernels-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let src = dir.join("kernels.cpp");
-        std::fs::write(&src, format!("{SHIM}\n{KERNELS}\n{DRIVER}")).expect("source");
+        #[cfg(feature = "cuda")]
+        let scaler = format!("#define SCALER 1\n{}", balie_transcoder::gpu::KERNEL);
+        #[cfg(not(feature = "cuda"))]
+        let scaler = String::new();
+        std::fs::write(&src, format!("{SHIM}\n{KERNELS}\n{scaler}\n{DRIVER}")).expect("source");
         let bin = dir.join("kernels");
         let out = Command::new("c++")
             .args(["-std=c++20", "-O1", "-pthread", "-o"])
@@ -292,4 +320,80 @@ fn embedding_and_the_masked_argmax_pick_what_the_mirror_picks() {
     let want = lane.argmax(&logits, &mask, n).expect("mirror");
     assert_eq!(got, vec![want as f32]);
     assert_ne!(want as usize, top);
+}
+
+/// Issue 6's scaling kernel (feature `cuda`): every layer of an I420 and of
+/// an NV12 picture, from one launch with `gpu.rs`'s grid and parameters,
+/// equals the CPU reference of its box filter, byte for byte.
+#[cfg(feature = "cuda")]
+#[test]
+fn the_scaling_kernel_makes_every_layer_as_the_reference_does() {
+    use balie_offload::Size;
+    use balie_transcoder::gpu::{layer_params, reference_scale, scale_grid};
+    use ffmpeg_next::format::Pixel;
+    use ffmpeg_next::frame::Video;
+    balie_transcoder::pipeline::init().expect("ffmpeg");
+    let sizes = [
+        Size {
+            width: 48,
+            height: 24,
+        },
+        Size {
+            width: 24,
+            height: 12,
+        },
+    ];
+    for format in [Pixel::YUV420P, Pixel::NV12] {
+        let (w, h) = (96u32, 48u32);
+        let mut p = Video::new(format, w, h);
+        let planes = if format == Pixel::NV12 { 2 } else { 3 };
+        for plane in 0..planes {
+            let stride = p.stride(plane);
+            let rows = if plane == 0 { h } else { h / 2 } as usize;
+            let data = p.data_mut(plane);
+            for r in 0..rows {
+                for x in 0..stride {
+                    data[r * stride + x] = ((x * 7 + r * 13 + plane * 50) % 251) as u8;
+                }
+            }
+        }
+        let (params, offsets, len) = layer_params(&sizes);
+        let (grid, _) = scale_grid(&sizes);
+        let nv12 = format == Pixel::NV12;
+        let bytes =
+            |plane: usize| -> Vec<f32> { p.data(plane).iter().map(|b| f32::from(*b)).collect() };
+        let v = if nv12 { vec![0f32] } else { bytes(2) };
+        let layers: Vec<f32> = params.iter().map(|x| *x as f32).collect();
+        let out = run(
+            "scale",
+            &[
+                p.stride(0) as i64,
+                p.stride(1) as i64,
+                if nv12 { 2 } else { 1 },
+                i64::from(w),
+                i64::from(h),
+                sizes.len() as i64,
+                len as i64,
+                i64::from(grid.0),
+                i64::from(grid.1),
+            ],
+            &[
+                ("y", &bytes(0)),
+                ("u", &bytes(1)),
+                ("v", &v),
+                ("layers", &layers),
+            ],
+        );
+        for (size, offs) in sizes.iter().zip(&offsets) {
+            let reference = reference_scale(&p, *size);
+            let (lw, lh) = (usize::from(size.width), usize::from(size.height));
+            for (plane, n) in [lw * lh, lw * lh / 4, lw * lh / 4].into_iter().enumerate() {
+                let got: Vec<u8> = out[offs[plane]..offs[plane] + n]
+                    .iter()
+                    .map(|x| *x as u8)
+                    .collect();
+                assert_eq!(got, reference[plane], "{format:?} {size:?} plane {plane}");
+            }
+        }
+    }
 }
