@@ -78,23 +78,36 @@ pub fn run(
             .map_err(|e| e.to_string())?;
         let (diff, top) = super::engine::logit_difference(&a, &b);
         worst = worst.max(diff / top.max(1e-6));
-        let rc = cpu.transcribe(&pcm, lang).map_err(|e| e.to_string())?;
-        let rg = gpu.transcribe(&pcm, lang).map_err(|e| e.to_string())?;
-        let agree = rc
-            .tokens
-            .iter()
-            .zip(&rg.tokens)
-            .take_while(|(x, y)| x == y)
-            .count();
         let per = |r: &super::whisper::Transcript| {
             r.decode.as_secs_f64() * 1000.0 / (r.tokens.len().max(1)) as f64
         };
+        let rg = gpu.transcribe(&pcm, lang).map_err(|e| e.to_string())?;
+        // The CPU decodes the random model's 30 s window (188 tokens) in
+        // about 16 s on one core: compared by its logits only, to keep the
+        // check within its time.
+        let cpu_side = if secs <= 15 {
+            let rc = cpu.transcribe(&pcm, lang).map_err(|e| e.to_string())?;
+            let agree = rc
+                .tokens
+                .iter()
+                .zip(&rg.tokens)
+                .take_while(|(x, y)| x == y)
+                .count();
+            (
+                format!("{agree} of {} (GPU {})", rc.tokens.len(), rg.tokens.len()),
+                format!(
+                    "{:.0} ms / {:.1} ms",
+                    rc.encode.as_secs_f64() * 1000.0,
+                    per(&rc)
+                ),
+            )
+        } else {
+            (format!("- (GPU {})", rg.tokens.len()), "-".to_string())
+        };
         println!(
-            "| {secs} s | {diff:.2e} ({top:.2}) | {agree} of {} (GPU {}) | {:.0} ms / {:.1} ms | {:.1} ms / {:.2} ms |",
-            rc.tokens.len(),
-            rg.tokens.len(),
-            rc.encode.as_secs_f64() * 1000.0,
-            per(&rc),
+            "| {secs} s | {diff:.2e} ({top:.2}) | {} | {} | {:.1} ms / {:.2} ms |",
+            cpu_side.0,
+            cpu_side.1,
             rg.encode.as_secs_f64() * 1000.0,
             per(&rg),
         );
@@ -106,9 +119,11 @@ pub fn run(
         "\nlive caption streams on the GPU ({:.1} s of speech per stream):",
         speech.len() as f64 / SAMPLE_RATE as f64
     );
-    // From 16 streams (a GPU holds more than that; each step takes the
-    // speech's length).
-    let counts = bench::counts(max).into_iter().filter(|n| *n >= 16.min(max));
+    // From 16 streams, doubling (a GPU holds more than 16; each step takes
+    // the speech's length).
+    let counts = [16, 32, 64, 128, 256]
+        .into_iter()
+        .filter(|n| *n <= max.max(16));
     let best = bench::steps(&gpu, &speech, lang, counts)?;
     println!("caption streams held in real time on the GPU: {best}");
     Ok(())
