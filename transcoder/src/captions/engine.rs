@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use candle_core::{DType, Device as CandleDevice, Tensor};
 
@@ -211,6 +211,8 @@ pub trait Device: Send + Sync {
     fn upload(&self, v: &[f32]) -> R<Self::Buf>;
     /// The uploads are done (before any lane reads them).
     fn uploaded(&self) -> R<()>;
+    /// Memory free for scratches, where the device has a bound.
+    fn free_bytes(&self) -> Option<usize>;
 }
 
 /// `y = x W^T + b`, W row-major `[out, inp]` (a convolution's kernel
@@ -275,7 +277,18 @@ pub struct Engine<D: Device> {
     dec: Vec<DecLayer<D::Buf>>,
     dec_ln: Norm<D::Buf>,
     suppress: D::Buf,
-    spare: Mutex<Vec<Scratch<D::Lane>>>,
+    pool: Mutex<Pool<D::Lane>>,
+    /// Signalled when a scratch is given back.
+    returned: Condvar,
+}
+
+/// The scratches: those free, how many exist, and how many may (each
+/// takes device memory: about 150 MB for base; beyond what the device
+/// has, a window waits for one to come back rather than fail).
+struct Pool<L: Lane> {
+    free: Vec<Scratch<L>>,
+    made: usize,
+    most: usize,
 }
 
 /// One window's working memory and lane.
@@ -444,10 +457,20 @@ impl<D: Device> Engine<D> {
             dec,
             dec_ln,
             suppress,
-            spare: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool {
+                free: Vec::new(),
+                made: 0,
+                most: usize::MAX,
+            }),
+            returned: Condvar::new(),
             dev,
         };
         e.check_sizes()?;
+        // As many scratches as three quarters of the device's free memory
+        // holds (at least one).
+        if let Some(free) = e.dev.free_bytes() {
+            e.limit_scratches((free / 4 * 3 / e.scratch_bytes()).max(1));
+        }
         Ok(e)
     }
 
@@ -502,32 +525,88 @@ impl<D: Device> Engine<D> {
         self.dev.name()
     }
 
-    /// A window's forward pass (a pooled [`Scratch`], or a new one).
+    /// At most `most` scratches (windows beyond wait for one).
+    pub fn limit_scratches(&self, most: usize) {
+        if let Ok(mut p) = self.pool.lock() {
+            p.most = most.max(1);
+        }
+    }
+
+    /// Scratches made so far.
+    pub fn scratches(&self) -> usize {
+        self.pool.lock().map_or(0, |p| p.made)
+    }
+
+    /// Device memory one scratch takes.
+    fn scratch_bytes(&self) -> usize {
+        let (d, src, tgt) = (self.d, self.max_src, self.max_tgt);
+        let heads = self.heads();
+        let top = src.max(tgt);
+        let floats = self.n_mels * 2 * src
+            + (2 * src * self.n_mels * 3).max(src * d * 3)
+            + 2 * src * d
+            + 4 * top * d
+            + 2 * src * d
+            + top * self.ffn
+            + heads * top * top
+            + self.dec.len() * 2 * (tgt + src) * d
+            + self.vocab;
+        floats * 4
+    }
+
+    fn heads(&self) -> usize {
+        self.enc
+            .iter()
+            .map(|l| l.attn.heads)
+            .chain(self.dec.iter().map(|l| l.attn.heads))
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// A window's forward pass: a free [`Scratch`], a new one while fewer
+    /// than the most exist, else wait for one to come back. A device that
+    /// cannot make another (out of memory) while others exist lowers the
+    /// most to what it has and the window waits.
     fn forward(&self) -> R<EngineForward<'_, D>> {
-        let spare = self.spare.lock().ok().and_then(|mut s| s.pop());
-        let s = match spare {
-            Some(s) => s,
-            None => self.scratch()?,
-        };
-        Ok(EngineForward { e: self, s })
+        let poisoned = || fail("the scratch pool is poisoned");
+        let mut pool = self.pool.lock().map_err(|_| poisoned())?;
+        loop {
+            if let Some(s) = pool.free.pop() {
+                return Ok(EngineForward { e: self, s });
+            }
+            if pool.made < pool.most {
+                pool.made += 1;
+                drop(pool);
+                let made = self.scratch();
+                pool = self.pool.lock().map_err(|_| poisoned())?;
+                match made {
+                    Ok(s) => return Ok(EngineForward { e: self, s }),
+                    Err(e) => {
+                        pool.made -= 1;
+                        if pool.made == 0 {
+                            return Err(e);
+                        }
+                        pool.most = pool.made;
+                        tracing::warn!(scratches = pool.made, error = %e, "no room for another Whisper scratch on the device: windows wait for one");
+                    }
+                }
+                continue;
+            }
+            pool = self.returned.wait(pool).map_err(|_| poisoned())?;
+        }
     }
 
     fn give_back(&self, f: EngineForward<'_, D>) {
-        if let Ok(mut s) = self.spare.lock() {
-            s.push(f.s);
+        if let Ok(mut p) = self.pool.lock() {
+            p.free.push(f.s);
         }
+        self.returned.notify_one();
     }
 
     fn scratch(&self) -> R<Scratch<D::Lane>> {
         let lane = self.dev.lane()?;
         let (d, src, tgt) = (self.d, self.max_src, self.max_tgt);
-        let heads = self
-            .enc
-            .iter()
-            .map(|l| l.attn.heads)
-            .chain(self.dec.iter().map(|l| l.attn.heads))
-            .max()
-            .unwrap_or(1);
+        let heads = self.heads();
         let top = src.max(tgt);
         let layers = self.dec.len();
         let many = |n: usize| -> R<Vec<_>> { (0..layers).map(|_| lane.zeros(n)).collect() };
@@ -918,5 +997,36 @@ impl<D: Device> Windows for Engine<D> {
 
     fn first_logits(&self, mel: &[f32], frames: usize, prompt: &[u32]) -> R<Vec<f32>> {
         Engine::first_logits(self, mel, frames, prompt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{mirror::Mirror, models, whisper::Whisper};
+    use super::Engine;
+
+    #[test]
+    fn windows_beyond_the_most_scratches_wait_for_one() {
+        let dir = models::default_dir();
+        assert!(
+            models::is_provisioned(&dir),
+            "the test command provisions it"
+        );
+        let w = Whisper::load(&dir).expect("model loads");
+        let mask = vec![0f32; w.config.vocab_size];
+        let e = Engine::load(&dir, &w.config, &mask, Mirror).expect("engine");
+        e.limit_scratches(1);
+        // Half a second of a tone, then a second of silence (the window's).
+        let pcm: Vec<f32> = (0..8_000).map(|i| 0.2 * (i as f32 * 0.17).sin()).collect();
+        let texts: Vec<String> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..3)
+                .map(|_| s.spawn(|| e.transcribe(&w, &pcm, "en", &[])))
+                .collect();
+            runs.into_iter()
+                .map(|r| r.join().expect("no panic").expect("transcribed").text)
+                .collect()
+        });
+        assert_eq!(e.scratches(), 1, "one scratch, shared in turn");
+        assert!(texts.windows(2).all(|t| t[0] == t[1]), "{texts:?}");
     }
 }

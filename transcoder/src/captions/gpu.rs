@@ -151,6 +151,10 @@ impl Device for Cuda {
     fn uploaded(&self) -> R<()> {
         self.ctx.default_stream().synchronize().map_err(gpu)
     }
+
+    fn free_bytes(&self) -> Option<usize> {
+        self.ctx.mem_get_info().ok().map(|(free, _)| free)
+    }
 }
 
 fn blocks(n: usize) -> LaunchConfig {

@@ -37,6 +37,10 @@ impl Device for Mirror {
     fn uploaded(&self) -> R<()> {
         Ok(())
     }
+
+    fn free_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// GELU, erf form, as `bias_act` computes it (erf by Abramowitz and
