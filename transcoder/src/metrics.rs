@@ -44,6 +44,9 @@ pub struct Metrics {
     /// Opus packets of caption sessions, by outcome (`in`; `dropped`: the
     /// session's queue was full; `undecodable`).
     pub caption_audio: IntCounterVec,
+    /// 1 while Whisper runs on the GPU; 0 on the CPU (also after the GPU
+    /// engine failed and handed its windows to the CPU).
+    pub caption_on_gpu: IntGauge,
 }
 
 impl Metrics {
@@ -101,6 +104,11 @@ impl Metrics {
         .expect("valid metric");
         let caption_sessions = IntGauge::with_opts(ns("caption_sessions", "Caption sessions open"))
             .expect("valid metric");
+        let caption_on_gpu = IntGauge::with_opts(ns(
+            "caption_whisper_on_gpu",
+            "1 while Whisper runs on the GPU, 0 on the CPU (also after a GPU failure)",
+        ))
+        .expect("valid metric");
         let captions = IntCounterVec::new(
             ns("captions_total", "Caption segments sent, by kind"),
             &["kind"],
@@ -139,6 +147,7 @@ impl Metrics {
             Box::new(caption_latency.clone()),
             Box::new(caption_rtf.clone()),
             Box::new(caption_audio.clone()),
+            Box::new(caption_on_gpu.clone()),
             Box::new(sessions.clone()),
             Box::new(opens.clone()),
             Box::new(frames_in.clone()),
@@ -168,6 +177,7 @@ impl Metrics {
             caption_latency,
             caption_rtf,
             caption_audio,
+            caption_on_gpu,
         }
     }
 

@@ -159,6 +159,10 @@ async fn opus_speech_in_gives_partials_then_final_captions_out() {
             .join("\n")
     );
     assert!(m.contains("balie_transcoder_caption_sessions 1"));
+    assert!(
+        m.contains("balie_transcoder_caption_whisper_on_gpu 0"),
+        "{m}"
+    );
     assert!(m.contains("balie_transcoder_caption_latency_seconds_count"));
     assert!(!m.contains("balie_transcoder_caption_latency_seconds_count 0"));
 

@@ -163,6 +163,7 @@ fn run(
                 return;
             }
         };
+        metrics.caption_on_gpu.set(i64::from(whisper.on_gpu()));
         for (audio, took) in streamer.take_work() {
             if audio > 0.0 {
                 metrics.caption_rtf.observe(took.as_secs_f64() / audio);
