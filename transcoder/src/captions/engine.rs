@@ -291,6 +291,23 @@ struct Pool<L: Lane> {
     most: usize,
 }
 
+/// The lengths of a [`Scratch`]'s buffers ([`Engine::sizes`]).
+struct Sizes {
+    mel: usize,
+    cols: usize,
+    x1: usize,
+    /// x, h, q, o: rows of the encoder or decoder.
+    rows: usize,
+    /// kk, vv and each layer's cross-attention K and V: the audio's rows.
+    audio: usize,
+    ff: usize,
+    scores: usize,
+    /// Each decoder layer's self-attention K and V.
+    cache: usize,
+    layers: usize,
+    logits: usize,
+}
+
 /// One window's working memory and lane.
 pub struct Scratch<L: Lane> {
     lane: L,
@@ -537,30 +554,46 @@ impl<D: Device> Engine<D> {
         self.pool.lock().map_or(0, |p| p.made)
     }
 
-    /// Device memory one scratch takes.
-    fn scratch_bytes(&self) -> usize {
+    /// The length of each of a scratch's buffers: sized for the longest
+    /// window and decoder run the model takes.
+    fn sizes(&self) -> Sizes {
         let (d, src, tgt) = (self.d, self.max_src, self.max_tgt);
-        let heads = self.heads();
-        let top = src.max(tgt);
-        let floats = self.n_mels * 2 * src
-            + (2 * src * self.n_mels * 3).max(src * d * 3)
-            + 2 * src * d
-            + 4 * top * d
-            + 2 * src * d
-            + top * self.ffn
-            + heads * top * top
-            + self.dec.len() * 2 * (tgt + src) * d
-            + self.vocab;
-        floats * 4
-    }
-
-    fn heads(&self) -> usize {
-        self.enc
+        let heads = self
+            .enc
             .iter()
             .map(|l| l.attn.heads)
             .chain(self.dec.iter().map(|l| l.attn.heads))
             .max()
-            .unwrap_or(1)
+            .unwrap_or(1);
+        let top = src.max(tgt);
+        Sizes {
+            mel: self.n_mels * 2 * src,
+            cols: (2 * src * self.n_mels * 3).max(src * d * 3),
+            x1: 2 * src * d,
+            rows: top * d,
+            audio: src * d,
+            ff: top * self.ffn,
+            scores: heads * top * top,
+            cache: tgt * d,
+            layers: self.dec.len(),
+            logits: self.vocab,
+        }
+    }
+
+    /// Device memory one scratch takes.
+    fn scratch_bytes(&self) -> usize {
+        let z = self.sizes();
+        // x, h, q, o; kk, vv; per decoder layer self K, V and cross K, V.
+        let floats = z.mel
+            + z.cols
+            + z.x1
+            + 4 * z.rows
+            + 2 * z.audio
+            + z.ff
+            + z.scores
+            + z.layers * 2 * (z.cache + z.audio)
+            + z.logits;
+        floats * 4
     }
 
     /// A window's forward pass: a free [`Scratch`], a new one while fewer
@@ -605,28 +638,25 @@ impl<D: Device> Engine<D> {
 
     fn scratch(&self) -> R<Scratch<D::Lane>> {
         let lane = self.dev.lane()?;
-        let (d, src, tgt) = (self.d, self.max_src, self.max_tgt);
-        let heads = self.heads();
-        let top = src.max(tgt);
-        let layers = self.dec.len();
-        let many = |n: usize| -> R<Vec<_>> { (0..layers).map(|_| lane.zeros(n)).collect() };
+        let z = self.sizes();
+        let many = |n: usize| -> R<Vec<_>> { (0..z.layers).map(|_| lane.zeros(n)).collect() };
         Ok(Scratch {
-            mel: lane.zeros(self.n_mels * 2 * src)?,
-            cols: lane.zeros((2 * src * self.n_mels * 3).max(src * d * 3))?,
-            x1: lane.zeros(2 * src * d)?,
-            x: lane.zeros(top * d)?,
-            h: lane.zeros(top * d)?,
-            q: lane.zeros(top * d)?,
-            kk: lane.zeros(src * d)?,
-            vv: lane.zeros(src * d)?,
-            o: lane.zeros(top * d)?,
-            ff: lane.zeros(top * self.ffn)?,
-            scores: lane.zeros(heads * top * top)?,
-            self_k: many(tgt * d)?,
-            self_v: many(tgt * d)?,
-            cross_k: many(src * d)?,
-            cross_v: many(src * d)?,
-            logits: lane.zeros(self.vocab)?,
+            mel: lane.zeros(z.mel)?,
+            cols: lane.zeros(z.cols)?,
+            x1: lane.zeros(z.x1)?,
+            x: lane.zeros(z.rows)?,
+            h: lane.zeros(z.rows)?,
+            q: lane.zeros(z.rows)?,
+            kk: lane.zeros(z.audio)?,
+            vv: lane.zeros(z.audio)?,
+            o: lane.zeros(z.rows)?,
+            ff: lane.zeros(z.ff)?,
+            scores: lane.zeros(z.scores)?,
+            self_k: many(z.cache)?,
+            self_v: many(z.cache)?,
+            cross_k: many(z.audio)?,
+            cross_v: many(z.audio)?,
+            logits: lane.zeros(z.logits)?,
             t_audio: 0,
             lane,
         })
