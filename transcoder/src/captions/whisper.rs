@@ -56,18 +56,7 @@ struct CpuForward<'a> {
 
 impl Forward for CpuForward<'_> {
     fn encode(&mut self, mel: &[f32], frames: usize) -> Result<(), WhisperError> {
-        let audio_features = self.w.encode(mel, frames)?;
-        let layers = self
-            .w
-            .decoder
-            .iter()
-            .map(|l| {
-                let k = l.cross.split(&l.cross.k.forward(&audio_features)?)?;
-                let v = l.cross.split(&l.cross.v.forward(&audio_features)?)?;
-                Ok((None, (k, v)))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        self.cache = Some(Cache { layers });
+        self.cache = Some(self.w.window_cache(mel, frames)?);
         Ok(())
     }
 
@@ -369,17 +358,25 @@ impl Whisper {
     /// GPU's arithmetic with candle's): the prompt of `language`, no prefix.
     pub fn first_logits(&self, pcm: &[f32], language: &str) -> Result<Vec<f32>, WhisperError> {
         let (mel, frames) = self.window_mel(pcm);
-        let mut f = CpuForward {
-            w: self,
-            cache: None,
-        };
-        f.encode(&mel, frames)?;
-        let cache = f
-            .cache
-            .as_mut()
-            .ok_or_else(|| WhisperError::Gpu("no cache".into()))?;
+        let mut cache = self.window_cache(&mel, frames)?;
         let prompt = self.prompt(language, &[])?;
-        Ok(self.decode_step(&prompt, 0, cache)?.to_vec1::<f32>()?)
+        Ok(self.decode_step(&prompt, 0, &mut cache)?.to_vec1::<f32>()?)
+    }
+
+    /// A window encoded: the decoder's cache holding the audio's
+    /// cross-attention keys and values, no tokens yet.
+    fn window_cache(&self, mel: &[f32], frames: usize) -> Result<Cache, WhisperError> {
+        let audio_features = self.encode(mel, frames)?;
+        let layers = self
+            .decoder
+            .iter()
+            .map(|l| {
+                let k = l.cross.split(&l.cross.k.forward(&audio_features)?)?;
+                let v = l.cross.split(&l.cross.v.forward(&audio_features)?)?;
+                Ok((None, (k, v)))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Cache { layers })
     }
 
     /// [`Whisper::first_logits`] through the engine windows run on (after
