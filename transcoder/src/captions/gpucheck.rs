@@ -46,10 +46,11 @@ pub fn run(
     };
     let cpu = Whisper::load(&dir).map_err(|e| e.to_string())?;
     let mut gpu = Whisper::load(&dir).map_err(|e| e.to_string())?;
-    // Loaded: the random model's files can go (also on an early return).
-    drop(made);
     let t = Instant::now();
     let name = gpu.use_gpu(0).map_err(|e| e.to_string())?;
+    // Loaded on both (the GPU reads the weights file again): the random
+    // model's files can go (on an early return too).
+    drop(made);
     println!(
         "GPU: {name}; weights up and kernels compiled in {:.2} s",
         t.elapsed().as_secs_f64()
