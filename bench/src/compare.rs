@@ -23,11 +23,30 @@ pub struct Compare {
     pub scenario: String,
     /// The machine both ran on.
     pub machine: Machine,
-    /// Each target's full report, in the order they ran.
+    /// How many times the targets ran in turn (`--rounds`).
+    pub rounds: usize,
+    /// Each run's full report, in the order they ran (round by round).
     pub reports: Vec<Report>,
-    /// Each target's figures over the first target's (the first is 1.0):
-    /// above 1 means more for that target.
+    /// Each run's figures over those of the first target in the same round
+    /// (the first is 1.0): above 1 means more for that target.
     pub ratios: Vec<Ratios>,
+    /// Each target's runs taken together, in the order of the first round.
+    pub pooled: Vec<Pooled>,
+}
+
+/// One target's figures over all rounds: sums, and the figure from the sums.
+#[derive(Debug, Serialize)]
+pub struct Pooled {
+    pub target: String,
+    pub runs: usize,
+    pub server_cpu_seconds: f64,
+    pub media_packets_received: f64,
+    pub media_packets_per_server_cpu_second: f64,
+    /// `media_packets_per_server_cpu_second` over the first target's pooled one.
+    pub over_first: f64,
+    /// The least and the most of the rounds' own ratios over the first target.
+    pub over_first_min: f64,
+    pub over_first_max: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -40,6 +59,8 @@ pub struct Machine {
 #[derive(Debug, Serialize)]
 pub struct Ratios {
     pub target: String,
+    /// The round this run belongs to, from 1.
+    pub round: usize,
     /// Datagrams the participants received per server CPU second (the same
     /// count for every target).
     pub received_per_server_cpu_second: f64,
@@ -62,12 +83,17 @@ fn ratio(a: f64, b: f64) -> f64 {
 }
 
 impl Compare {
-    pub fn new(scenario: &str, reports: Vec<Report>) -> Compare {
-        let ratios = match reports.first() {
-            Some(base) => reports
-                .iter()
-                .map(|r| Ratios {
+    /// `reports` round by round, `per_round` targets in each.
+    pub fn new(scenario: &str, reports: Vec<Report>, per_round: usize) -> Compare {
+        let per_round = per_round.max(1);
+        let ratios: Vec<Ratios> = reports
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                let base = &reports[k - k % per_round];
+                Ratios {
                     target: r.target.clone(),
+                    round: k / per_round + 1,
                     received_per_server_cpu_second: ratio(
                         r.received_per_server_cpu_second,
                         base.received_per_server_cpu_second,
@@ -84,18 +110,20 @@ impl Compare {
                     join_ms_p50: ratio(r.join_ms.p50, base.join_ms.p50),
                     first_frame_ms_p50: ratio(r.first_frame_ms.p50, base.first_frame_ms.p50),
                     e2e_latency_ms_p99: ratio(r.e2e_latency_ms.p99, base.e2e_latency_ms.p99),
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+                }
+            })
+            .collect();
+        let pooled = pool(&reports, &ratios, per_round);
         Compare {
             scenario: scenario.into(),
             machine: Machine {
                 cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 cpu: cpu_model(),
             },
+            rounds: reports.len().div_ceil(per_round),
             reports,
             ratios,
+            pooled,
         }
     }
 
@@ -169,8 +197,12 @@ impl Compare {
             ),
         ];
         let mut out = format!("| {} |", self.scenario);
-        for r in &self.reports {
-            out += &format!(" {} |", r.target);
+        for (r, q) in self.reports.iter().zip(&self.ratios) {
+            if self.rounds > 1 {
+                out += &format!(" {} ({}) |", r.target, q.round);
+            } else {
+                out += &format!(" {} |", r.target);
+            }
         }
         out += "\n| --- |";
         out += &" --- |".repeat(self.reports.len());
@@ -192,8 +224,61 @@ impl Compare {
             }
             out += "\n";
         }
+        if self.rounds > 1 {
+            out += &format!(
+                "\n| pooled over {} rounds | server CPU seconds | media packets received | per server CPU second | over {} (rounds) |\n| --- | --- | --- | --- | --- |\n",
+                self.rounds,
+                self.pooled.first().map_or("", |p| p.target.as_str())
+            );
+            for p in &self.pooled {
+                out += &format!(
+                    "| {} | {:.2} | {:.0} | {:.0} | {:.2}x ({:.2}-{:.2}x) |\n",
+                    p.target,
+                    p.server_cpu_seconds,
+                    p.media_packets_received,
+                    p.media_packets_per_server_cpu_second,
+                    p.over_first,
+                    p.over_first_min,
+                    p.over_first_max
+                );
+            }
+        }
         out
     }
+}
+
+/// Each target's runs summed, in the order of the first round.
+fn pool(reports: &[Report], ratios: &[Ratios], per_round: usize) -> Vec<Pooled> {
+    let mut pooled: Vec<Pooled> = (0..per_round.min(reports.len()))
+        .map(|j| {
+            let runs: Vec<usize> = (j..reports.len()).step_by(per_round).collect();
+            let cpu: f64 = runs.iter().map(|&k| reports[k].server_cpu_seconds).sum();
+            let media: f64 = runs
+                .iter()
+                .map(|&k| reports[k].media_packets_received)
+                .sum();
+            let own = runs
+                .iter()
+                .map(|&k| ratios[k].media_packets_per_server_cpu_second);
+            Pooled {
+                target: reports[j].target.clone(),
+                runs: runs.len(),
+                server_cpu_seconds: cpu,
+                media_packets_received: media,
+                media_packets_per_server_cpu_second: ratio(media, cpu),
+                over_first: 0.0,
+                over_first_min: own.clone().fold(f64::INFINITY, f64::min),
+                over_first_max: own.fold(0.0, f64::max),
+            }
+        })
+        .collect();
+    let first = pooled
+        .first()
+        .map_or(0.0, |p| p.media_packets_per_server_cpu_second);
+    for p in &mut pooled {
+        p.over_first = ratio(p.media_packets_per_server_cpu_second, first);
+    }
+    pooled
 }
 
 /// The CPU's model name, from /proc/cpuinfo.

@@ -68,6 +68,11 @@ enum Command {
         /// The balie-sfu binary to start (default: next to balie-bench).
         #[arg(long)]
         sfu: Option<PathBuf>,
+        /// Run the targets in turn this many times (balie, janus, balie,
+        /// janus, ...) and pool each target's figures: on a noisy machine one
+        /// run's CPU seconds spread by 10-20%.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        rounds: u32,
     },
 }
 
@@ -79,7 +84,8 @@ fn main() -> ExitCode {
             targets,
             out,
             sfu,
-        } => done(compare(&scenario, &targets, &out, sfu)),
+            rounds,
+        } => done(compare(&scenario, &targets, &out, sfu, rounds as usize)),
         Command::Check { scenario } => match Scenario::load(&scenario) {
             Ok(s) => {
                 print!("{}", plan(&s));
@@ -146,6 +152,7 @@ fn compare(
     targets: &str,
     out: &std::path::Path,
     sfu: Option<PathBuf>,
+    rounds: usize,
 ) -> Result<(), String> {
     let s = load(scenario)?;
     if s.target.url.is_some() {
@@ -170,14 +177,26 @@ fn compare(
     let sfu = sfu_path(sfu)?;
     print!("{}", plan(&s));
     let mut reports = Vec::new();
-    for (i, kind) in kinds.into_iter().enumerate() {
-        eprintln!("== {}", compare::name(kind));
-        // Each target in a namespace of its own: the same network path.
-        let site = site::Site::netns(i as u8 + 1)?;
-        let dir = out.join(compare::name(kind));
-        reports.push(execute(&s, kind, site, &sfu, &dir)?);
+    for round in 0..rounds {
+        for (i, &kind) in kinds.iter().enumerate() {
+            eprintln!(
+                "== {} (round {} of {rounds})",
+                compare::name(kind),
+                round + 1
+            );
+            // Each target in a namespace of its own: the same network path.
+            let site = site::Site::netns(i as u8 + 1)?;
+            // One round: DIR/<target>; more: DIR/round-N/<target>.
+            let dir = if rounds == 1 {
+                out.join(compare::name(kind))
+            } else {
+                out.join(format!("round-{}", round + 1))
+                    .join(compare::name(kind))
+            };
+            reports.push(execute(&s, kind, site, &sfu, &dir)?);
+        }
     }
-    let c = compare::Compare::new(&s.name, reports);
+    let c = compare::Compare::new(&s.name, reports, kinds.len());
     write(
         &out.join("compare.json"),
         &serde_json::to_string_pretty(&c).map_err(|e| e.to_string())?,

@@ -146,7 +146,7 @@ fn a_ramp_adds_calls_while_quality_holds_and_stops_when_it_fails() {
 
 /// The Janus adapter and `compare`: one small scenario against balie-sfu
 /// and Janus 1.1 (apt package janus), each in a network namespace the bench
-/// makes (needs root, as CI has).
+/// makes (needs root, as CI has), in two rounds whose figures are pooled.
 #[test]
 fn compare_runs_a_scenario_against_balie_and_janus() {
     let dir = std::env::temp_dir().join(format!("balie-bench-compare-{}", std::process::id()));
@@ -161,13 +161,20 @@ fn compare_runs_a_scenario_against_balie_and_janus() {
     .expect("scenario");
     eprintln!(
         "{}",
-        bench("compare", &scenario, &dir, &["--targets", "balie,janus"])
+        bench(
+            "compare",
+            &scenario,
+            &dir,
+            &["--targets", "balie,janus", "--rounds", "2"]
+        )
     );
     let text = std::fs::read_to_string(dir.join("compare.json")).expect("compare.json");
     let c: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     let reports = c["reports"].as_array().expect("reports");
-    assert_eq!(reports.len(), 2, "{text}");
-    for (r, name) in reports.iter().zip(["balie-sfu", "janus"]) {
+    assert_eq!(reports.len(), 4, "{text}");
+    assert_eq!(c["rounds"], 2, "{text}");
+    let names = ["balie-sfu", "janus", "balie-sfu", "janus"];
+    for (k, (r, name)) in reports.iter().zip(names).enumerate() {
         assert_eq!(r["target"], name, "{text}");
         assert_eq!(r["calls_held"], 3, "{name}: {r}");
         assert_eq!(r["participants"], 6, "{name}: {r}");
@@ -191,22 +198,62 @@ fn compare_runs_a_scenario_against_balie_and_janus() {
             r["received_per_server_cpu_second"].as_f64().unwrap_or(0.0) > 0.0,
             "{r}"
         );
-        let folder = dir.join(name);
+        let folder = dir.join(format!("round-{}", k / 2 + 1)).join(name);
         assert!(folder.join("report.json").exists() && folder.join("latency.svg").exists());
     }
     assert_eq!(reports[0]["packets_forwarded_source"], "server");
     assert_eq!(reports[1]["packets_forwarded_source"], "receivers");
+    // Each run over the first target of its own round.
     let ratios = c["ratios"].as_array().expect("ratios");
-    assert_eq!(ratios.len(), 2);
-    assert_eq!(ratios[0]["received_per_server_cpu_second"], 1.0);
-    assert!(
-        ratios[1]["received_per_server_cpu_second"]
+    assert_eq!(ratios.len(), 4);
+    for (k, q) in ratios.iter().enumerate() {
+        assert_eq!(q["round"], k / 2 + 1, "{q}");
+        let own = q["media_packets_per_server_cpu_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let expect = reports[k]["media_packets_per_server_cpu_second"]
             .as_f64()
             .unwrap_or(0.0)
-            > 0.0
-    );
+            / reports[k - k % 2]["media_packets_per_server_cpu_second"]
+                .as_f64()
+                .unwrap_or(1.0);
+        assert!((own - expect).abs() < 1e-9, "{q}");
+    }
+    assert_eq!(ratios[2]["received_per_server_cpu_second"], 1.0);
+    // Pooled: the sums over both rounds, and the figure from the sums.
+    let pooled = c["pooled"].as_array().expect("pooled");
+    assert_eq!(pooled.len(), 2, "{text}");
+    for (j, p) in pooled.iter().enumerate() {
+        assert_eq!(p["target"], names[j]);
+        assert_eq!(p["runs"], 2);
+        let sum = |field: &str| {
+            reports[j][field].as_f64().unwrap_or(0.0)
+                + reports[j + 2][field].as_f64().unwrap_or(0.0)
+        };
+        let cpu = p["server_cpu_seconds"].as_f64().unwrap_or(0.0);
+        assert!((cpu - sum("server_cpu_seconds")).abs() < 1e-9, "{p}");
+        let media = p["media_packets_received"].as_f64().unwrap_or(0.0);
+        assert!((media - sum("media_packets_received")).abs() < 1e-9, "{p}");
+        let figure = p["media_packets_per_server_cpu_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        assert!(figure > 0.0 && (figure - media / cpu).abs() < 1e-6, "{p}");
+        let over = p["over_first"].as_f64().unwrap_or(0.0);
+        let (lo, hi) = (
+            p["over_first_min"].as_f64().unwrap_or(0.0),
+            p["over_first_max"].as_f64().unwrap_or(0.0),
+        );
+        assert!(lo <= hi && lo > 0.0, "{p}");
+        if j == 0 {
+            assert_eq!(over, 1.0, "{p}");
+        }
+    }
     let md = std::fs::read_to_string(dir.join("compare.md")).expect("compare.md");
-    assert!(md.contains("| compare-smoke | balie-sfu | janus |"), "{md}");
+    assert!(
+        md.contains("| compare-smoke | balie-sfu (1) | janus (1) | balie-sfu (2) | janus (2) |"),
+        "{md}"
+    );
+    assert!(md.contains("| pooled over 2 rounds |"), "{md}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
