@@ -1879,9 +1879,15 @@ impl Rtc {
 
             // balie patch: media written since the last timeout, or a pacer waiting for one
             // after its last packet, is handled at once instead of on another timeout.
-            if datagram.is_none() && self.session.release_due(self.last_now)? {
-                drop(self.readiness.wake());
-                datagram = self.session.poll_datagram(self.last_now);
+            if datagram.is_none() {
+                let released = self.session.release_due(self.last_now);
+                if !matches!(released, Ok(false)) {
+                    // Also on an error: a frame may have been consumed, timers moved.
+                    drop(self.readiness.wake());
+                }
+                if released? {
+                    datagram = self.session.poll_datagram(self.last_now);
+                }
             }
 
             if let Some(contents) = datagram {
