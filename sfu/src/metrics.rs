@@ -415,3 +415,16 @@ impl Default for Metrics {
         Metrics::new()
     }
 }
+
+/// The sum of a metric family's samples in Prometheus text (what `/metrics`
+/// serves) whose labels contain every one of `labels`: for tests and tools
+/// that read the metrics back.
+pub fn family_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.split(['{', ' ']).next() == Some(name) && labels.iter().all(|x| l.contains(x))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

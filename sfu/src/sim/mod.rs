@@ -391,14 +391,6 @@ mod tests {
             .any(|e| matches!(e, ShardEvent::SessionConnected { .. })));
     }
 
-    /// Sum of a metric's samples whose line contains all of `parts`.
-    fn metric_sum(text: &str, parts: &[&str]) -> f64 {
-        text.lines()
-            .filter(|l| !l.starts_with('#') && parts.iter().all(|p| l.contains(p)))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
     /// A frame written into a subscriber's session leaves in the same poll:
     /// it needs no str0m timer of its own to be packetised, and its packets
     /// need none each to leave str0m's pacer (vendor/str0m/PATCH.md). Without
@@ -406,6 +398,7 @@ mod tests {
     /// packet a `pacer` wake-up, each a whole `Rtc::handle_timeout`.
     #[test]
     fn a_forwarded_frame_leaves_without_timer_wakeups_of_its_own() {
+        use crate::metrics::family_sum;
         let mut s = sim();
         let a = s.join("r", Sim::claims("r", "a", Role::Interpreter), Join::Api);
         let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::Api);
@@ -414,12 +407,13 @@ mod tests {
         assert!(s.peers[a].frames_from(tb, MediaKind::Video) > 100);
         assert!(s.peers[b].frames_from(ta, MediaKind::Audio) > 200);
         let text = s.metrics.render();
-        let frames = metric_sum(&text, &["balie_frames_forwarded_total"]);
-        let packetize = metric_sum(
+        let frames = family_sum(&text, "balie_frames_forwarded_total", &[]);
+        let packetize = family_sum(
             &text,
-            &["balie_timer_wakeups_total", "reason=\"packetize\""],
+            "balie_timer_wakeups_total",
+            &["reason=\"packetize\""],
         );
-        let pacer = metric_sum(&text, &["balie_timer_wakeups_total", "reason=\"pacer\""]);
+        let pacer = family_sum(&text, "balie_timer_wakeups_total", &["reason=\"pacer\""]);
         eprintln!(
             "frames forwarded {frames}, packetize wake-ups {packetize}, pacer wake-ups {pacer}"
         );

@@ -70,14 +70,7 @@ impl TestServer {
 
     /// Sum of a metric family's samples whose labels contain every `label`.
     pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
-        let text = self.metrics();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| {
-                l.split(['{', ' ']).next() == Some(name) && labels.iter().all(|x| l.contains(x))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        balie_sfu::metrics::family_sum(&self.metrics(), name, labels)
     }
 }
 
