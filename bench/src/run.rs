@@ -161,6 +161,9 @@ pub struct Outcome {
     pub stats: Vec<Stats>,
     pub calls: usize,
     pub server_cpu_seconds: f64,
+    /// Server and bench CPU over the hold, percent of this machine's cores
+    /// (None when the server runs elsewhere).
+    pub machine_cpu_pct: Option<f64>,
     pub server_rss_bytes: u64,
     pub bench_cpu_seconds: f64,
     pub wall: Duration,
@@ -585,6 +588,11 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
         steps,
         timeline,
         server_cpu_seconds: used.cpu,
+        // Server and generator together over the hold, when both run here.
+        machine_cpu_pct: pid.map(|_| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            100.0 * (used.cpu + used.bench_cpu) / (used.seconds * cores).max(1e-9)
+        }),
         server_rss_bytes,
         bench_cpu_seconds: cpu_seconds(Some(std::process::id())) - bench0,
         wall: t0.elapsed(),
@@ -598,6 +606,10 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
 /// What the server used over the hold (or the last ramp step).
 struct Used {
     cpu: f64,
+    /// The bench's own CPU over the same window.
+    bench_cpu: f64,
+    /// How long the window was.
+    seconds: f64,
     /// Datagrams it says it sent, when it says.
     sent: Option<f64>,
     /// Datagrams the participants received from it.
@@ -618,13 +630,17 @@ fn hold(
     let pid = target.pid();
     let before = progress.snapshot();
     let cpu0 = cpu_seconds(pid);
+    let bench0 = cpu_seconds(Some(std::process::id()));
     let out0 = target.packets_out();
-    let end = Instant::now() + window;
+    let t0 = Instant::now();
+    let end = t0 + window;
     while let Some(left) = end.checked_duration_since(Instant::now()) {
         std::thread::sleep(left.min(Duration::from_millis(250)));
         line.tick(calls);
     }
     let cpu = cpu_seconds(pid) - cpu0;
+    let bench_cpu = cpu_seconds(Some(std::process::id())) - bench0;
+    let seconds = t0.elapsed().as_secs_f64();
     let sent = match (target.packets_out(), out0) {
         (Some(a), Some(b)) => Some(a - b),
         _ => None,
@@ -634,6 +650,8 @@ fn hold(
     let after = progress.snapshot();
     let used = Used {
         cpu,
+        bench_cpu,
+        seconds,
         sent,
         received: after.datagrams.saturating_sub(before.datagrams) as f64,
         media: after.media_packets.saturating_sub(before.media_packets) as f64,

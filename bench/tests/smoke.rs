@@ -90,6 +90,15 @@ fn a_smoke_run_against_balie_reports_sane_values() {
     let ratio = f("packets_received") / f("packets_forwarded");
     assert!(ratio > 0.8 && ratio < 1.2, "{text}");
     assert!(r["bench_saturated"].is_boolean());
+    // Server and generator over the hold (10 s), of this machine's cores:
+    // at least the server's own share, and not much over the cores' time.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let server_pct = 100.0 * f("server_cpu_seconds") / (10.0 * cores);
+    let machine = f("machine_cpu_pct");
+    assert!(
+        machine >= server_pct * 0.9 && machine > 1.0 && machine < 110.0,
+        "{text}"
+    );
     assert!(out.join("report.md").exists());
     for plot in ["calls.svg", "cpu.svg", "loss.svg", "latency.svg"] {
         let svg = std::fs::read_to_string(out.join(plot)).expect(plot);
