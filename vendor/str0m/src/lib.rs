@@ -939,8 +939,6 @@ pub struct Rtc {
     // the components that mutate, via the `Wake` guard handed down the tree;
     // read (and cleared) by `poll_output`. See the `poll` module.
     readiness: Readiness,
-    /// The last output was a session datagram and no input came since (balie patch).
-    datagram_burst: bool,
     // Last timeout returned by `poll_output`, reused while the readiness says
     // the timeout is still valid.
     cached_timeout: Instant,
@@ -1316,7 +1314,6 @@ impl Rtc {
             fingerprint_verification: config.fingerprint_verification,
             close_dtls_started: false,
             readiness: Readiness::armed(),
-            datagram_burst: false,
             cached_timeout: start,
         })
     }
@@ -1636,17 +1633,6 @@ impl Rtc {
             return Ok(Some(Output::Timeout(self.poll_timeout())));
         }
 
-        // balie patch: while the session's datagrams are drained (the packets of a frame)
-        // and no input came in between, poll the next one before walking ICE, DTLS, SCTP
-        // and the event queues again for each.
-        if self.datagram_burst && self.send_addr.is_some() {
-            self.datagram_burst = false;
-            if let Some(t) = self.poll_session_transmit()? {
-                self.datagram_burst = true;
-                return Ok(Some(Output::Transmit(t)));
-            }
-        }
-
         while let Some(e) = self.ice.poll_event() {
             match e {
                 IceAgentEvent::IceRestart(_) => {
@@ -1887,17 +1873,30 @@ impl Rtc {
 
         if let Some(send) = &self.send_addr {
             // These can only be sent after we got an ICE connection.
-            if let Some(contents) = self.dtls.poll_packet() {
+            let mut datagram = None
+                .or_else(|| self.dtls.poll_packet())
+                .or_else(|| self.session.poll_datagram(self.last_now));
+
+            // balie patch: media written since the last timeout, or a pacer waiting for one
+            // after its last packet, is handled at once instead of on another timeout.
+            if datagram.is_none() {
+                let released = self.session.release_due(self.last_now);
+                if !matches!(released, Ok(false)) {
+                    // Also on an error: a frame may have been consumed, timers moved.
+                    drop(self.readiness.wake());
+                }
+                if released? {
+                    datagram = self.session.poll_datagram(self.last_now);
+                }
+            }
+
+            if let Some(contents) = datagram {
                 let t = net::Transmit {
                     proto: send.proto,
                     source: send.source,
                     destination: send.destination,
                     contents,
                 };
-                return Ok(Some(Output::Transmit(t)));
-            }
-            if let Some(t) = self.poll_session_transmit()? {
-                self.datagram_burst = true;
                 return Ok(Some(Output::Transmit(t)));
             }
         } else {
@@ -1908,32 +1907,6 @@ impl Rtc {
         self.readiness.clear_events();
 
         Ok(Some(Output::Timeout(self.poll_timeout())))
-    }
-
-    /// balie patch: the session's next datagram to the nominated address. Media written since
-    /// the last timeout, or a pacer waiting for one after its last packet, is handled at once
-    /// instead of on another timeout (`Session::release_due`).
-    fn poll_session_transmit(&mut self) -> Result<Option<net::Transmit>, RtcError> {
-        let Some(send) = &self.send_addr else {
-            return Ok(None);
-        };
-        let mut datagram = self.session.poll_datagram(self.last_now);
-        if datagram.is_none() {
-            let released = self.session.release_due(self.last_now);
-            if !matches!(released, Ok(false)) {
-                // Also on an error: a frame may have been consumed, timers moved.
-                drop(self.readiness.wake());
-            }
-            if released? {
-                datagram = self.session.poll_datagram(self.last_now);
-            }
-        }
-        Ok(datagram.map(|contents| net::Transmit {
-            proto: send.proto,
-            source: send.source,
-            destination: send.destination,
-            contents,
-        }))
     }
 
     // Called only after the output pipeline has drained.
@@ -2067,8 +2040,6 @@ impl Rtc {
     /// }
     /// ```
     pub fn handle_input(&mut self, input: Input) -> Result<(), RtcError> {
-        // balie patch: what an input brings (events, replies) goes first.
-        self.datagram_burst = false;
         if self.state == RtcState::Closed {
             return Ok(());
         }
@@ -2077,22 +2048,8 @@ impl Rtc {
         match input {
             Input::Timeout(now) => self.do_handle_timeout(now)?,
             Input::Receive(recv_time, r) => {
-                // balie patch: after a media packet (RTP) the whole timeout pass (ICE,
-                // SCTP, every stream, the estimator, the pacer) runs only when the timeout
-                // last returned by `poll_output` is due by then (or was not computed since
-                // the last change); else only the clock moves, as that pass would have
-                // moved it. What receiving media starts (NACKs, TWCC feedback, reports)
-                // runs on timers, which the next `Output::Timeout` shows. RTCP (a NACK's
-                // retransmission, TWCC for the estimate), STUN and DTLS keep the pass.
-                let media = matches!(r.contents.inner, DatagramRecvInner::Rtp(_));
-                let known_due = (media && !self.readiness.wants_timeout())
-                    .then_some(self.cached_timeout);
                 self.do_handle_receive(recv_time, r)?;
-                if self.state != RtcState::Alive || known_due.is_none_or(|t| t <= recv_time) {
-                    self.do_handle_timeout(recv_time)?;
-                } else if recv_time > self.last_now {
-                    self.last_now = recv_time;
-                }
+                self.do_handle_timeout(recv_time)?;
             }
         }
         Ok(())
