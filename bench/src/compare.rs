@@ -117,7 +117,7 @@ impl Compare {
         Compare {
             scenario: scenario.into(),
             machine: Machine {
-                cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                cores: crate::run::cores(),
                 cpu: cpu_model(),
             },
             rounds: reports.len().div_ceil(per_round),

@@ -132,10 +132,15 @@ pub struct Report {
     pub ramp: Option<Ramp>,
 }
 
+/// Above this share of the cores the load generator itself is the limit.
+const GENERATOR_FULL_PCT: f64 = 80.0;
+/// Above this share server and generator together have filled the machine.
+const MACHINE_FULL_PCT: f64 = 90.0;
+
 /// Whether the load generator may have held a run's figures back (see
 /// [`Report::bench_saturated`]).
 pub fn saturated(bench_cpu_pct: f64, machine_cpu_pct: Option<f64>) -> bool {
-    bench_cpu_pct > 80.0 || machine_cpu_pct.is_some_and(|m| m > 90.0)
+    bench_cpu_pct > GENERATOR_FULL_PCT || machine_cpu_pct.is_some_and(|m| m > MACHINE_FULL_PCT)
 }
 
 /// Aggregate a run.
@@ -163,7 +168,7 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
                 })
         })
         .count();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cores = crate::run::cores() as f64;
     let bench_cpu_pct = 100.0 * o.bench_cpu_seconds / (o.wall.as_secs_f64() * cores).max(1e-9);
     Report {
         scenario: scenario.into(),
@@ -304,7 +309,7 @@ pub fn markdown(r: &Report) -> String {
                 r.bench_cpu_pct,
                 match (r.bench_saturated, r.machine_cpu_pct) {
                     (false, _) => String::new(),
-                    (true, Some(m)) if r.bench_cpu_pct <= 80.0 => format!(
+                    (true, Some(m)) if r.bench_cpu_pct <= GENERATOR_FULL_PCT => format!(
                         " (saturated: server and generator used {m:.0}% of the machine \
                          over the hold; figures are a lower bound)"
                     ),

@@ -143,6 +143,11 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// The cores this machine offers the bench (and, on loopback, the server).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Resident memory of a process, bytes.
 pub fn rss_bytes(pid: Option<u32>) -> u64 {
     let Some(pid) = pid else { return 0 };
@@ -489,7 +494,7 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
         clocks,
         bind: SocketAddr::new(target.client_ip(), 0),
     };
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = cores();
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(Progress::default());
     let mut senders = Vec::new();
@@ -590,8 +595,7 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
         server_cpu_seconds: used.cpu,
         // Server and generator together over the hold, when both run here.
         machine_cpu_pct: pid.map(|_| {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-            100.0 * (used.cpu + used.bench_cpu) / (used.seconds * cores).max(1e-9)
+            100.0 * (used.cpu + used.bench_cpu) / (used.seconds * cores() as f64).max(1e-9)
         }),
         server_rss_bytes,
         bench_cpu_seconds: cpu_seconds(Some(std::process::id())) - bench0,
