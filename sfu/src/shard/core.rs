@@ -1338,6 +1338,7 @@ impl ShardCore {
                     .decided_at
                     .is_none_or(|t| now >= t + DECIDE_EVERY);
             let budget = if due { sub.video_budget(now) } else { 0 };
+            let loss = sub.loss.window_loss();
             let span = &sub.span;
             let out = &mut sub.tracks_out[i];
             let OutState::Open(mid) = out.state else {
@@ -1375,7 +1376,8 @@ impl ShardCore {
                                 self.metrics.layer_switch("start", "start", "low");
                             }
                         }
-                    } else if let Some(new) = out.choice.decide(now, budget, active) {
+                    } else if let Some(new) = out.choice.decide_with_loss(now, budget, loss, active)
+                    {
                         asks.push(Some(new));
                         let pos = |r: Option<Rid>| {
                             r.and_then(|r| active.iter().position(|(x, _)| *x == r))
