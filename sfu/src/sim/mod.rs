@@ -171,9 +171,11 @@ impl Sim {
         peer.accept_answer(answer).expect("the answer applies");
         let id = SessionId::random();
         let kind = match join {
-            Join::Api | Join::ApiSimulcast | Join::ApiRembOnly | Join::ApiViewer => {
-                SessionKind::Api
-            }
+            Join::Api
+            | Join::ApiSimulcast
+            | Join::ApiRembOnly
+            | Join::ApiAudio
+            | Join::ApiViewer => SessionKind::Api,
             Join::Whip => SessionKind::Whip,
             Join::Whep => SessionKind::Whep,
         };
@@ -427,6 +429,55 @@ mod tests {
         assert!(
             pacer < frames / 4.0,
             "{pacer} pacer wake-ups for {frames} frames"
+        );
+    }
+
+    /// An audio-only call at a low packet rate (120 ms Opus frames, as in
+    /// balie-bench's 2,000-call scenario): with no video, nothing but the
+    /// audio, its reports and the connection's keep-alives should wake a
+    /// session. At 8 packets a second each way, a session's cost is its
+    /// timer wake-ups, not its packets. Measured: 8.7 wake-ups per session
+    /// and second, nearly all the delay controller's 100 ms tick
+    /// (`BWE_DELAY_TICK`) with stats riding on it; at 25 ms it was 33. Also
+    /// the simulator test `scripts/shard-instructions` counts for audio.
+    #[test]
+    fn an_audio_only_call_wakes_its_sessions_rarely() {
+        use crate::metrics::{family_sum, WAKEUP_REASONS};
+        let mut s = sim();
+        let a = s.join("r", Sim::claims("r", "a", Role::Official), Join::ApiAudio);
+        let b = s.join("r", Sim::claims("r", "b", Role::Official), Join::ApiAudio);
+        for p in [a, b] {
+            s.peers[p].audio_frame = Duration::from_millis(120);
+        }
+        s.run_for(Duration::from_secs(5));
+        let text = s.metrics.render();
+        let before = family_sum(&text, "balie_timer_wakeups_total", &[]);
+        let received = s.peers[a].frames_from(s.peers[b].tag, MediaKind::Audio);
+        let secs = 20;
+        s.run_for(Duration::from_secs(secs));
+        let gained = s.peers[a].frames_from(s.peers[b].tag, MediaKind::Audio) - received;
+        // 8.3 frames a second.
+        assert!(gained >= 8 * secs, "{gained} audio frames in {secs} s");
+        let text = s.metrics.render();
+        let wakeups = family_sum(&text, "balie_timer_wakeups_total", &[]) - before;
+        let per_session_second = wakeups / 2.0 / secs as f64;
+        let by_reason: Vec<String> = WAKEUP_REASONS
+            .iter()
+            .map(|r| {
+                let label = format!("reason=\"{r}\"");
+                format!(
+                    "{r} {}",
+                    family_sum(&text, "balie_timer_wakeups_total", &[&label])
+                )
+            })
+            .collect();
+        eprintln!(
+            "{per_session_second:.1} timer wake-ups per session and second ({})",
+            by_reason.join(", ")
+        );
+        assert!(
+            per_session_second < 12.0,
+            "{per_session_second:.1} timer wake-ups per session and second"
         );
     }
 

@@ -36,6 +36,9 @@ pub enum Join {
     /// reports the bandwidth it receives by REMB only (set `Peer::remb`), as
     /// some older clients do.
     ApiRembOnly,
+    /// Our API, audio out only (no video line at all), with the data
+    /// channel: an audio-only participant, as in balie-bench's audio scenario.
+    ApiAudio,
     /// Our API, receive only (no media of its own), with the data channel.
     ApiViewer,
     /// WHIP: audio + video out, nothing else.
@@ -48,9 +51,11 @@ impl Join {
     /// The HTTP path for joining `room` this way.
     pub fn path(&self, room: &str) -> String {
         match self {
-            Join::Api | Join::ApiSimulcast | Join::ApiRembOnly | Join::ApiViewer => {
-                format!("/v1/rooms/{room}/sessions")
-            }
+            Join::Api
+            | Join::ApiSimulcast
+            | Join::ApiRembOnly
+            | Join::ApiAudio
+            | Join::ApiViewer => format!("/v1/rooms/{room}/sessions"),
             Join::Whip => format!("/whip/{room}"),
             Join::Whep => format!("/whep/{room}"),
         }
@@ -135,6 +140,9 @@ pub struct Peer {
     pending: Option<SdpPendingOffer>,
     frame_no: u32,
     audio_no: u32,
+    /// The length of one Opus frame it sends (20 ms; balie-bench's audio
+    /// scenario sends 120 ms frames).
+    pub audio_frame: Duration,
     next_video: Instant,
     next_audio: Instant,
     force_keyframe: bool,
@@ -210,6 +218,10 @@ impl Peer {
                     simulcast,
                 ));
             }
+            Join::ApiAudio => {
+                audio_mid =
+                    Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
+            }
             Join::Whep => {
                 api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
                 api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
@@ -218,7 +230,7 @@ impl Peer {
         }
         if matches!(
             join,
-            Join::Api | Join::ApiSimulcast | Join::ApiRembOnly | Join::ApiViewer
+            Join::Api | Join::ApiSimulcast | Join::ApiRembOnly | Join::ApiAudio | Join::ApiViewer
         ) {
             api.add_channel("balie".into());
         }
@@ -245,6 +257,7 @@ impl Peer {
             pending: Some(pending),
             frame_no: 0,
             audio_no: 0,
+            audio_frame: Duration::from_millis(20),
             next_video: now,
             next_audio: now,
             force_keyframe: true,
@@ -448,7 +461,7 @@ impl Peer {
     fn send_media(&mut self, now: Instant) {
         if let Some(mid) = self.audio_mid {
             while self.next_audio <= now {
-                self.next_audio += Duration::from_millis(20);
+                self.next_audio += self.audio_frame;
                 self.audio_no += 1;
                 let data = match &self.audio_clip {
                     Some(clip) if !clip.is_empty() => {
@@ -458,7 +471,9 @@ impl Peer {
                     }
                     _ => make_frame(self.tag, self.audio_no, 60, None),
                 };
-                let rtp = MediaTime::new(self.audio_no as u64 * 960, Frequency::FORTY_EIGHT_KHZ);
+                let samples = 48 * self.audio_frame.as_millis() as u64;
+                let rtp =
+                    MediaTime::new(self.audio_no as u64 * samples, Frequency::FORTY_EIGHT_KHZ);
                 self.write(mid, None, Codec::Opus, now, rtp, data);
             }
         }
