@@ -208,13 +208,6 @@ struct Fanout {
 /// How often a subscriber's simulcast layer is reconsidered.
 const DECIDE_EVERY: Duration = Duration::from_millis(200);
 
-/// What made the shard drive a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Woken {
-    ByTimer,
-    ByInput,
-}
-
 /// The least time between wake-ups for str0m's delay controller alone, in
 /// a session without video. The controller runs every 25 ms, and while no
 /// TWCC report came within two round trips it does nothing but set its next
@@ -227,7 +220,13 @@ enum Woken {
 /// 25 ms, 33.1-35.5 server CPU seconds; 100 ms, 28.5-31.4 (bandwidth
 /// wake-ups 11,800 -> 4,900 a second per shard, `balie_timer_wakeups_total`).
 /// Only when that timer is the session's earliest and the session has no
-/// video; see `drive_on`.
+/// video; see `drive`. That applies after every drive, not only after the
+/// controller's own wake-up: every datagram a session receives runs str0m's
+/// timeout pass, which set the controller's timer a round trip ahead again,
+/// so an audio-only session was still woken once per packet it received
+/// (8.7 timer wake-ups per session and second in the simulator's audio-only
+/// call, 120 ms Opus frames; now 0.1, and the shard's instructions for that
+/// call 6.5% fewer, `scripts/shard-instructions`).
 const BWE_DELAY_TICK: Duration = Duration::from_millis(100);
 /// How soon a keyframe request for a layer switch is repeated while the
 /// keyframe has not come.
@@ -472,7 +471,7 @@ impl ShardCore {
                         self.close(now, sid, LeaveReason::Failed);
                         continue;
                     }
-                    self.drive_on(now, sid, Woken::ByTimer);
+                    self.drive(now, sid);
                 }
                 TimerKey::Room(room) => {
                     let expired = self.rooms.get(&room).is_some_and(|r| {
@@ -700,27 +699,21 @@ impl ShardCore {
 
     // ---- driving str0m -------------------------------------------------------
 
-    /// Poll one session until its timeout and handle what it emitted.
+    /// Poll one session until its timeout and handle what it emitted. The
+    /// delay controller's timer is held back to [`BWE_DELAY_TICK`] only in
+    /// sessions without video (no layer depends on their estimate; TWCC
+    /// feedback to an audio-only publisher that sits behind it waits at most
+    /// that long). Applied to sessions with video too, the shaped-link
+    /// browser test failed 2 of 6 runs (h held 4% and 23% of 20 s) against 0
+    /// of 3 without it.
     fn drive(&mut self, now: Instant, sid: SessionId) {
-        self.drive_on(now, sid, Woken::ByInput);
-    }
-
-    /// [`Self::drive`], saying what woke the session: the delay-controller
-    /// timer is held back only when that timer itself woke it and found
-    /// nothing to do, and only for sessions without video either way (no
-    /// layer depends on their estimate, and a publisher's TWCC feedback,
-    /// which could sit behind that timer, keeps its time). Applied to every
-    /// session, the shaped-link browser test failed 2 of 6 runs (h held 4%
-    /// and 23% of 20 s) against 0 of 3 without it.
-    fn drive_on(&mut self, now: Instant, sid: SessionId, woken: Woken) {
         let Some(sess) = self.sessions.get_mut(&sid) else {
             return;
         };
         let mut events = std::mem::take(&mut self.scratch);
         let outcome = sess.drive(&mut self.transmits, &mut events);
         if let Drive::Timeout(t) = outcome {
-            let t = if woken == Woken::ByTimer
-                && sess.rtc.last_timeout_reason() == str0m::Reason::BweDelayControl
+            let t = if sess.rtc.last_timeout_reason() == str0m::Reason::BweDelayControl
                 && !sess.tracks_out.iter().any(|t| t.kind == MediaKind::Video)
                 && !sess.tracks_in.iter().any(|(mid, _)| {
                     sess.rtc.media(*mid).map(|m| m.kind()) == Some(MediaKind::Video)
