@@ -526,6 +526,15 @@ mod tests {
         ]
     }
 
+    /// A choice started at `t0` on a `budget` and forwarding `rid`.
+    fn forwarding(t0: Instant, budget: u64, rid: &str) -> LayerChoice {
+        let mut c = LayerChoice::default();
+        c.decide(t0, budget, &layers());
+        c.admit_frame(Rid::from(rid), true);
+        assert_eq!(c.current, Some(Rid::from(rid)));
+        c
+    }
+
     #[test]
     fn starts_on_what_fits_and_goes_down_at_once() {
         let t0 = Instant::now();
@@ -553,9 +562,7 @@ mod tests {
     #[test]
     fn one_backoff_of_the_estimator_keeps_the_layer() {
         let t0 = Instant::now();
-        let mut c = LayerChoice::default();
-        c.decide(t0, 700_000, &layers());
-        c.admit_frame(Rid::from("h"), true);
+        let mut c = forwarding(t0, 700_000, "h");
         let audio = crate::shard::core::AUDIO_BUDGET;
         let backoff = (0.85 * (500_000 + audio) as f64) as u64 - audio;
         assert!(backoff < 500_000);
@@ -575,22 +582,16 @@ mod tests {
         );
         // From f, a budget that h fits whole goes to h, one that holds h
         // but does not fit it goes to q.
-        let mut c = LayerChoice::default();
-        c.decide(t0, 2_000_000, &layers());
-        c.admit_frame(Rid::from("f"), true);
+        let mut c = forwarding(t0, 2_000_000, "f");
         assert_eq!(c.decide(t1, 1_000_000, &layers()), Some(Rid::from("h")));
-        let mut c = LayerChoice::default();
-        c.decide(t0, 2_000_000, &layers());
-        c.admit_frame(Rid::from("f"), true);
+        let mut c = forwarding(t0, 2_000_000, "f");
         assert_eq!(c.decide(t1, 400_000, &layers()), Some(Rid::from("q")));
     }
 
     #[test]
     fn goes_up_after_the_hold_and_backs_off_after_a_failure() {
         let t0 = Instant::now();
-        let mut c = LayerChoice::default();
-        c.decide(t0, 200_000, &layers());
-        c.admit_frame(Rid::from("q"), true);
+        let mut c = forwarding(t0, 200_000, "q");
         // Budget for h: nothing for UP_HOLD, then h.
         assert_eq!(
             c.decide(t0 + Duration::from_secs(1), 1_000_000, &layers()),
