@@ -7,8 +7,9 @@
 //!   each layer's bitrate over the last second, and which layers are paused.
 //! - [`LayerChoice`] decides which layer one subscriber should get from its
 //!   bandwidth budget: down at once when the budget drops below [`KEEP`] of
-//!   the current layer's bitrate (to the highest layer that fits whole), up (to the highest layer that fits with [`HEADROOM`]) only after
-//!   the budget has held for [`UP_HOLD`], and
+//!   the current layer's bitrate (to the highest layer that fits whole), up
+//!   (to the highest layer that fits with [`HEADROOM`]) only after the
+//!   budget has held for [`UP_HOLD`], and
 //!   after a failed attempt to go up (down again within [`UP_FAIL`]) the next
 //!   attempt waits twice as long, up to [`MAX_BACKOFF`].
 //! - The switch itself waits for a keyframe on the target layer (the caller
@@ -34,8 +35,8 @@ pub const HEADROOM: f64 = 1.15;
 /// rate, and the acked rate is the layer plus audio and gaps: with the layer
 /// kept only while it fits the budget whole, each backoff of the estimator
 /// moved the subscriber a layer down, and climbing back took 5-10 s (in
-/// Chromium on a link shaped between h and f, h then held 41-54% of 20 s in
-/// three of six runs). A link that truly carries less than this share shows
+/// Chromium on a link shaped between h and f, the browser test failed three
+/// of six runs). A link that truly carries less than this share shows
 /// it as loss: the share applies only while the peer lost at most
 /// [`KEEP_LOSS`] over the last second.
 pub const KEEP: f64 = 0.7;
