@@ -171,13 +171,9 @@ impl Sim {
         peer.accept_answer(answer).expect("the answer applies");
         let id = SessionId::random();
         let kind = match join {
-            Join::Api
-            | Join::ApiSimulcast
-            | Join::ApiRembOnly
-            | Join::ApiAudio
-            | Join::ApiViewer => SessionKind::Api,
             Join::Whip => SessionKind::Whip,
             Join::Whep => SessionKind::Whep,
+            _ => SessionKind::Api,
         };
         let new = NewSession {
             id,

@@ -48,16 +48,18 @@ pub enum Join {
 }
 
 impl Join {
+    /// Whether this joins through our API (with the data channel), not
+    /// WHIP or WHEP.
+    pub fn is_api(&self) -> bool {
+        !matches!(self, Join::Whip | Join::Whep)
+    }
+
     /// The HTTP path for joining `room` this way.
     pub fn path(&self, room: &str) -> String {
         match self {
-            Join::Api
-            | Join::ApiSimulcast
-            | Join::ApiRembOnly
-            | Join::ApiAudio
-            | Join::ApiViewer => format!("/v1/rooms/{room}/sessions"),
             Join::Whip => format!("/whip/{room}"),
             Join::Whep => format!("/whep/{room}"),
+            _ => format!("/v1/rooms/{room}/sessions"),
         }
     }
 }
@@ -228,10 +230,7 @@ impl Peer {
             }
             Join::ApiViewer => {}
         }
-        if matches!(
-            join,
-            Join::Api | Join::ApiSimulcast | Join::ApiRembOnly | Join::ApiAudio | Join::ApiViewer
-        ) {
+        if join.is_api() {
             api.add_channel("balie".into());
         }
         // There is always a change above (media or channel), so apply() yields an offer.
