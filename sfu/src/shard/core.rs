@@ -213,9 +213,10 @@ const DECIDE_EVERY: Duration = Duration::from_millis(200);
 /// TWCC report came within two round trips it does nothing but set its next
 /// timer one round trip ahead: on a LAN or loopback, a fraction of a
 /// millisecond. A session without video uses no estimate (no layer depends
-/// on it), so its controller is woken every 100 ms, the interval of str0m's
-/// stats and about that of TWCC feedback; other timers due before that wait
-/// for it (at most 100 ms). Measured with balie-bench, 300 audio calls over
+/// on it), so its controller is woken every 250 ms, the longest str0m (as
+/// patched, `vendor/str0m/PATCH.md`) waits to send TWCC feedback for audio
+/// alone; other timers due before that wait for it (at most 250 ms; every
+/// received datagram runs the timeout pass anyway). Measured with balie-bench, 300 audio calls over
 /// loopback, 40 s hold: no clamp, about 95,000 wake-ups a second per shard;
 /// 25 ms, 33.1-35.5 server CPU seconds; 100 ms, 28.5-31.4 (bandwidth
 /// wake-ups 11,800 -> 4,900 a second per shard, `balie_timer_wakeups_total`).
@@ -225,9 +226,12 @@ const DECIDE_EVERY: Duration = Duration::from_millis(200);
 /// timeout pass, which set the controller's timer a round trip ahead again,
 /// so an audio-only session was still woken once per packet it received
 /// (8.7 timer wake-ups per session and second in the simulator's audio-only
-/// call, 120 ms Opus frames; now 0.1, and the shard's instructions for that
-/// call 6.5% fewer, `scripts/shard-instructions`).
-const BWE_DELAY_TICK: Duration = Duration::from_millis(100);
+/// call, 120 ms Opus frames; then 0.1, and the shard's instructions for that
+/// call 6.5% fewer, `scripts/shard-instructions`). With TWCC feedback for
+/// audio every 250 ms instead of after each packet, datagrams came more than
+/// 100 ms apart and a 100 ms tick woke each session 5.8 times a second; at
+/// 250 ms, 0.7.
+const BWE_DELAY_TICK: Duration = Duration::from_millis(250);
 /// How soon a keyframe request for a layer switch is repeated while the
 /// keyframe has not come.
 const SWITCH_REASK: Duration = Duration::from_millis(350);

@@ -50,6 +50,16 @@ const NACK_MIN_INTERVAL: Duration = Duration::from_millis(33);
 /// Delay between reports of TWCC. This is deliberately very low.
 const TWCC_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Delay between reports of TWCC while only a little audio arrives (balie):
+/// libwebrtc's receiver keeps its feedback at most 5% of the received rate,
+/// reporting every 50 to 250 ms (`RemoteEstimatorProxy`, a 68-byte report).
+/// Any video (or probe) packet keeps [`TWCC_INTERVAL`].
+const TWCC_INTERVAL_MAX: Duration = Duration::from_millis(250);
+
+/// Bytes received since the last TWCC report for which a report is no more
+/// than 5% of them (68 / 0.05, balie).
+const TWCC_REPORT_WORTH: usize = 1360;
+
 /// Maximum number of pending RRTR entries before oldest are dropped.
 const MAX_PENDING_RRTRS: usize = 300;
 
@@ -92,6 +102,10 @@ pub(crate) struct Session {
     srtp_tx: Option<SrtpContext>,
     last_nack: Instant,
     last_twcc: Instant,
+    /// Bytes of the packets marked for TWCC since the last report (balie).
+    twcc_unreported_bytes: usize,
+    /// Whether a packet marked since the last report was not audio (balie).
+    twcc_unreported_video: bool,
     twcc: u64,
     twcc_rx_register: TwccRecvRegister,
     twcc_tx_register: TwccSendRegister,
@@ -201,6 +215,8 @@ impl Session {
             srtp_tx: None,
             last_nack: already_happened(),
             last_twcc: already_happened(),
+            twcc_unreported_bytes: 0,
+            twcc_unreported_video: false,
             twcc: 0,
             twcc_rx_register: TwccRecvRegister::new(100),
             twcc_tx_register: TwccSendRegister::new(1000),
@@ -449,6 +465,8 @@ impl Session {
 
     fn create_twcc_feedback(&mut self, sender_ssrc: Ssrc, now: Instant) -> Option<()> {
         self.last_twcc = now;
+        self.twcc_unreported_bytes = 0;
+        self.twcc_unreported_video = false;
         let mut twcc = self.twcc_rx_register.build_report(self.mtu() - 100)?;
 
         // These SSRC are on media level, but twcc is on session level,
@@ -656,6 +674,7 @@ impl Session {
             }
         };
         let clock_rate = params.spec().rtp_clock_rate();
+        let is_audio = params.spec().codec.is_audio();
         let pt = params.pt();
         let is_red = params.red() == Some(header.payload_type);
         // RTX padding may use the main payload type, so an associated RTX SSRC takes precedence.
@@ -735,6 +754,8 @@ impl Session {
             let prev = self.twcc_rx_register.max_seq();
             let extended = extend_u16(prev.map(|s| *s), transport_cc);
             self.twcc_rx_register.update_seq(extended.into(), now);
+            self.twcc_unreported_bytes += header.header_len + data.len();
+            self.twcc_unreported_video |= !is_audio;
         }
 
         // Store largest seen seq_no for the SSRC. This is used in case we get SSRC changes
@@ -1420,7 +1441,15 @@ impl Session {
         // Early RTX padding can create transport receipts before any receive stream exists.
         // Scheduling by pending receipts ensures that padding still receives timely feedback.
         if self.enable_twcc_feedback && self.twcc_rx_register.has_unreported() {
-            Some(self.last_twcc + TWCC_INTERVAL)
+            // A little audio alone is reported less often (balie).
+            let interval = if self.twcc_unreported_video
+                || self.twcc_unreported_bytes >= TWCC_REPORT_WORTH
+            {
+                TWCC_INTERVAL
+            } else {
+                TWCC_INTERVAL_MAX
+            };
+            Some(self.last_twcc + interval)
         } else {
             None
         }
