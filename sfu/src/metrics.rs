@@ -71,6 +71,9 @@ pub struct ShardMetrics {
     pub err_rtc: IntCounter,
     /// Socket send errors.
     pub err_send: IntCounter,
+    /// Datagrams the kernel dropped at the shard's socket, its receive
+    /// buffer full: the shard fell behind what arrived.
+    pub err_receive_dropped: IntCounter,
     /// Renegotiation failures.
     pub err_sdp: IntCounter,
     /// Data channel messages received that were refused.
@@ -368,6 +371,7 @@ impl Metrics {
             err_rtc_panic: self.errors.with_label_values(&[s, "rtc_panic"]),
             err_rtc: self.errors.with_label_values(&[s, "rtc"]),
             err_send: self.errors.with_label_values(&[s, "send"]),
+            err_receive_dropped: self.errors.with_label_values(&[s, "receive_dropped"]),
             err_sdp: self.errors.with_label_values(&[s, "renegotiation"]),
             channel_bad: self.channel_messages.with_label_values(&[s, "refused"]),
             channel_ok: self.channel_messages.with_label_values(&[s, "ok"]),
