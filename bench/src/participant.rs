@@ -57,8 +57,10 @@ pub struct Stats {
     pub freezes: u64,
     /// End-to-end video frame latency, milliseconds.
     pub latencies_ms: Vec<f32>,
-    /// Packets lost and expected, from str0m's receiver statistics (each
-    /// second: the packets received and the fraction lost).
+    /// Packets lost and expected: video from str0m's receiver statistics
+    /// (each second: the packets received and the fraction lost, on the
+    /// server-to-receiver leg), audio end to end from the gaps in its RTP
+    /// timestamps (`audio_gap`).
     pub lost: u64,
     pub expected: u64,
     /// UDP datagrams that came from the server (before downlink
@@ -171,6 +173,49 @@ struct Track {
     /// When that publisher started its clip, once it is known.
     started: Option<Instant>,
     last_frame: Option<Instant>,
+    /// Audio: the RTP timestamp (48 kHz) the next packet should carry.
+    next_audio: Option<u64>,
+}
+
+/// The duration of an Opus packet in 48 kHz samples, from its TOC byte and,
+/// for code 3, its frame count (RFC 6716, 3.1); `None` when it cannot be an
+/// Opus packet.
+fn opus_samples(packet: &[u8]) -> Option<u64> {
+    let toc = *packet.first()?;
+    let config = toc >> 3;
+    // 2.5, 5, 10, 20, 40 and 60 ms at 48 kHz.
+    let frame = match config {
+        0..=11 => [480, 960, 1920, 2880][usize::from(config % 4)],
+        12..=15 => [480, 960][usize::from(config % 2)],
+        _ => [120, 240, 480, 960][usize::from(config % 4)],
+    };
+    let frames = match toc & 3 {
+        0 => 1,
+        1 | 2 => 2,
+        _ => u64::from(*packet.get(1)? & 0x3f),
+    };
+    (frames > 0).then_some(frame * frames)
+}
+
+/// Audio packets a receiver should have had up to one that arrived at RTP
+/// timestamp `ts` lasting `samples`, from the one before (`next`: where it
+/// ended): `(expected, lost)` to add, or `None` for a packet that came after
+/// a later one (it was counted lost, and is not). Every audio packet a
+/// publisher sends is forwarded with its timestamp, so a gap is a packet lost
+/// on either leg; balie re-sequences what it forwards, so the RTP loss a
+/// receiver sees covers only the server's leg.
+fn audio_gap(next: &mut Option<u64>, ts: u64, samples: u64) -> Option<(u64, u64)> {
+    let samples = samples.max(1);
+    let counted = match *next {
+        None => (1, 0),
+        Some(n) if ts >= n => {
+            let missing = ((ts - n) + samples / 2) / samples;
+            (missing + 1, missing)
+        }
+        Some(_) => return None,
+    };
+    *next = Some(ts + samples);
+    Some(counted)
 }
 
 pub struct Participant {
@@ -542,6 +587,16 @@ impl Participant {
                 if kind == Some(MediaKind::Audio) {
                     self.stats.audio_packets_received += 1;
                     self.stats.bytes_received += d.data.len() as u64;
+                    let ts = d.time.rebase(Frequency::FORTY_EIGHT_KHZ).numer();
+                    let samples = opus_samples(&d.data).unwrap_or(960);
+                    let track = self.tracks.entry(d.mid).or_default();
+                    match audio_gap(&mut track.next_audio, ts, samples) {
+                        Some((expected, lost)) => {
+                            self.stats.expected += expected;
+                            self.stats.lost += lost;
+                        }
+                        None => self.stats.lost = self.stats.lost.saturating_sub(1),
+                    }
                     return;
                 }
                 self.stats.frames_received += 1;
@@ -578,9 +633,12 @@ impl Participant {
                         .push(now.saturating_duration_since(sent).as_secs_f32() * 1000.0);
                 }
             }
-            Event::MediaIngressStats(s) => {
-                // Packets since the last report, and str0m's loss fraction
-                // over that period: the packets that did not come.
+            Event::MediaIngressStats(s)
+                if self.rtc.media(s.mid).map(|m| m.kind()) != Some(MediaKind::Audio) =>
+            {
+                // Video: packets since the last report, and str0m's loss
+                // fraction over that period: the packets that did not come
+                // (on the server's leg; audio counts its gaps end to end).
                 let last = self.ingress.insert((s.mid, s.rid), s.packets).unwrap_or(0);
                 let got = s.packets.saturating_sub(last);
                 let loss = f64::from(s.loss.unwrap_or(0.0)).clamp(0.0, 0.99);
@@ -745,6 +803,31 @@ impl Participant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opus_packets_tell_their_duration() {
+        // CELT 20 ms, one frame (config 31, code 0).
+        assert_eq!(opus_samples(&[31 << 3]), Some(960));
+        // SILK 60 ms, two frames (code 1): 120 ms.
+        assert_eq!(opus_samples(&[(3 << 3) | 1]), Some(5760));
+        // Hybrid 10 ms, code 3 with six frames.
+        assert_eq!(opus_samples(&[(12 << 3) | 3, 6]), Some(2880));
+        // Code 3 without its count, and nothing at all.
+        assert_eq!(opus_samples(&[(12 << 3) | 3]), None);
+        assert_eq!(opus_samples(&[]), None);
+    }
+
+    #[test]
+    fn gaps_in_audio_timestamps_are_lost_packets() {
+        let mut next = None;
+        assert_eq!(audio_gap(&mut next, 1000, 960), Some((1, 0)));
+        assert_eq!(audio_gap(&mut next, 1960, 960), Some((1, 0)));
+        // Two packets missing.
+        assert_eq!(audio_gap(&mut next, 1960 + 3 * 960, 960), Some((3, 2)));
+        // One of them comes late: not lost after all.
+        assert_eq!(audio_gap(&mut next, 1960 + 960, 960), None);
+        assert_eq!(audio_gap(&mut next, 1960 + 4 * 960, 960), Some((1, 0)));
+    }
 
     #[test]
     fn media_packets_are_told_from_rtx_padding_and_rtcp() {

@@ -83,7 +83,8 @@ pub struct Report {
     pub answer_ms: Percentiles,
     pub first_frame_ms: Percentiles,
     pub e2e_latency_ms: Percentiles,
-    /// Packets lost over packets expected by the receivers, percent.
+    /// Packets lost over packets expected by the receivers, percent: audio
+    /// end to end (gaps in the Opus timestamps), video on the server's leg.
     pub loss_pct: f64,
     pub freezes: u64,
     pub frames_sent: u64,
@@ -113,6 +114,12 @@ pub struct Report {
     /// this compares servers that probe with servers that do not).
     pub media_packets_received: f64,
     pub media_packets_per_server_cpu_second: f64,
+    /// Datagrams the kernel dropped at the server's sockets over the run,
+    /// their receive buffers full (the server fell behind): balie's
+    /// `balie_errors_total{kind="receive_dropped"}`; absent for a server
+    /// that does not count them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_receive_dropped: Option<f64>,
     pub bench_cpu_seconds: f64,
     /// The bench's own CPU over the cores it had, percent: above 80 the
     /// load generator may have been the bottleneck.
@@ -206,6 +213,7 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         media_packets_received: o.media_packets_received,
         media_packets_per_server_cpu_second: o.media_packets_received
             / o.server_cpu_seconds.max(1e-9),
+        server_receive_dropped: o.server_receive_dropped,
         bench_cpu_seconds: o.bench_cpu_seconds,
         bench_cpu_pct,
         machine_cpu_pct: o.machine_cpu_pct,
@@ -301,6 +309,11 @@ pub fn markdown(r: &Report) -> String {
         (
             "media packets received per server CPU second",
             format!("{:.0}", r.media_packets_per_server_cpu_second),
+        ),
+        (
+            "datagrams dropped at the server's sockets (buffers full)",
+            r.server_receive_dropped
+                .map_or("not counted".into(), |d| format!("{d:.0}")),
         ),
         (
             "load generator CPU",

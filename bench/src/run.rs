@@ -178,6 +178,9 @@ pub struct Outcome {
     pub packets_sent: Option<f64>,
     /// UDP datagrams the participants received from the server meanwhile.
     pub packets_received: f64,
+    /// Datagrams the kernel dropped at the server's sockets over the whole
+    /// run, joins included (balie's metrics).
+    pub server_receive_dropped: Option<f64>,
     /// Media RTP packets among them (padding and empty packets not
     /// counted).
     pub media_packets_received: f64,
@@ -201,6 +204,7 @@ fn metric(http: &reqwest::blocking::Client, url: &str, prefix: &str) -> f64 {
 }
 
 const OUT: &str = "balie_udp_packets_total{direction=\"out\"";
+const DROPPED: &str = "balie_errors_total{kind=\"receive_dropped\"";
 
 /// What a participant is made from, shared by the calls of a run.
 pub struct Shared {
@@ -246,6 +250,11 @@ pub trait Target {
     ) -> Vec<String>;
     /// UDP datagrams the server says it has sent so far, when it says.
     fn packets_out(&self) -> Option<f64>;
+    /// Datagrams the kernel dropped at the server's sockets so far (their
+    /// receive buffers full), when the server says.
+    fn receive_dropped(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// balie-sfu, joined through `POST /v1/rooms/{room}/sessions` with tokens.
@@ -335,6 +344,10 @@ impl Target for BalieTarget {
 
     fn packets_out(&self) -> Option<f64> {
         Some(metric(&self.http, &self.server.url, OUT))
+    }
+
+    fn receive_dropped(&self) -> Option<f64> {
+        Some(metric(&self.http, &self.server.url, DROPPED))
     }
 }
 
@@ -581,6 +594,7 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
     line.done();
     let timeline = std::mem::take(&mut line.samples);
     let server_rss_bytes = rss_bytes(pid);
+    let server_receive_dropped = target.receive_dropped();
     stop.store(true, Ordering::Relaxed);
     drop(senders);
     let mut stats = Vec::new();
@@ -602,6 +616,7 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
         wall: t0.elapsed(),
         join_errors,
         packets_sent: used.sent,
+        server_receive_dropped,
         packets_received: used.received,
         media_packets_received: used.media,
     })
