@@ -384,6 +384,7 @@ impl Participant {
         let socket = UdpSocket::bind(bind)?;
         let local = socket.local_addr()?;
         let mut rtc = RtcConfig::new()
+            .set_crypto_provider(balie_dtls::provider())
             .clear_codecs()
             .enable_opus(true, false)
             .enable_vp8(true)

@@ -476,6 +476,8 @@ pub fn answer_offer(
     let mut rtc = config
         .set_ice_lite(true)
         .set_dtls_cert(setup.cert.clone())
+        // DTLS configured once per process, not per session (balie-dtls).
+        .set_crypto_provider(balie_dtls::provider())
         .set_send_buffer_video(setup.send_buffer_video.max(64))
         .set_local_ice_credentials(creds)
         .clear_codecs()
