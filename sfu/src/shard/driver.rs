@@ -94,6 +94,37 @@ pub fn spawn(
     })
 }
 
+/// The socket buffers a shard asks for, each way.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// What to tell the operator when the kernel granted less than
+/// [`SOCKET_BUFFER`], from the sizes `SO_RCVBUF` and `SO_SNDBUF` read back
+/// (Linux reports twice what it grants, for its own bookkeeping, and caps
+/// the request at `net.core.rmem_max` and `wmem_max`: 212,992 bytes on a
+/// default Debian).
+fn buffer_advice(recv: usize, send: usize) -> Option<String> {
+    let granted = |reported: usize| {
+        if cfg!(target_os = "linux") {
+            reported / 2
+        } else {
+            reported
+        }
+    };
+    let (recv, send) = (granted(recv), granted(send));
+    (recv < SOCKET_BUFFER || send < SOCKET_BUFFER).then(|| {
+        format!(
+            "the kernel gave the shard's UDP socket {} KiB to receive and {} KiB to send of the \
+             {} KiB asked: it drops what arrives while the shard is busy sooner \
+             (balie_errors_total{{kind=\"receive_dropped\"}}); raise net.core.rmem_max and \
+             net.core.wmem_max to {} (docs/operations.md)",
+            recv / 1024,
+            send / 1024,
+            SOCKET_BUFFER / 1024,
+            SOCKET_BUFFER
+        )
+    })
+}
+
 fn bind_socket(bind: SocketAddr) -> Result<std::net::UdpSocket, Error> {
     let domain = socket2::Domain::for_address(bind);
     let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
@@ -102,8 +133,14 @@ fn bind_socket(bind: SocketAddr) -> Result<std::net::UdpSocket, Error> {
         let _ = sock.set_only_v6(false);
     }
     // Larger kernel buffers absorb bursts (keyframes); the kernel caps them.
-    let _ = sock.set_recv_buffer_size(4 << 20);
-    let _ = sock.set_send_buffer_size(4 << 20);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    let granted = (sock.recv_buffer_size(), sock.send_buffer_size());
+    if let (Ok(recv), Ok(send)) = granted {
+        if let Some(advice) = buffer_advice(recv, send) {
+            tracing::warn!("{advice}");
+        }
+    }
     sock.bind(&bind.into())
         .map_err(|e| Error::io(format!("binding UDP {bind}"), e))?;
     sock.set_nonblocking(true)
@@ -365,6 +402,16 @@ async fn send_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_socket_buffers_are_reported_with_the_sysctls_to_raise() {
+        // Debian's default caps, as Linux reports them (doubled). Linux only:
+        // elsewhere the sizes read back are what was granted.
+        let advice = buffer_advice(425_984, 425_984).expect("advice");
+        assert!(advice.contains("208 KiB") && advice.contains("net.core.rmem_max"));
+        assert!(buffer_advice(SOCKET_BUFFER * 2, 425_984).is_some());
+        assert_eq!(buffer_advice(SOCKET_BUFFER * 2, SOCKET_BUFFER * 2), None);
+    }
 
     #[test]
     fn the_drops_column_is_read_from_the_line_of_the_inode() {
