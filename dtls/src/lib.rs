@@ -10,7 +10,6 @@
 //! every participant. A `dimpl::Config` holds settings only (each
 //! connection seeds its own random generator), so one per MTU serves all.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -37,13 +36,14 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// checked the path), its `dimpl::Config` built once per MTU.
 #[derive(Debug)]
 pub struct SharedConfigDtls {
-    configs: Mutex<Option<HashMap<Option<usize>, Arc<dimpl::Config>>>>,
+    /// One per MTU asked for (in practice one).
+    configs: Mutex<Vec<(Option<usize>, Arc<dimpl::Config>)>>,
 }
 
 impl SharedConfigDtls {
     pub const fn new() -> SharedConfigDtls {
         SharedConfigDtls {
-            configs: Mutex::new(None),
+            configs: Mutex::new(Vec::new()),
         }
     }
 
@@ -52,8 +52,7 @@ impl SharedConfigDtls {
             .configs
             .lock()
             .map_err(|_| CryptoError::Other("the DTLS configurations' lock is poisoned".into()))?;
-        let configs = configs.get_or_insert_with(HashMap::new);
-        if let Some(c) = configs.get(&mtu) {
+        if let Some((_, c)) = configs.iter().find(|(m, _)| *m == mtu) {
             return Ok(c.clone());
         }
         let mut builder = dimpl::Config::builder().use_server_cookie(false);
@@ -65,7 +64,7 @@ impl SharedConfigDtls {
                 .build()
                 .map_err(|e| CryptoError::Other(format!("dimpl config creation failed: {e}")))?,
         );
-        configs.insert(mtu, config.clone());
+        configs.push((mtu, config.clone()));
         Ok(config)
     }
 }

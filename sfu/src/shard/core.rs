@@ -216,8 +216,9 @@ const DECIDE_EVERY: Duration = Duration::from_millis(200);
 /// on it), so its controller is woken every 250 ms, the longest str0m (as
 /// patched, `vendor/str0m/PATCH.md`) waits to send TWCC feedback for audio
 /// alone; other timers due before that wait for it (at most 250 ms; every
-/// received datagram runs the timeout pass anyway). Measured with balie-bench, 300 audio calls over
-/// loopback, 40 s hold: no clamp, about 95,000 wake-ups a second per shard;
+/// received datagram runs the timeout pass anyway). Measured with
+/// balie-bench, 300 audio calls over loopback, 40 s hold (clamp at 100 ms
+/// then): no clamp, about 95,000 wake-ups a second per shard;
 /// 25 ms, 33.1-35.5 server CPU seconds; 100 ms, 28.5-31.4 (bandwidth
 /// wake-ups 11,800 -> 4,900 a second per shard, `balie_timer_wakeups_total`).
 /// Only when that timer is the session's earliest and the session has no

@@ -184,8 +184,13 @@ async fn run(
     let mut out: Vec<Transmit> = Vec::new();
     let mut gso = Vec::with_capacity(64 * 1024);
     // The kernel's count of datagrams it dropped at this socket, read once a
-    // second into `balie_errors_total{kind="receive_dropped"}`.
-    let mut drops = ReceiveDrops::new(&socket);
+    // second into `balie_errors_total{kind="receive_dropped"}` on a thread
+    // of its own.
+    watch_drops(
+        socket_inode(&socket),
+        metrics.err_receive_dropped.clone(),
+        id,
+    );
 
     loop {
         // Drain the core's output.
@@ -205,7 +210,6 @@ async fn run(
         };
         send_batch(&socket, &state, &mut out, &mut gso, &metrics).await;
         let now = Instant::now();
-        drops.check(now, &metrics);
         if deadline <= now {
             core.handle_input(ShardInput::Timeout(now));
             continue;
@@ -266,40 +270,33 @@ async fn run(
 const DROPS_EVERY: Duration = Duration::from_secs(1);
 
 /// Datagrams the kernel dropped at a socket because its receive buffer was
-/// full, as counted since the socket was made. Read from the socket's line in
-/// `/proc/self/net/udp` (or `udp6`), found by its inode: the `drops` column.
-/// No syscall of its own (the workspace forbids `unsafe`, which
-/// `getsockopt(SO_MEMINFO)` would need); the table has a line per UDP socket
-/// of the network namespace, a few on a server node (reading it costs about
-/// a millisecond a second where a load generator's 4,000 sockets share it).
-struct ReceiveDrops {
-    inode: Option<String>,
-    seen: u64,
-    next: Instant,
-}
-
-impl ReceiveDrops {
-    fn new(socket: &UdpSocket) -> ReceiveDrops {
-        let inode = socket_inode(socket);
-        ReceiveDrops {
-            seen: inode.as_deref().and_then(socket_drops).unwrap_or(0),
-            inode,
-            next: Instant::now() + DROPS_EVERY,
-        }
-    }
-
-    /// Once [`DROPS_EVERY`]: add what the kernel dropped since to the metric.
-    fn check(&mut self, now: Instant, metrics: &ShardMetrics) {
-        if now < self.next {
-            return;
-        }
-        self.next = now + DROPS_EVERY;
-        if let Some(total) = self.inode.as_deref().and_then(socket_drops) {
-            metrics
-                .err_receive_dropped
-                .inc_by(total.saturating_sub(self.seen));
-            self.seen = self.seen.max(total);
-        }
+/// full: read from the socket's line in `/proc/self/net/udp` (or `udp6`),
+/// found by its inode (the `drops` column), and added to the shard's
+/// `balie_errors_total{kind="receive_dropped"}` once [`DROPS_EVERY`], on a
+/// thread of its own that ends when the socket is gone. Not a syscall on the
+/// socket: the workspace forbids `unsafe`, which `getsockopt(SO_MEMINFO)`
+/// needs. The table has a line per UDP socket of the network namespace: a
+/// few on a server node, but 17 ms a read where a load generator's 4,000
+/// sockets share it, which is why it is not read on the shard's thread.
+fn watch_drops(inode: Option<String>, counter: prometheus::IntCounter, id: ShardId) {
+    let Some(inode) = inode else {
+        return;
+    };
+    let spawned = thread::Builder::new()
+        .name(format!("balie-drops-{id}"))
+        .spawn(move || {
+            let mut seen = socket_drops(&inode).unwrap_or(0);
+            loop {
+                thread::sleep(DROPS_EVERY);
+                let Some(total) = socket_drops(&inode) else {
+                    return;
+                };
+                counter.inc_by(total.saturating_sub(seen));
+                seen = seen.max(total);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(shard = %id, "not counting receive drops: {e}");
     }
 }
 
@@ -438,5 +435,24 @@ mod tests {
             let _ = sender.send_to(&[0u8; 1000], to);
         }
         assert!(socket_drops(&inode).is_some_and(|d| d > 0));
+    }
+
+    /// The watcher adds what the kernel drops after it starts to the
+    /// counter, from its own thread.
+    #[test]
+    fn drops_reach_the_metric() {
+        let sock = bind_socket("127.0.0.1:0".parse().expect("address")).expect("socket");
+        let to = sock.local_addr().expect("address");
+        let counter = prometheus::IntCounter::new("t", "t").expect("counter");
+        watch_drops(socket_inode(&sock), counter.clone(), ShardId(0));
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("sender");
+        for _ in 0..20_000 {
+            let _ = sender.send_to(&[0u8; 1000], to);
+        }
+        let deadline = Instant::now() + DROPS_EVERY * 3;
+        while counter.get() == 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert!(counter.get() > 0);
     }
 }
