@@ -568,6 +568,7 @@ impl ShardCore {
             estimate: None,
             loss: Default::default(),
             asked_desired: 0,
+            asked_minimum: (0, now),
             twcc: false,
             span,
         };
@@ -1337,6 +1338,7 @@ impl ShardCore {
                     .is_none_or(|t| now >= t + DECIDE_EVERY);
             let budget = if due { sub.video_budget(now) } else { 0 };
             let loss = sub.loss.window_loss();
+            let carried = due && sub.carried(now);
             let span = &sub.span;
             let out = &mut sub.tracks_out[i];
             let OutState::Open(mid) = out.state else {
@@ -1374,7 +1376,9 @@ impl ShardCore {
                                 self.metrics.layer_switch("start", "start", "low");
                             }
                         }
-                    } else if let Some(new) = out.choice.decide_with_loss(now, budget, loss, active)
+                    } else if let Some(new) = out
+                        .choice
+                        .decide_with_loss(now, budget, loss, carried, active)
                     {
                         asks.push(Some(new));
                         let pos = |r: Option<Rid>| {

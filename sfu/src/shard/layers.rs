@@ -16,6 +16,7 @@
 //!   asks the publisher for one), so the subscriber's decoder never sees a
 //!   frame it cannot decode.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use str0m::media::Rid;
@@ -45,6 +46,29 @@ pub const KEEP: f64 = 0.7;
 /// that carries 5% less than is sent the estimate settles near the link's
 /// rate, above `KEEP` of the layer, and only the loss says it does not fit.)
 pub const KEEP_LOSS: f32 = 0.05;
+/// After padding up to the next layer's rate, how long a fall of the
+/// estimate below the current layer is blamed on the padding rather than the
+/// link: the layer is kept, and the attempt counts as a failed step up.
+/// A probe that passes a token-bucket shaper's burst (tc's `tbf burst`, a
+/// cellular policer) at its own rate reports several times what the link
+/// carries; padding up to the next layer on that estimate overshoots the
+/// link, and the estimator, on the delay and loss it caused, falls to a
+/// fraction of the link a second or two after the padding stopped (in
+/// Chromium behind a 691 kbit/s tbf: 1,135 kbit/s after a probe, 262
+/// kbit/s 2 s after the padding, h (384 kbit/s) dropped to q). A link that
+/// truly fell at that moment keeps a layer too high for at most this long.
+pub const PAD_GRACE: Duration = Duration::from_secs(3);
+/// A step up waits until the link carried the padding for it: over this
+/// long, at least [`CARRIED_SHARE`] of the rate asked was sent (str0m sends
+/// no padding while its delay detector reports overuse) and the peer lost at
+/// most [`KEEP_LOSS`]. The estimate alone is not enough: behind a token
+/// bucket a probe reads several times the link, and padding on a link that
+/// cannot carry it was throttled by str0m while the estimate stayed up (in
+/// Chromium behind a 683 kbit/s `tbf`: 820 kbit/s of padding asked, the
+/// estimate above 1 Mbit/s for the whole 2 s hold, then f, 19% loss, q).
+pub const CARRIED_OVER: Duration = Duration::from_secs(1);
+/// See [`CARRIED_OVER`].
+pub const CARRIED_SHARE: f64 = 0.85;
 /// How long a probe for the top layer's rate is asked for.
 pub const PROBE_FOR: Duration = Duration::from_millis(1000);
 /// A layer's bitrate with [`HEADROOM`].
@@ -224,12 +248,19 @@ pub const LOSS_CAP_FOR: Duration = Duration::from_millis(1000);
 pub struct LossWatch {
     last: Option<(u64, f32, Instant)>,
     cap: Option<(u64, Instant)>,
+    /// Bytes sent so far at each stats event of the last [`CARRIED_OVER`]
+    /// and a little more, oldest first.
+    sent: VecDeque<(Instant, u64)>,
 }
 
 impl LossWatch {
     /// A stats event: `sent` bytes sent to the peer so far, `loss` the TWCC
     /// loss over the last second. Returns whether this capped the budget.
     pub fn on_stats(&mut self, now: Instant, sent: u64, loss: Option<f32>) -> bool {
+        self.sent.push_back((now, sent));
+        while self.sent.len() > 2 && self.sent[1].0 + CARRIED_OVER <= now {
+            self.sent.pop_front();
+        }
         let last = self.last.replace((sent, loss.unwrap_or(0.0), now));
         let (Some(loss), Some((sent0, loss0, at))) = (loss, last) else {
             return false;
@@ -252,6 +283,15 @@ impl LossWatch {
     /// The loss over the last second, as last reported (0 before any report).
     pub fn window_loss(&self) -> f32 {
         self.last.map_or(0.0, |(_, loss, _)| loss)
+    }
+
+    /// What was sent to the peer (bit/s, media and padding) over the last
+    /// [`CARRIED_OVER`] of stats events; None before that long was seen.
+    pub fn sent_rate(&self) -> Option<u64> {
+        let (&(t0, b0), &(t1, b1)) = (self.sent.front()?, self.sent.back()?);
+        let secs = t1.saturating_duration_since(t0);
+        (secs >= CARRIED_OVER)
+            .then(|| (b1.saturating_sub(b0) as f64 * 8.0 / secs.as_secs_f64()) as u64)
     }
 
     /// The cap on the budget now, if a recent measurement set one.
@@ -308,6 +348,9 @@ pub struct LayerChoice {
     /// Started on a first guess before any layer was measured: the first
     /// real decision is a start, not a step.
     provisional: bool,
+    /// Padding above the current layer was last asked for: until this
+    /// instant ([`PAD_GRACE`] later) a fall of the estimate is the padding's.
+    padded_until: Option<Instant>,
 }
 
 impl Default for LayerChoice {
@@ -324,6 +367,7 @@ impl Default for LayerChoice {
             next_probe: None,
             draining: false,
             provisional: false,
+            padded_until: None,
         }
     }
 }
@@ -333,16 +377,19 @@ impl LayerChoice {
     /// publisher's `active` layers (lowest first). Returns the new target when
     /// it changed: the caller asks the publisher for a keyframe on it.
     pub fn decide(&mut self, now: Instant, budget: u64, active: &[(Rid, u64)]) -> Option<Rid> {
-        self.decide_with_loss(now, budget, 0.0, active)
+        self.decide_with_loss(now, budget, 0.0, true, active)
     }
 
     /// [`Self::decide`], given the loss the subscriber reported over the
-    /// last second (above [`KEEP_LOSS`] a layer is kept only while it fits).
+    /// last second (above [`KEEP_LOSS`] a layer is kept only while it fits)
+    /// and whether the link `carried` the padding asked for (a step up waits
+    /// for it; see [`CARRIED_OVER`]).
     pub fn decide_with_loss(
         &mut self,
         now: Instant,
         budget: u64,
         loss: f32,
+        carried: bool,
         active: &[(Rid, u64)],
     ) -> Option<Rid> {
         if active.is_empty() {
@@ -376,6 +423,16 @@ impl LayerChoice {
                 self.above_since = None;
                 up
             }
+            Some(c) if fit < c && !holds(c) && self.padded_until.is_some_and(|t| now < t) => {
+                // Our own padding overshot the link: keep the layer, and
+                // count a failed step up (no padding until the backoff ends).
+                if self.up_blocked_until.is_none_or(|t| t <= now) {
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                    self.up_blocked_until = Some(now + self.backoff);
+                }
+                self.above_since = None;
+                c
+            }
             Some(c) if fit < c && !holds(c) => {
                 // Down at once. Going down soon after going up: the step
                 // failed, back off. A link that drops just after a step up
@@ -399,9 +456,12 @@ impl LayerChoice {
                 // Up one step, once the budget has held and no backoff runs.
                 let since = *self.above_since.get_or_insert(now);
                 let blocked = self.up_blocked_until.is_some_and(|t| now < t);
-                if now.saturating_duration_since(since) >= UP_HOLD && !blocked {
+                if now.saturating_duration_since(since) >= UP_HOLD && !blocked && carried {
                     self.above_since = None;
                     self.last_up = Some(now);
+                    // From here the link carries the step itself: a fall is
+                    // the link's, and down goes at once again.
+                    self.padded_until = None;
                     self.cause = Cause::Bandwidth;
                     // The highest layer that fits with headroom: after a
                     // probe the budget can carry two steps at once.
@@ -476,8 +536,9 @@ impl LayerChoice {
     /// overuse the estimator falls to 0.85 times the acked rate, so a
     /// subscriber whose keyframes and quiet frames left gaps would fall below
     /// its own layer after one probe that overshot. While the budget already
-    /// allows the next layer (the hold before going up) that layer's rate is
-    /// sustained; otherwise the layer forwarded now. The rate to probe for is
+    /// allows a step up (the hold before it) the rate of the layer the step
+    /// goes to is sustained, and [`PAD_GRACE`] starts; otherwise the layer
+    /// forwarded now. The rate to probe for is
     /// the top layer's for [`PROBE_FOR`] every backoff period, else the
     /// current layer's.
     pub fn bwe_want(&mut self, now: Instant, budget: u64, active: &[(Rid, u64)]) -> (u64, u64) {
@@ -490,10 +551,20 @@ impl LayerChoice {
             // On the top layer: nothing to probe for.
             return (current, with_headroom(current));
         };
-        let sustain = if !blocked && with_headroom(next) <= budget {
-            with_headroom(next)
-        } else {
-            current
+        // The layer a step up would go to: the highest that fits with
+        // headroom (two steps after a probe), and the padding sustains its
+        // rate, so the hold before the step tests the link at what the step
+        // will send.
+        let step = active
+            .iter()
+            .rposition(|(_, b)| with_headroom(*b) <= budget)
+            .filter(|i| *i > cur);
+        let sustain = match step {
+            Some(i) if !blocked => {
+                self.padded_until = Some(now + PAD_GRACE);
+                with_headroom(active[i].1)
+            }
+            _ => current,
         };
         // Probe: ask for the top layer's rate for PROBE_FOR, every backoff
         // period. Raising the desired rate above the estimate is what makes
@@ -573,7 +644,7 @@ mod tests {
         // The same budget with the peer losing 6%: h does not fit, down.
         let mut lossy = c.clone();
         assert_eq!(
-            lossy.decide_with_loss(t1, backoff, 0.06, &layers()),
+            lossy.decide_with_loss(t1, backoff, 0.06, true, &layers()),
             Some(Rid::from("q"))
         );
         // Below KEEP of h (350 kbit/s): down, to q, which fits whole.
@@ -667,6 +738,88 @@ mod tests {
         assert!(!want_changed((100, 1000), (110, 1100)));
         assert!(want_changed((100, 1000), (100, 1500)));
         assert!(want_changed((0, 1000), (1, 1000)));
+    }
+
+    /// Padding tests the link at the rate of the step it is for: two steps
+    /// when the budget allows them. A fall of the budget while, or up to
+    /// PAD_GRACE after, padding keeps the current layer and counts a failed
+    /// step up; after the grace, or after the step itself, down goes at once.
+    #[test]
+    fn a_fall_that_the_padding_caused_keeps_the_layer() {
+        let t0 = Instant::now();
+        let l = layers();
+        // On q, a probe read 5 Mbit/s: the padding is for f, not h.
+        let mut c = forwarding(t0, 200_000, "q");
+        assert_eq!(
+            c.bwe_want(t0, 5_000_000, &l).0,
+            (1_500_000_f64 * HEADROOM) as u64
+        );
+        // On h the same; the padding overshoots and the estimate falls below
+        // h: h is kept, and the next padding waits out a doubled backoff.
+        let mut c = forwarding(t0, 700_000, "h");
+        assert_eq!(
+            c.bwe_want(t0, 5_000_000, &l).0,
+            (1_500_000_f64 * HEADROOM) as u64
+        );
+        assert_eq!(c.decide(t0, 5_000_000, &l), None);
+        let t1 = t0 + Duration::from_millis(1500);
+        assert_eq!(c.decide(t1, 200_000, &l), None);
+        assert_eq!(c.current, Some(Rid::from("h")));
+        assert_eq!(c.bwe_want(t1, 5_000_000, &l).0, 500_000);
+        let t2 = t1 + Duration::from_millis(3500);
+        assert_eq!(c.bwe_want(t2, 5_000_000, &l).0, 500_000, "blocked");
+        // Once the backoff (4 s) is over: padding for f, then f.
+        let t3 = t1 + Duration::from_millis(4100);
+        assert_eq!(
+            c.bwe_want(t3, 2_000_000, &l).0,
+            (1_500_000_f64 * HEADROOM) as u64
+        );
+        assert_eq!(c.decide(t3, 2_000_000, &l), None);
+        let t4 = t3 + UP_HOLD;
+        assert_eq!(c.decide(t4, 2_000_000, &l), Some(Rid::from("f")));
+        c.admit_frame(Rid::from("f"), true);
+        // On f the link carries the step: a fall now is the link's.
+        assert_eq!(
+            c.decide(t4 + Duration::from_millis(100), 200_000, &l),
+            Some(Rid::from("q"))
+        );
+        // PAD_GRACE after the last padding, a fall goes down at once too.
+        let mut c = forwarding(t0, 700_000, "h");
+        c.bwe_want(t0, 2_000_000, &l);
+        let late = t0 + PAD_GRACE + Duration::from_millis(10);
+        assert_eq!(c.decide(late, 200_000, &l), Some(Rid::from("q")));
+    }
+
+    /// A step up waits until the link carried the padding for it; the
+    /// rate sent is measured over the stats events of the last second.
+    #[test]
+    fn a_step_up_waits_for_the_link_to_carry_the_padding() {
+        let t0 = Instant::now();
+        let l = layers();
+        let mut c = forwarding(t0, 700_000, "h");
+        assert_eq!(c.decide_with_loss(t0, 2_000_000, 0.0, false, &l), None);
+        let t1 = t0 + UP_HOLD;
+        assert_eq!(c.decide_with_loss(t1, 2_000_000, 0.0, false, &l), None);
+        assert_eq!(
+            c.decide_with_loss(t1 + Duration::from_millis(100), 2_000_000, 0.0, true, &l),
+            Some(Rid::from("f"))
+        );
+        // 100 kB a second, in stats events every 100 ms.
+        let mut w = LossWatch::default();
+        assert_eq!(w.sent_rate(), None);
+        for i in 0..=10u64 {
+            w.on_stats(t0 + Duration::from_millis(100 * i), 10_000 * i, Some(0.0));
+        }
+        assert_eq!(w.sent_rate(), Some(800_000));
+        // Only the last second counts: the rate halves, so does the measure.
+        for i in 11..=20u64 {
+            w.on_stats(
+                t0 + Duration::from_millis(100 * i),
+                100_000 + 5_000 * (i - 10),
+                Some(0.0),
+            );
+        }
+        assert_eq!(w.sent_rate(), Some(400_000));
     }
 
     #[test]

@@ -211,6 +211,8 @@ pub struct Session {
     pub loss: super::layers::LossWatch,
     /// The desired rate last asked of the estimator (bit/s).
     pub asked_desired: u64,
+    /// The minimum rate last asked of the estimator (bit/s), and since when.
+    pub asked_minimum: (u64, Instant),
     /// The estimate comes from TWCC (else REMB reports stand in).
     pub twcc: bool,
     /// Let into the call. Citizens start in the waiting room (`false`) until
@@ -347,6 +349,26 @@ impl Session {
         estimate.saturating_sub(audio * super::core::AUDIO_BUDGET) / video
     }
 
+    /// Whether the link carried the minimum rate asked of the estimator
+    /// (padding included) over the last [`CARRIED_OVER`] with little loss:
+    /// what a step up waits for. Without TWCC (a peer that reports REMB
+    /// only) str0m neither estimates nor pads: nothing to wait for.
+    ///
+    /// [`CARRIED_OVER`]: super::layers::CARRIED_OVER
+    pub fn carried(&self, now: Instant) -> bool {
+        use super::layers::{CARRIED_OVER, CARRIED_SHARE, KEEP_LOSS};
+        let (asked, since) = self.asked_minimum;
+        if !self.twcc {
+            return true;
+        }
+        now.saturating_duration_since(since) >= CARRIED_OVER
+            && self.loss.window_loss() <= KEEP_LOSS
+            && self
+                .loss
+                .sent_rate()
+                .is_some_and(|r| r as f64 >= CARRIED_SHARE * asked as f64)
+    }
+
     /// Tell the bandwidth estimator what this session's video asks for: the
     /// sum over its tracks of [`TrackOut::bwe_want`], plus audio. Sustaining
     /// the next layer's rate with padding while going up keeps the acked
@@ -388,6 +410,9 @@ impl Session {
         }
         tracing::debug!(parent: &self.span, minimum, desired, estimate = est, restart, "bwe want");
         self.asked_desired = desired;
+        if minimum != self.asked_minimum.0 {
+            self.asked_minimum = (minimum, now);
+        }
         self.rtc.bwe().set_bitrate(
             str0m::bwe::Bitrate::bps(minimum),
             str0m::bwe::Bitrate::bps(desired),
