@@ -120,9 +120,13 @@ pub struct Report {
     /// that does not count them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_receive_dropped: Option<f64>,
+    /// The load generator's own CPU over the hold, the same window as
+    /// `server_cpu_seconds` (so the two compare).
     pub bench_cpu_seconds: f64,
-    /// The bench's own CPU over the cores it had, percent: above 80 the
-    /// load generator may have been the bottleneck.
+    /// The same over the whole run, joins included.
+    pub bench_cpu_seconds_run: f64,
+    /// `bench_cpu_seconds` over the cores it had during the hold, percent:
+    /// above 80 the load generator may have been the bottleneck.
     pub bench_cpu_pct: f64,
     /// Server and load generator together over the hold, percent of this
     /// machine's cores; absent when the server runs on another machine.
@@ -176,7 +180,7 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         })
         .count();
     let cores = crate::run::cores() as f64;
-    let bench_cpu_pct = 100.0 * o.bench_cpu_seconds / (o.wall.as_secs_f64() * cores).max(1e-9);
+    let bench_cpu_pct = 100.0 * o.bench_cpu_seconds / (o.hold_seconds * cores).max(1e-9);
     Report {
         scenario: scenario.into(),
         target: target.into(),
@@ -215,6 +219,7 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
             / o.server_cpu_seconds.max(1e-9),
         server_receive_dropped: o.server_receive_dropped,
         bench_cpu_seconds: o.bench_cpu_seconds,
+        bench_cpu_seconds_run: o.bench_cpu_seconds_run,
         bench_cpu_pct,
         machine_cpu_pct: o.machine_cpu_pct,
         bench_saturated: saturated(bench_cpu_pct, o.machine_cpu_pct),
@@ -318,8 +323,10 @@ pub fn markdown(r: &Report) -> String {
         (
             "load generator CPU",
             format!(
-                "{:.1}%{}",
+                "{:.1}% ({:.1} CPU s over the hold, {:.1} over the run){}",
                 r.bench_cpu_pct,
+                r.bench_cpu_seconds,
+                r.bench_cpu_seconds_run,
                 match (r.bench_saturated, r.machine_cpu_pct) {
                     (false, _) => String::new(),
                     (true, Some(m)) if r.bench_cpu_pct <= GENERATOR_FULL_PCT => format!(

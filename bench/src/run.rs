@@ -170,7 +170,12 @@ pub struct Outcome {
     /// (None when the server runs elsewhere).
     pub machine_cpu_pct: Option<f64>,
     pub server_rss_bytes: u64,
+    /// The bench's own CPU over the hold: the window of `server_cpu_seconds`.
     pub bench_cpu_seconds: f64,
+    /// How long the hold (the window of both CPU figures) lasted.
+    pub hold_seconds: f64,
+    /// The bench's own CPU over the whole run, joins included.
+    pub bench_cpu_seconds_run: f64,
     pub wall: Duration,
     pub join_errors: Vec<String>,
     /// UDP datagrams the server says it sent while the calls were held
@@ -612,7 +617,9 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
             100.0 * (used.cpu + used.bench_cpu) / (used.seconds * cores() as f64).max(1e-9)
         }),
         server_rss_bytes,
-        bench_cpu_seconds: cpu_seconds(Some(std::process::id())) - bench0,
+        bench_cpu_seconds: used.bench_cpu,
+        hold_seconds: used.seconds,
+        bench_cpu_seconds_run: cpu_seconds(Some(std::process::id())) - bench0,
         wall: t0.elapsed(),
         join_errors,
         packets_sent: used.sent,
