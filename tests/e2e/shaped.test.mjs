@@ -46,6 +46,24 @@ async function timeUntil(page, ok, ms, what) {
   throw new Error(`timed out after ${ms} ms: ${what} (last: ${JSON.stringify(last)})`);
 }
 
+/** Poll every 100 ms until the decoded width has been `width` for `holdMs`; seconds taken. */
+async function heldFor(page, width, holdMs, ms, what) {
+  const start = Date.now();
+  let since = null;
+  let last;
+  while (Date.now() - start < ms) {
+    last = await inbound(page);
+    if (last.frameWidth === width) {
+      since ??= Date.now();
+      if (Date.now() - since >= holdMs) return (Date.now() - start) / 1000;
+    } else {
+      since = null;
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`timed out after ${ms} ms: ${what} (last: ${JSON.stringify(last)})`);
+}
+
 /** The publisher's bitrate per simulcast layer (kbit/s) over 2 s. */
 async function layerRates(page) {
   const sample = () => page.evaluate(async () => {
@@ -114,7 +132,12 @@ test('on a shaped downlink the subscriber drops to the low layer fast and climbs
     await net.shape(midCap);
     mark(`cap ${midCap}`);
     const mid = await timeUntil(subp, (w) => w === 640, 30000, `the middle layer at ${midCap} kbit/s`);
-    // Once on h, how much of the next 20 s does it stay there?
+    // The first h may be the way down from f: the cap cuts f's queue, the
+    // loss of that moment can send the subscriber on to q, and it comes
+    // back to h a few seconds later (the simulator's tests see the same).
+    // The hold is measured from when h has stayed 2 s.
+    const settled = await heldFor(subp, 640, 2000, 30000, `h held for 2 s at ${midCap} kbit/s`);
+    // Once settled on h, how much of the next 20 s does it stay there?
     let onH = 0;
     let samples = 0;
     const end = Date.now() + 20000;
@@ -126,7 +149,8 @@ test('on a shaped downlink the subscriber drops to the low layer fast and climbs
     console.log(`shaped link: f on the open link after ${open.toFixed(1)} s; `
       + `300 kbit/s -> q shown after ${down.map((t) => t.toFixed(2)).join(', ')} s; `
       + `lifted -> f shown after ${up.map((t) => t.toFixed(1)).join(', ')} s; `
-      + `${midCap} kbit/s -> h after ${mid.toFixed(1)} s, then on h ${Math.round((100 * onH) / samples)}% of 20 s`);
+      + `${midCap} kbit/s -> h after ${mid.toFixed(1)} s, held 2 s ${settled.toFixed(1)} s later, `
+      + `then on h ${Math.round((100 * onH) / samples)}% of 20 s`);
     // BALIE_E2E_LOG=1 shows the layer decisions of a run that passed too.
     if (process.env.BALIE_E2E_LOG) {
       console.log(`link changes: ${events.join(', ')}`);
