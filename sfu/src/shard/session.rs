@@ -211,7 +211,8 @@ pub struct Session {
     pub loss: super::layers::LossWatch,
     /// The desired rate last asked of the estimator (bit/s).
     pub asked_desired: u64,
-    /// The minimum rate last asked of the estimator (bit/s), and since when.
+    /// The minimum rate last asked of the estimator (bit/s), and since when
+    /// it was last raised.
     pub asked_minimum: (u64, Instant),
     /// The estimate comes from TWCC (else REMB reports stand in).
     pub twcc: bool,
@@ -410,8 +411,12 @@ impl Session {
         }
         tracing::debug!(parent: &self.span, minimum, desired, estimate = est, restart, "bwe want");
         self.asked_desired = desired;
-        if minimum != self.asked_minimum.0 {
+        // A higher minimum must be carried for a while before it counts; a
+        // lower one is carried by what carried the higher.
+        if minimum > self.asked_minimum.0 {
             self.asked_minimum = (minimum, now);
+        } else {
+            self.asked_minimum.0 = minimum;
         }
         self.rtc.bwe().set_bitrate(
             str0m::bwe::Bitrate::bps(minimum),
