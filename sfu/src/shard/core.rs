@@ -256,6 +256,9 @@ pub struct ShardCore {
     by_ufrag: HashMap<String, SessionId>,
     timers: TimerQueue,
     transmits: VecDeque<Transmit>,
+    /// What sessions still connecting (ICE and DTLS) send: handed out first,
+    /// and by [`Self::poll_urgent`] while the driver is still reading.
+    urgent: VecDeque<Transmit>,
     events: VecDeque<ShardEvent>,
     /// Sessions written to since they were last polled.
     dirty: Vec<SessionId>,
@@ -286,6 +289,7 @@ impl ShardCore {
             by_ufrag: HashMap::new(),
             timers: TimerQueue::default(),
             transmits: VecDeque::new(),
+            urgent: VecDeque::new(),
             events: VecDeque::new(),
             dirty: Vec::new(),
             renegotiate: HashSet::new(),
@@ -377,6 +381,9 @@ impl ShardCore {
 
     /// Next output: transmits first, then events, then the next timeout.
     pub fn poll_output(&mut self) -> ShardOutput {
+        if let Some(t) = self.urgent.pop_front() {
+            return ShardOutput::Transmit(t);
+        }
         if let Some(t) = self.transmits.pop_front() {
             return ShardOutput::Transmit(t);
         }
@@ -391,6 +398,15 @@ impl ShardCore {
             // Nothing scheduled: wake up now and then anyway.
             None => ShardOutput::Timeout(Instant::now() + Duration::from_secs(1)),
         }
+    }
+
+    /// A datagram of a session still connecting (a STUN answer, a DTLS
+    /// flight), if any: the driver sends these after each batch it reads,
+    /// before it has read the socket empty. Under load a read cycle takes
+    /// hundreds of milliseconds, and a join waits for several round trips;
+    /// everything else waits for the end of the cycle, in one go.
+    pub fn poll_urgent(&mut self) -> Option<Transmit> {
+        self.urgent.pop_front()
     }
 
     // ---- input handling ------------------------------------------------------
@@ -717,7 +733,12 @@ impl ShardCore {
             return;
         };
         let mut events = std::mem::take(&mut self.scratch);
-        let outcome = sess.drive(&mut self.transmits, &mut events);
+        let out = if sess.connected {
+            &mut self.transmits
+        } else {
+            &mut self.urgent
+        };
+        let outcome = sess.drive(out, &mut events);
         if let Drive::Timeout(t) = outcome {
             let t = if sess.rtc.last_timeout_reason() == str0m::Reason::BweDelayControl
                 && !sess.tracks_out.iter().any(|t| t.kind == MediaKind::Video)

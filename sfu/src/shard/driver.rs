@@ -253,6 +253,14 @@ async fn run(
                             });
                         }
                     }
+                    // Answer connecting peers now, not after the rest of
+                    // the queue (see ShardCore::poll_urgent).
+                    while let Some(t) = core.poll_urgent() {
+                        out.push(t);
+                    }
+                    if !out.is_empty() {
+                        send_batch(&socket, &state, &mut out, &mut gso, &metrics).await;
+                    }
                     if n < quinn_udp::BATCH_SIZE {
                         break;
                     }

@@ -115,6 +115,9 @@ pub struct Sim {
     pub shard_busy: Duration,
     /// Datagrams the shard core sent.
     pub shard_sent: u64,
+    /// Of those, the ones the shard handed out as urgent (sessions still
+    /// connecting), as the driver takes them after each batch it reads.
+    pub shard_urgent: u64,
     setup: SessionSetup,
     net: BinaryHeap<Reverse<InFlight>>,
     seq: u64,
@@ -146,6 +149,7 @@ impl Sim {
             metrics,
             shard_busy: Duration::ZERO,
             shard_sent: 0,
+            shard_urgent: 0,
             setup,
             net: BinaryHeap::new(),
             seq: 0,
@@ -277,6 +281,13 @@ impl Sim {
 
     /// Move every output of the shard and the peers onto the links.
     fn collect(&mut self) {
+        while let Some(t) = self.shard.poll_urgent() {
+            self.shard_sent += 1;
+            self.shard_urgent += 1;
+            if let Some(i) = self.peer_index(t.destination) {
+                self.send(i, false, t.source, t.destination, t.contents.to_vec());
+            }
+        }
         loop {
             let t0 = Instant::now();
             let output = self.shard.poll_output();
@@ -487,6 +498,26 @@ mod tests {
             per_session_second < 2.0,
             "{per_session_second:.1} timer wake-ups per session and second"
         );
+    }
+
+    /// What the shard sends a peer still connecting (STUN answers, DTLS
+    /// flights) is handed out as urgent, for the driver to send before it
+    /// has read its socket empty; nothing of a connected call is.
+    #[test]
+    fn connecting_peers_are_answered_first() {
+        let mut s = sim();
+        let a = s.join("r", Sim::claims("r", "a", Role::Official), Join::Api);
+        let b = s.join("r", Sim::claims("r", "b", Role::Interpreter), Join::Api);
+        assert!(s.run_until(Duration::from_secs(5), |s| {
+            s.peers[a].frames_from(s.peers[b].tag, MediaKind::Audio) > 0
+                && s.peers[b].frames_from(s.peers[a].tag, MediaKind::Audio) > 0
+        }));
+        let urgent = s.shard_urgent;
+        assert!(urgent >= 4, "ICE and DTLS answers to two peers: {urgent}");
+        let sent = s.shard_sent;
+        s.run_for(Duration::from_secs(3));
+        assert!(s.shard_sent > sent + 100, "the call goes on");
+        assert_eq!(s.shard_urgent, urgent, "a connected call is not urgent");
     }
 
     #[test]
