@@ -46,12 +46,13 @@ pub const KEEP: f64 = 0.7;
 /// that carries 5% less than is sent the estimate settles near the link's
 /// rate, above `KEEP` of the layer, and only the loss says it does not fit.)
 pub const KEEP_LOSS: f32 = 0.05;
-/// After padding up to the next layer's rate, how long a fall of the
+/// After padding up to the rate of the layer a step up would go to, how
+/// long a fall of the
 /// estimate below the current layer is blamed on the padding rather than the
 /// link: the layer is kept, and the attempt counts as a failed step up.
 /// A probe that passes a token-bucket shaper's burst (tc's `tbf burst`, a
 /// cellular policer) at its own rate reports several times what the link
-/// carries; padding up to the next layer on that estimate overshoots the
+/// carries; padding up to a higher layer on that estimate overshoots the
 /// link, and the estimator, on the delay and loss it caused, falls to a
 /// fraction of the link a second or two after the padding stopped (in
 /// Chromium behind a 691 kbit/s tbf: 1,135 kbit/s after a probe, 262
@@ -74,6 +75,14 @@ pub const PROBE_FOR: Duration = Duration::from_millis(1000);
 /// A layer's bitrate with [`HEADROOM`].
 pub fn with_headroom(bitrate: u64) -> u64 {
     (bitrate as f64 * HEADROOM) as u64
+}
+
+/// Where in `active` (lowest first) the highest layer that fits `budget`
+/// with [`HEADROOM`] stands: where a step up goes.
+fn highest_with_headroom(active: &[(Rid, u64)], budget: u64) -> Option<usize> {
+    active
+        .iter()
+        .rposition(|(_, b)| with_headroom(*b) <= budget)
 }
 
 /// Measurement window of layer bitrates.
@@ -402,10 +411,7 @@ impl LayerChoice {
         let fit = active.iter().rposition(|(_, b)| *b <= budget).unwrap_or(0);
         let keep = if loss <= KEEP_LOSS { KEEP } else { 1.0 };
         let holds = |i: usize| active[i].1 as f64 * keep <= budget as f64;
-        let up = active
-            .iter()
-            .rposition(|(_, b)| with_headroom(*b) <= budget)
-            .unwrap_or(0);
+        let up = highest_with_headroom(active, budget).unwrap_or(0);
         let wanted = self.target.or(self.current);
         let cur = if provisional {
             None
@@ -555,10 +561,7 @@ impl LayerChoice {
         // headroom (two steps after a probe), and the padding sustains its
         // rate, so the hold before the step tests the link at what the step
         // will send.
-        let step = active
-            .iter()
-            .rposition(|(_, b)| with_headroom(*b) <= budget)
-            .filter(|i| *i > cur);
+        let step = highest_with_headroom(active, budget).filter(|i| *i > cur);
         let sustain = match step {
             Some(i) if !blocked => {
                 self.padded_until = Some(now + PAD_GRACE);

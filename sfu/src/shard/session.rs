@@ -372,7 +372,7 @@ impl Session {
 
     /// Tell the bandwidth estimator what this session's video asks for: the
     /// sum over its tracks of [`TrackOut::bwe_want`], plus audio. Sustaining
-    /// the next layer's rate with padding while going up keeps the acked
+    /// with padding the rate of the layer a step up goes to keeps the acked
     /// bitrate near it, so one probe that overshoots does not drop the
     /// estimate to a fraction of what the link carries (the estimator falls
     /// back to the acked rate on overuse).

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use str0m::format::Codec;
+use str0m::net::Transmit;
 
 pub use fake_pool::FakePool;
 pub use peer::{check_frame, make_frame, Join, Peer, Received};
@@ -279,26 +280,26 @@ impl Sim {
         self.peers.iter().position(|p| p.addr == addr)
     }
 
+    /// A datagram the shard sent, onto its peer's downlink.
+    fn deliver(&mut self, t: Transmit) {
+        self.shard_sent += 1;
+        if let Some(i) = self.peer_index(t.destination) {
+            self.send(i, false, t.source, t.destination, t.contents.to_vec());
+        }
+    }
+
     /// Move every output of the shard and the peers onto the links.
     fn collect(&mut self) {
         while let Some(t) = self.shard.poll_urgent() {
-            self.shard_sent += 1;
             self.shard_urgent += 1;
-            if let Some(i) = self.peer_index(t.destination) {
-                self.send(i, false, t.source, t.destination, t.contents.to_vec());
-            }
+            self.deliver(t);
         }
         loop {
             let t0 = Instant::now();
             let output = self.shard.poll_output();
             self.shard_busy += t0.elapsed();
             match output {
-                ShardOutput::Transmit(t) => {
-                    self.shard_sent += 1;
-                    if let Some(i) = self.peer_index(t.destination) {
-                        self.send(i, false, t.source, t.destination, t.contents.to_vec());
-                    }
-                }
+                ShardOutput::Transmit(t) => self.deliver(t),
                 ShardOutput::Event(e) => self.events.push(e),
                 ShardOutput::Offload(cmd) => {
                     if let Some(p) = self.pool.as_mut() {
