@@ -25,6 +25,7 @@ pub struct Metrics {
     frames_forwarded: IntCounterVec,
     keyframe_requests: IntCounterVec,
     garbage: IntCounterVec,
+    early_checks: IntCounterVec,
     errors: IntCounterVec,
     http_errors: IntCounterVec,
     channel_messages: IntCounterVec,
@@ -65,6 +66,9 @@ pub struct ShardMetrics {
     pub keyframe_requests: IntCounter,
     /// Datagrams that belong to no session or do not parse.
     pub garbage: IntCounter,
+    /// STUN checks that arrived before their session reached the shard,
+    /// held and answered once it did.
+    pub early_checks: IntCounter,
     /// Sessions closed because str0m panicked inside them.
     pub err_rtc_panic: IntCounter,
     /// Sessions closed because str0m returned an error.
@@ -221,6 +225,14 @@ impl Metrics {
                 shard,
             )
             .expect("valid metric"),
+            early_checks: IntCounterVec::new(
+                Opts::new(
+                    "early_checks_total",
+                    "STUN checks that arrived before their session reached the shard: held, and answered once it did.",
+                ),
+                shard,
+            )
+            .expect("valid metric"),
             errors: IntCounterVec::new(
                 Opts::new("errors_total", "Media plane errors by kind."),
                 &["shard", "kind"],
@@ -330,6 +342,7 @@ impl Metrics {
             Box::new(m.frames_forwarded.clone()),
             Box::new(m.keyframe_requests.clone()),
             Box::new(m.garbage.clone()),
+            Box::new(m.early_checks.clone()),
             Box::new(m.errors.clone()),
             Box::new(m.http_errors.clone()),
             Box::new(m.channel_messages.clone()),
@@ -368,6 +381,7 @@ impl Metrics {
                 .keyframe_requests
                 .with_label_values(&[s, "layer_switch"]),
             garbage: self.garbage.with_label_values(&[s]),
+            early_checks: self.early_checks.with_label_values(&[s]),
             err_rtc_panic: self.errors.with_label_values(&[s, "rtc_panic"]),
             err_rtc: self.errors.with_label_values(&[s, "rtc"]),
             err_send: self.errors.with_label_values(&[s, "send"]),

@@ -192,6 +192,7 @@ async fn run(
         id,
     );
 
+    let mut stopping = false;
     loop {
         // Drain the core's output.
         let deadline = loop {
@@ -253,6 +254,18 @@ async fn run(
                             });
                         }
                     }
+                    // Take in new sessions (and other commands) between
+                    // batches too: a client whose answer left with its
+                    // session's hand-over checks at once, and its check is
+                    // held until the session is here (see `Early` in the
+                    // core), not for the rest of the read.
+                    while let Ok(cmd) = commands.try_recv() {
+                        if matches!(cmd, Command::Stop) {
+                            stopping = true;
+                            break;
+                        }
+                        core.handle_input(ShardInput::Command(Instant::now(), cmd));
+                    }
                     // Answer connecting peers now, not after the rest of
                     // the queue (see ShardCore::poll_urgent).
                     while let Some(t) = core.poll_urgent() {
@@ -261,7 +274,7 @@ async fn run(
                     if !out.is_empty() {
                         send_batch(&socket, &state, &mut out, &mut gso, &metrics).await;
                     }
-                    if n < quinn_udp::BATCH_SIZE {
+                    if n < quinn_udp::BATCH_SIZE || stopping {
                         break;
                     }
                 }
@@ -269,6 +282,9 @@ async fn run(
             _ = tokio::time::sleep_until(deadline.into()) => {
                 core.handle_input(ShardInput::Timeout(Instant::now()));
             }
+        }
+        if stopping {
+            break;
         }
     }
     Ok(())

@@ -126,6 +126,8 @@ pub struct Sim {
     step: Duration,
     /// The transcoder pool, when the shard config has offload.
     pub pool: Option<FakePool>,
+    /// Sessions handed to the shard later (`join_late`).
+    late: Vec<(Instant, NewSession)>,
 }
 
 impl Sim {
@@ -157,6 +159,7 @@ impl Sim {
             rng: StdRng::seed_from_u64(seed),
             step: Duration::from_millis(1),
             pool: config_offload.then(FakePool::default),
+            late: Vec::new(),
         }
     }
 
@@ -171,6 +174,13 @@ impl Sim {
 
     /// Add a peer to `room`; returns its index. Links start at 10 ms, no loss.
     pub fn join(&mut self, room: &str, claims: Claims, join: Join) -> usize {
+        self.join_late(room, claims, join, Duration::ZERO)
+    }
+
+    /// Add a peer whose session reaches the shard `late` after the peer has
+    /// its answer (as when the shard is busy reading when the HTTP handler
+    /// hands the session over).
+    pub fn join_late(&mut self, room: &str, claims: Claims, join: Join, late: Duration) -> usize {
         let i = self.peers.len();
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, i as u8 + 1)), 6000);
         let (mut peer, offer) =
@@ -194,8 +204,12 @@ impl Sim {
             remote_ufrag: None,
             offer_received: self.now,
         };
-        self.shard
-            .handle_input(ShardInput::Command(self.now, Command::Add(Box::new(new))));
+        if late.is_zero() {
+            self.shard
+                .handle_input(ShardInput::Command(self.now, Command::Add(Box::new(new))));
+        } else {
+            self.late.push((self.now + late, new));
+        }
         self.peers.push(peer);
         self.sessions.push(id);
         let link = Link {
@@ -331,6 +345,11 @@ impl Sim {
     pub fn tick(&mut self) {
         self.now += self.step;
         let now = self.now;
+        while let Some(i) = self.late.iter().position(|(at, _)| *at <= now) {
+            let (_, new) = self.late.swap_remove(i);
+            self.shard
+                .handle_input(ShardInput::Command(now, Command::Add(Box::new(new))));
+        }
         while self.net.peek().is_some_and(|Reverse(p)| p.at <= now) {
             let Some(Reverse(p)) = self.net.pop() else {
                 break;
@@ -519,6 +538,92 @@ mod tests {
         s.run_for(Duration::from_secs(3));
         assert!(s.shard_sent > sent + 100, "the call goes on");
         assert_eq!(s.shard_urgent, urgent, "a connected call is not urgent");
+    }
+
+    /// A client checks as soon as it has the answer, and the session can
+    /// reach the shard after that check: the check is held and answered
+    /// then, not dropped for the client to retransmit 250 ms later.
+    #[test]
+    fn a_check_before_its_session_is_answered_when_the_session_comes() {
+        let mut s = sim();
+        let late = Duration::from_millis(40);
+        s.join_late("r", Sim::claims("r", "a", Role::Official), Join::Api, late);
+        let t0 = s.now;
+        assert!(s.run_until(Duration::from_secs(3), |s| {
+            s.events
+                .iter()
+                .any(|e| matches!(e, ShardEvent::SessionConnected { .. }))
+        }));
+        let took = s.now - t0;
+        let m = s.metrics.render();
+        assert!(m.contains("balie_early_checks_total{shard=\"0\"} 1"), "{m}");
+        assert!(
+            m.contains("balie_garbage_datagrams_total{shard=\"0\"} 0"),
+            "{m}"
+        );
+        assert!(
+            took < late + Duration::from_millis(150),
+            "connected {took:?} after the answer"
+        );
+    }
+
+    /// A STUN binding request from `username` (its integrity made with a
+    /// password no session has).
+    fn stun_request(username: &str) -> Vec<u8> {
+        use str0m::ice::{StunMessage, TransId};
+        let msg = StunMessage::binding_request(username, TransId::new(), true, 1, 1, false);
+        let mut buf = vec![0u8; 1500];
+        let n = msg
+            .to_bytes(Some(b"password"), &mut buf, |_, _| [0; 20])
+            .expect("a STUN request fits");
+        buf.truncate(n);
+        buf
+    }
+
+    /// Checks naming no session are held a while and then counted as
+    /// garbage; a spray of them holds at most `EARLY_MAX`, and the calls
+    /// on the shard go on.
+    #[test]
+    fn checks_for_no_session_are_held_briefly_then_counted_as_garbage() {
+        let mut s = sim();
+        let a = s.join("r", Sim::claims("r", "a", Role::Official), Join::Api);
+        let b = s.join("r", Sim::claims("r", "b", Role::Interpreter), Join::Api);
+        s.run_for(Duration::from_secs(2));
+        let garbage = |s: &Sim| {
+            crate::metrics::family_sum(&s.metrics.render(), "balie_garbage_datagrams_total", &[])
+        };
+        let stranger = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 9, 9)), 7000);
+        let check = stun_request("nobody00:peer0000");
+        assert!(str0m::ice::StunMessage::parse(&check).is_ok_and(|m| m.is_binding_request()));
+        let now = s.now;
+        s.shard.handle_input(ShardInput::Datagram {
+            now,
+            source: stranger,
+            destination: s.shard_addr,
+            data: &check,
+        });
+        assert_eq!(garbage(&s), 0.0, "held, not yet garbage");
+        s.run_for(Duration::from_millis(2500));
+        assert_eq!(garbage(&s), 1.0, "garbage once its session did not come");
+        for i in 0..1000u32 {
+            let check = stun_request(&format!("x{i:07}:peer0000"));
+            let now = s.now;
+            s.shard.handle_input(ShardInput::Datagram {
+                now,
+                source: stranger,
+                destination: s.shard_addr,
+                data: &check,
+            });
+        }
+        assert_eq!(garbage(&s), 1.0 + 1000.0 - 256.0, "at most 256 held");
+        let before = s.peers[a].frames_from(s.peers[b].tag, MediaKind::Audio);
+        s.run_for(Duration::from_secs(3));
+        assert_eq!(garbage(&s), 1001.0, "all counted in the end");
+        assert!(s.peers[a].frames_from(s.peers[b].tag, MediaKind::Audio) > before + 100);
+        assert!(!s
+            .metrics
+            .render()
+            .contains("balie_early_checks_total{shard=\"0\"} 1"));
     }
 
     #[test]
