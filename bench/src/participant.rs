@@ -20,7 +20,7 @@ use str0m::media::{
     Direction, Frequency, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer,
 };
 use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
 use crate::impair::Impair;
 use crate::media::{Clip, FPS};
@@ -46,6 +46,8 @@ pub struct Stats {
     pub join: Option<Duration>,
     /// Offer sent to the server's answer received (signalling alone).
     pub answer: Option<Duration>,
+    /// Offer sent to ICE connected (a pair checked both ways; DTLS follows).
+    pub ice: Option<Duration>,
     /// Offer sent to the first video frame received.
     pub first_frame: Option<Duration>,
     pub frames_received: u64,
@@ -53,6 +55,11 @@ pub struct Stats {
     pub bytes_received: u64,
     pub frames_sent: u64,
     pub audio_packets_sent: u64,
+    /// Media sends (audio packets, video frames) that left over
+    /// [`LATE_SEND`] behind their schedule: the generator fell behind.
+    pub late_sends: u64,
+    /// The most any media send was behind its schedule.
+    pub max_send_lag: Duration,
     /// Gaps over [`FREEZE`] between video frames of one track.
     pub freezes: u64,
     /// End-to-end video frame latency, milliseconds.
@@ -72,7 +79,18 @@ pub struct Stats {
     pub media_packets_received: u64,
 }
 
+/// A media send later than this behind its schedule counts as late
+/// ([`Stats::late_sends`]).
+pub const LATE_SEND: Duration = Duration::from_millis(20);
+
 impl Stats {
+    fn send_lag(&mut self, lag: Duration) {
+        if lag > LATE_SEND {
+            self.late_sends += 1;
+        }
+        self.max_send_lag = self.max_send_lag.max(lag);
+    }
+
     /// One participant's connections as one: joined when the last one
     /// connected (all count from the participant's start), first frame on
     /// the first one's; the rest adds up.
@@ -82,6 +100,10 @@ impl Stats {
             _ => None,
         };
         self.answer = self.answer.or(o.answer);
+        self.ice = match (self.ice, o.ice) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
         self.first_frame = match (self.first_frame, o.first_frame) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -91,6 +113,8 @@ impl Stats {
         self.bytes_received += o.bytes_received;
         self.frames_sent += o.frames_sent;
         self.audio_packets_sent += o.audio_packets_sent;
+        self.late_sends += o.late_sends;
+        self.max_send_lag = self.max_send_lag.max(o.max_send_lag);
         self.freezes += o.freezes;
         self.latencies_ms.extend(o.latencies_ms);
         self.lost += o.lost;
@@ -563,6 +587,11 @@ impl Participant {
                 self.next_audio = now;
                 self.next_video = now;
             }
+            Event::IceConnectionStateChange(
+                IceConnectionState::Connected | IceConnectionState::Completed,
+            ) => {
+                self.stats.ice = self.stats.ice.or(Some(now - self.offer_at));
+            }
             Event::ChannelOpen(id, label) if label == "balie" => self.channel = Some(id),
             Event::ChannelData(d) => {
                 if let Ok(v) = serde_json::from_slice::<Value>(&d.data) {
@@ -731,9 +760,13 @@ impl Participant {
             }
         }
         let Some(start) = self.started else { return };
+        // How late each send is, by the clock (`now` is when the worker woke).
+        let wall = Instant::now();
         if let Some(mid) = self.audio_mid {
             let step = self.clip.audio_frame;
             while self.next_audio <= now && !self.clip.audio.is_empty() {
+                self.stats
+                    .send_lag(wall.saturating_duration_since(self.next_audio));
                 let i = self.audio_no % self.clip.audio.len();
                 let samples = (48_000u128 * step.as_micros() / 1_000_000) as u64;
                 let rtp =
@@ -756,6 +789,8 @@ impl Participant {
             return;
         }
         while self.next_video <= now {
+            self.stats
+                .send_lag(wall.saturating_duration_since(self.next_video));
             let n = self.clip.layers[0].frames.len();
             let i = self.frame_no % n;
             // The clip's frame i goes out at start + frame_no / FPS.

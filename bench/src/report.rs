@@ -81,6 +81,8 @@ pub struct Report {
     pub join_ms: Percentiles,
     /// Offer sent to the answer received: the signalling part of `join_ms`.
     pub answer_ms: Percentiles,
+    /// Offer sent to ICE connected: `join_ms` less the DTLS handshake.
+    pub ice_ms: Percentiles,
     pub first_frame_ms: Percentiles,
     pub e2e_latency_ms: Percentiles,
     /// Packets lost over packets expected by the receivers, percent: audio
@@ -132,10 +134,17 @@ pub struct Report {
     /// machine's cores; absent when the server runs on another machine.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub machine_cpu_pct: Option<f64>,
+    /// Media sends (audio packets, video frames) the generator made over
+    /// 20 ms behind their schedule, percent of all: its media workers yield
+    /// the CPU to the server on a shared machine, and this says whether
+    /// they still kept time.
+    pub bench_late_sends_pct: f64,
+    /// The most any media send was behind its schedule, milliseconds.
+    pub bench_max_send_lag_ms: f64,
     /// The generator may have held the figures back: it used over 80% of
     /// the cores, or it shares them with the server and the two used over
-    /// 90% together (then neither got all it asked for, and joins and
-    /// packets wait in queues on both sides).
+    /// 90% together (then neither got all it asked for, and packets wait in
+    /// queues on both sides), or over 1% of its media sends were late.
     pub bench_saturated: bool,
     pub wall_seconds: f64,
     /// Ramp mode only.
@@ -148,10 +157,15 @@ const GENERATOR_FULL_PCT: f64 = 80.0;
 /// Above this share server and generator together have filled the machine.
 const MACHINE_FULL_PCT: f64 = 90.0;
 
+/// Above this share of late media sends the generator did not keep time.
+const LATE_SENDS_PCT: f64 = 1.0;
+
 /// Whether the load generator may have held a run's figures back (see
 /// [`Report::bench_saturated`]).
-pub fn saturated(bench_cpu_pct: f64, machine_cpu_pct: Option<f64>) -> bool {
-    bench_cpu_pct > GENERATOR_FULL_PCT || machine_cpu_pct.is_some_and(|m| m > MACHINE_FULL_PCT)
+pub fn saturated(bench_cpu_pct: f64, machine_cpu_pct: Option<f64>, late_sends_pct: f64) -> bool {
+    bench_cpu_pct > GENERATOR_FULL_PCT
+        || machine_cpu_pct.is_some_and(|m| m > MACHINE_FULL_PCT)
+        || late_sends_pct > LATE_SENDS_PCT
 }
 
 /// Aggregate a run.
@@ -181,6 +195,8 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         .count();
     let cores = crate::run::cores() as f64;
     let bench_cpu_pct = 100.0 * o.bench_cpu_seconds / (o.hold_seconds * cores).max(1e-9);
+    let sends = sum(&|x| x.audio_packets_sent + x.frames_sent);
+    let bench_late_sends_pct = 100.0 * sum(&|x| x.late_sends) as f64 / sends.max(1) as f64;
     Report {
         scenario: scenario.into(),
         target: target.into(),
@@ -190,6 +206,7 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         join_errors: o.join_errors.clone(),
         join_ms: Percentiles::of(s.iter().filter_map(|p| ms(p.join)).collect()),
         answer_ms: Percentiles::of(s.iter().filter_map(|p| ms(p.answer)).collect()),
+        ice_ms: Percentiles::of(s.iter().filter_map(|p| ms(p.ice)).collect()),
         first_frame_ms: Percentiles::of(s.iter().filter_map(|p| ms(p.first_frame)).collect()),
         e2e_latency_ms: Percentiles::of(
             s.iter()
@@ -222,7 +239,12 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         bench_cpu_seconds_run: o.bench_cpu_seconds_run,
         bench_cpu_pct,
         machine_cpu_pct: o.machine_cpu_pct,
-        bench_saturated: saturated(bench_cpu_pct, o.machine_cpu_pct),
+        bench_late_sends_pct,
+        bench_max_send_lag_ms: s
+            .iter()
+            .map(|p| p.max_send_lag.as_secs_f64() * 1000.0)
+            .fold(0.0, f64::max),
+        bench_saturated: saturated(bench_cpu_pct, o.machine_cpu_pct, bench_late_sends_pct),
         wall_seconds: o.wall.as_secs_f64(),
         ramp: (!o.steps.is_empty()).then(|| Ramp {
             calls_held_at_quality: o
@@ -268,6 +290,10 @@ pub fn markdown(r: &Report) -> String {
         ("join failures", r.join_errors.len().to_string()),
         ("join ms (p50 / p95 / p99)", p(&r.join_ms)),
         ("of which answer ms (p50 / p95 / p99)", p(&r.answer_ms)),
+        (
+            "of which to ICE connected ms (p50 / p95 / p99)",
+            p(&r.ice_ms),
+        ),
         ("first frame ms (p50 / p95 / p99)", p(&r.first_frame_ms)),
         (
             "end-to-end latency ms (p50 / p95 / p99)",
@@ -337,6 +363,13 @@ pub fn markdown(r: &Report) -> String {
                 }
             ),
         ),
+        (
+            "load generator's media sends over 20 ms late",
+            format!(
+                "{:.2}% (the latest {:.0} ms behind)",
+                r.bench_late_sends_pct, r.bench_max_send_lag_ms
+            ),
+        ),
     ];
     let mut out = format!("| {} | |\n| --- | --- |\n", r.scenario);
     for (k, v) in rows {
@@ -379,9 +412,10 @@ mod tests {
     /// them and the server the rest; that is a full machine, not headroom.
     #[test]
     fn a_generator_starved_by_the_server_beside_it_counts_as_saturated() {
-        assert!(!saturated(48.0, Some(60.0)));
-        assert!(saturated(48.0, Some(100.5)));
-        assert!(saturated(85.0, None));
-        assert!(!saturated(48.0, None));
+        assert!(!saturated(48.0, Some(60.0), 0.0));
+        assert!(saturated(48.0, Some(100.5), 0.0));
+        assert!(saturated(85.0, None, 0.0));
+        assert!(!saturated(48.0, None, 0.5));
+        assert!(saturated(48.0, None, 1.5));
     }
 }

@@ -872,7 +872,12 @@ fn drive(rx: mpsc::Receiver<Participant>, stop: &AtomicBool, progress: &Progress
             break;
         }
         let now = Instant::now();
-        let next = due.iter().min().copied().unwrap_or(now);
+        // With no participant yet, wait the longest (not spin).
+        let next = due
+            .iter()
+            .min()
+            .copied()
+            .unwrap_or(now + Duration::from_millis(5));
         let wait = next
             .saturating_duration_since(now)
             .min(Duration::from_millis(5));

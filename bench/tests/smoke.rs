@@ -66,6 +66,11 @@ fn a_smoke_run_against_balie_reports_sane_values() {
         p("join_ms", "p50") > 0.0 && p("join_ms", "p99") < 5000.0,
         "{text}"
     );
+    // ICE connects after the answer and before DTLS (so before the join).
+    assert!(
+        p("ice_ms", "p50") >= p("answer_ms", "p50") && p("ice_ms", "p50") <= p("join_ms", "p50"),
+        "{text}"
+    );
     assert!(
         p("first_frame_ms", "p50") > 0.0 && p("first_frame_ms", "p99") < 10_000.0,
         "{text}"
@@ -97,6 +102,12 @@ fn a_smoke_run_against_balie_reports_sane_values() {
     let ratio = f("packets_received") / f("packets_forwarded");
     assert!(ratio > 0.8 && ratio < 1.2, "{text}");
     assert!(r["bench_saturated"].is_boolean());
+    // Whether the generator kept time (its media workers yield to the
+    // server): a share, and the worst lag, which a run always has some of.
+    assert!(
+        (0.0..=100.0).contains(&f("bench_late_sends_pct")) && f("bench_max_send_lag_ms") > 0.0,
+        "{text}"
+    );
     // The generator's CPU over the hold, as the server's, and over the run.
     assert!(
         f("bench_cpu_seconds") > 0.0 && f("bench_cpu_seconds_run") >= f("bench_cpu_seconds"),
