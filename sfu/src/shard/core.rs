@@ -570,8 +570,19 @@ impl ShardCore {
                             continue;
                         }
                     }
-                    if sess.deadline != Some(at) {
+                    if sess.scheduled != Some(at) {
                         continue; // stale entry
+                    }
+                    sess.scheduled = None;
+                    match sess.deadline {
+                        Some(d) if d > now => {
+                            // The deadline moved on since this entry.
+                            sess.scheduled = Some(d);
+                            self.timers.schedule(d, TimerKey::Session(sid));
+                            continue;
+                        }
+                        Some(_) => {}
+                        None => continue,
                     }
                     sess.deadline = None;
                     self.metrics.wakeups[wakeup_index(sess.rtc.last_timeout_reason())].inc();
@@ -670,6 +681,7 @@ impl ShardCore {
             stopping: Vec::new(),
             pending: None,
             deadline: None,
+            scheduled: None,
             disconnected_since: None,
             outbox: VecDeque::new(),
             admitted,
@@ -841,8 +853,9 @@ impl ShardCore {
             } else {
                 t
             };
-            if sess.deadline != Some(t) {
-                sess.deadline = Some(t);
+            sess.deadline = Some(t);
+            if sess.scheduled.is_none_or(|s| t < s) {
+                sess.scheduled = Some(t);
                 self.timers.schedule(t, TimerKey::Session(sid));
             }
         }

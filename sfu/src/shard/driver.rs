@@ -296,33 +296,75 @@ const DROPS_EVERY: Duration = Duration::from_secs(1);
 /// Datagrams the kernel dropped at a socket because its receive buffer was
 /// full: read from the socket's line in `/proc/self/net/udp` (or `udp6`),
 /// found by its inode (the `drops` column), and added to the shard's
-/// `balie_errors_total{kind="receive_dropped"}` once [`DROPS_EVERY`], on a
-/// thread of its own that ends when the socket is gone. Not a syscall on the
-/// socket: the workspace forbids `unsafe`, which `getsockopt(SO_MEMINFO)`
-/// needs. The table has a line per UDP socket of the network namespace: a
-/// few on a server node, but 17 ms a read where a load generator's 4,000
-/// sockets share it, which is why it is not read on the shard's thread.
+/// `balie_errors_total{kind="receive_dropped"}` once [`DROPS_EVERY`]. Not a
+/// syscall on the socket: the workspace forbids `unsafe`, which
+/// `getsockopt(SO_MEMINFO)` needs. The table has a line per UDP socket of
+/// the network namespace: a few on a server node, but 17 ms a read where a
+/// load generator's 4,000 sockets share it. So one thread of the process
+/// reads it for every shard (it was one per shard: 1.9% of the server's CPU
+/// at 1,000 audio calls beside the generator), never a shard's own thread.
+/// A socket that is gone from the table is no longer watched.
 fn watch_drops(inode: Option<String>, counter: prometheus::IntCounter, id: ShardId) {
     let Some(inode) = inode else {
         return;
     };
-    let spawned = thread::Builder::new()
-        .name(format!("balie-drops-{id}"))
-        .spawn(move || {
-            let mut seen = socket_drops(&inode).unwrap_or(0);
-            loop {
-                thread::sleep(DROPS_EVERY);
-                let Some(total) = socket_drops(&inode) else {
-                    return;
-                };
-                counter.inc_by(total.saturating_sub(seen));
-                seen = seen.max(total);
-            }
+    let seen = socket_drops(&inode).unwrap_or(0);
+    if let Ok(mut watched) = WATCHED.lock() {
+        watched.push(Watched {
+            inode,
+            counter,
+            seen,
         });
-    if let Err(e) = spawned {
-        tracing::warn!(shard = %id, "not counting receive drops: {e}");
     }
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let spawned = thread::Builder::new()
+            .name("balie-drops".into())
+            .spawn(|| loop {
+                thread::sleep(DROPS_EVERY);
+                read_drops();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(shard = %id, "not counting receive drops: {e}");
+        }
+    });
 }
+
+/// A socket whose drops are counted.
+struct Watched {
+    inode: String,
+    counter: prometheus::IntCounter,
+    seen: u64,
+}
+
+static WATCHED: std::sync::Mutex<Vec<Watched>> = std::sync::Mutex::new(Vec::new());
+
+/// Read the tables once and bring every watched counter up to date.
+fn read_drops() {
+    let Ok(mut watched) = WATCHED.lock() else {
+        return;
+    };
+    if watched.is_empty() {
+        return;
+    }
+    let mut tables: Vec<String> = Vec::new();
+    watched.retain_mut(|w| {
+        let mut total = tables.iter().find_map(|t| drops_of(t, &w.inode));
+        // The IPv6 table only when a socket is not in the IPv4 one.
+        while total.is_none() && tables.len() < UDP_TABLES.len() {
+            tables.push(std::fs::read_to_string(UDP_TABLES[tables.len()]).unwrap_or_default());
+            total = tables.last().and_then(|t| drops_of(t, &w.inode));
+        }
+        let Some(total) = total else {
+            return false;
+        };
+        w.counter.inc_by(total.saturating_sub(w.seen));
+        w.seen = w.seen.max(total);
+        true
+    });
+}
+
+const UDP_TABLES: [&str; 2] = ["/proc/self/net/udp", "/proc/self/net/udp6"];
 
 /// The inode of a socket (`socket:[N]` behind `/proc/self/fd`), Linux only.
 #[cfg(unix)]
@@ -339,7 +381,7 @@ fn socket_inode<T>(_: &T) -> Option<String> {
 
 /// The `drops` of the UDP socket with this inode.
 fn socket_drops(inode: &str) -> Option<u64> {
-    ["/proc/self/net/udp", "/proc/self/net/udp6"]
+    UDP_TABLES
         .iter()
         .filter_map(|table| std::fs::read_to_string(table).ok())
         .find_map(|text| drops_of(&text, inode))
@@ -461,22 +503,30 @@ mod tests {
         assert!(socket_drops(&inode).is_some_and(|d| d > 0));
     }
 
-    /// The watcher adds what the kernel drops after it starts to the
-    /// counter, from its own thread.
+    /// The watcher adds what the kernel drops after it starts to each
+    /// shard's counter, from one thread of its own.
     #[test]
     fn drops_reach_the_metric() {
-        let sock = bind_socket("127.0.0.1:0".parse().expect("address")).expect("socket");
-        let to = sock.local_addr().expect("address");
-        let counter = prometheus::IntCounter::new("t", "t").expect("counter");
-        watch_drops(socket_inode(&sock), counter.clone(), ShardId(0));
+        let socks: Vec<_> = (0..2)
+            .map(|_| bind_socket("127.0.0.1:0".parse().expect("address")).expect("socket"))
+            .collect();
+        let counters: Vec<_> = (0..2)
+            .map(|_| prometheus::IntCounter::new("t", "t").expect("counter"))
+            .collect();
+        for (i, (sock, counter)) in socks.iter().zip(&counters).enumerate() {
+            watch_drops(socket_inode(sock), counter.clone(), ShardId(i));
+        }
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("sender");
-        for _ in 0..20_000 {
-            let _ = sender.send_to(&[0u8; 1000], to);
+        for sock in &socks {
+            let to = sock.local_addr().expect("address");
+            for _ in 0..20_000 {
+                let _ = sender.send_to(&[0u8; 1000], to);
+            }
         }
         let deadline = Instant::now() + DROPS_EVERY * 3;
-        while counter.get() == 0 && Instant::now() < deadline {
+        while counters.iter().any(|c| c.get() == 0) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(50));
         }
-        assert!(counter.get() > 0);
+        assert!(counters.iter().all(|c| c.get() > 0));
     }
 }

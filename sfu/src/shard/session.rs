@@ -198,8 +198,13 @@ pub struct Session {
     pub stopping: Vec<Mid>,
     /// The server's offer in flight.
     pub pending: Option<SdpPendingOffer>,
-    /// The deadline this session holds in the shard's timer queue.
+    /// When str0m next wants this session woken.
     pub deadline: Option<Instant>,
+    /// The earliest entry this session has in the shard's timer queue (at
+    /// or before `deadline`): a deadline that moves later, as it does after
+    /// most datagrams, costs no new entry; the entry, when it comes up,
+    /// moves on to the deadline.
+    pub scheduled: Option<Instant>,
     /// Since when ICE has been disconnected.
     pub disconnected_since: Option<Instant>,
     /// Messages waiting for room in the data channel.
