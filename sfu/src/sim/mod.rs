@@ -341,6 +341,18 @@ impl Sim {
         }
     }
 
+    /// A datagram to the shard from an address that is no peer's.
+    pub fn from_stranger(&mut self, source: SocketAddr, data: &[u8]) {
+        let now = self.now;
+        self.shard.handle_input(ShardInput::Datagram {
+            now,
+            source,
+            destination: self.shard_addr,
+            data,
+        });
+        self.collect();
+    }
+
     /// Advance virtual time by one step (1 ms).
     pub fn tick(&mut self) {
         self.now += self.step;
@@ -595,25 +607,12 @@ mod tests {
         let stranger = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 9, 9)), 7000);
         let check = stun_request("nobody00:peer0000");
         assert!(str0m::ice::StunMessage::parse(&check).is_ok_and(|m| m.is_binding_request()));
-        let now = s.now;
-        s.shard.handle_input(ShardInput::Datagram {
-            now,
-            source: stranger,
-            destination: s.shard_addr,
-            data: &check,
-        });
+        s.from_stranger(stranger, &check);
         assert_eq!(garbage(&s), 0.0, "held, not yet garbage");
         s.run_for(Duration::from_millis(2500));
         assert_eq!(garbage(&s), 1.0, "garbage once its session did not come");
         for i in 0..1000u32 {
-            let check = stun_request(&format!("x{i:07}:peer0000"));
-            let now = s.now;
-            s.shard.handle_input(ShardInput::Datagram {
-                now,
-                source: stranger,
-                destination: s.shard_addr,
-                data: &check,
-            });
+            s.from_stranger(stranger, &stun_request(&format!("x{i:07}:peer0000")));
         }
         assert_eq!(garbage(&s), 1.0 + 1000.0 - 256.0, "at most 256 held");
         let before = s.peers[a].frames_from(s.peers[b].tag, MediaKind::Audio);
