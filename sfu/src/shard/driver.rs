@@ -94,8 +94,13 @@ pub fn spawn(
     })
 }
 
-/// The socket buffers a shard asks for, each way.
-const SOCKET_BUFFER: usize = 4 << 20;
+/// The socket buffers a shard asks for, each way. At 2,000 audio calls on
+/// two cores shared with the load generator a shard is now and then kept
+/// from reading longer than 4 MiB lasts (about 150 ms there): the kernel
+/// dropped up to 77,000 datagrams a run, and a join that lost a handshake
+/// datagram waited for DTLS's 1 s retransmission. With 8 MiB, five runs
+/// dropped nothing (docs/benchmarks.md, 2026-11-30 e).
+const SOCKET_BUFFER: usize = 8 << 20;
 
 /// What to tell the operator when the kernel granted less than
 /// [`SOCKET_BUFFER`], from the sizes `SO_RCVBUF` and `SO_SNDBUF` read back
@@ -495,7 +500,7 @@ mod tests {
         let inode = socket_inode(&sock).expect("a socket's inode");
         assert_eq!(socket_drops(&inode), Some(0));
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("sender");
-        // Far more than the buffer (at most 4 MiB, each datagram costing
+        // Far more than the buffer (at most 8 MiB, each datagram costing
         // more than its kilobyte there): nothing reads `sock`.
         for _ in 0..20_000 {
             let _ = sender.send_to(&[0u8; 1000], to);
