@@ -79,6 +79,11 @@ pub struct Stats {
     pub media_packets_received: u64,
 }
 
+/// When two connections both reached a point (the later one), or `None`.
+fn both_done(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    Some(a?.max(b?))
+}
+
 /// A media send later than this behind its schedule counts as late
 /// ([`Stats::late_sends`]).
 pub const LATE_SEND: Duration = Duration::from_millis(20);
@@ -95,15 +100,9 @@ impl Stats {
     /// connected (all count from the participant's start), first frame on
     /// the first one's; the rest adds up.
     pub fn merge(&mut self, o: Stats) {
-        self.join = match (self.join, o.join) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            _ => None,
-        };
+        self.join = both_done(self.join, o.join);
         self.answer = self.answer.or(o.answer);
-        self.ice = match (self.ice, o.ice) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            _ => None,
-        };
+        self.ice = both_done(self.ice, o.ice);
         self.first_frame = match (self.first_frame, o.first_frame) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

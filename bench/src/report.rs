@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::participant::Stats;
+use crate::participant::{Stats, LATE_SEND};
 use crate::run::Outcome;
 
 /// Percentiles of a distribution.
@@ -135,9 +135,8 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub machine_cpu_pct: Option<f64>,
     /// Media sends (audio packets, video frames) the generator made over
-    /// 20 ms behind their schedule, percent of all: its media workers yield
-    /// the CPU to the server on a shared machine, and this says whether
-    /// they still kept time.
+    /// [`LATE_SEND`] behind their schedule, percent of all: whether the
+    /// generator, which shares the cores with the server, kept time.
     pub bench_late_sends_pct: f64,
     /// The most any media send was behind its schedule, milliseconds.
     pub bench_max_send_lag_ms: f64,
@@ -364,10 +363,12 @@ pub fn markdown(r: &Report) -> String {
             ),
         ),
         (
-            "load generator's media sends over 20 ms late",
+            "load generator's media sends late",
             format!(
-                "{:.2}% (the latest {:.0} ms behind)",
-                r.bench_late_sends_pct, r.bench_max_send_lag_ms
+                "{:.2}% over {} ms (the latest {:.0} ms behind)",
+                r.bench_late_sends_pct,
+                LATE_SEND.as_millis(),
+                r.bench_max_send_lag_ms
             ),
         ),
     ];

@@ -102,8 +102,8 @@ fn a_smoke_run_against_balie_reports_sane_values() {
     let ratio = f("packets_received") / f("packets_forwarded");
     assert!(ratio > 0.8 && ratio < 1.2, "{text}");
     assert!(r["bench_saturated"].is_boolean());
-    // Whether the generator kept time (its media workers yield to the
-    // server): a share, and the worst lag, which a run always has some of.
+    // Whether the generator kept time: a share, and the worst lag, which a
+    // run always has some of.
     assert!(
         (0.0..=100.0).contains(&f("bench_late_sends_pct")) && f("bench_max_send_lag_ms") > 0.0,
         "{text}"
