@@ -125,6 +125,10 @@ test('on a shaped downlink the subscriber drops to the low layer fast and climbs
     // at 891 kbit/s for an f measured at 1,090 and f, drifted to about 735,
     // fitted under it without loss for 30 s; 10% above h's need left h
     // reached only after 20.9 s in one run.)
+    // 6 s on f before this cap too (4 s here, 2 s measuring the rates):
+    // a cap 2 s after the step up to f counts as a failed step and the way
+    // to h then waits out a backoff (4-16 s after earlier failed steps).
+    await new Promise((r) => setTimeout(r, 4000));
     const now = await layerRates(pub);
     console.log(`publisher layers before the middle cap (kbit/s): ${JSON.stringify(now)}`);
     const hNeeds = (now.h[0] * 1.15 + 48) / 0.85;
