@@ -1,13 +1,16 @@
 //! Typed identifiers: a room, a session, a shard, a published track.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// A room, as named in the URL and the token's `room` claim.
 ///
 /// Room names are limited to 1-128 characters of `[A-Za-z0-9._-]`, so they are
-/// safe in URLs, logs and metrics.
+/// safe in URLs, logs and metrics. Shared, not copied: the shard names the
+/// room of every frame it forwards, and a `String` clone there was an
+/// allocation and a copy per frame.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RoomId(String);
+pub struct RoomId(Arc<str>);
 
 impl RoomId {
     /// Parse a room name, refusing anything outside `[A-Za-z0-9._-]{1,128}`.
@@ -16,7 +19,7 @@ impl RoomId {
             && s.len() <= 128
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        ok.then(|| RoomId(s.to_string()))
+        ok.then(|| RoomId(Arc::from(s)))
     }
 
     /// The room name.
