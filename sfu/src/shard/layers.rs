@@ -8,8 +8,8 @@
 //! - [`LayerChoice`] decides which layer one subscriber should get from its
 //!   bandwidth budget: down at once when the budget drops below [`KEEP`] of
 //!   the current layer's bitrate (to the highest layer that fits whole), up
-//!   (to the highest layer that fits with [`HEADROOM`]) only after the
-//!   budget has held for [`UP_HOLD`], and
+//!   one layer at a time (when the next fits with [`HEADROOM`]) only after
+//!   the budget has held for [`UP_HOLD`], and
 //!   after a failed attempt to go up (down again within [`UP_FAIL`]) the next
 //!   attempt waits twice as long, up to [`MAX_BACKOFF`].
 //! - The switch itself waits for a keyframe on the target layer (the caller
@@ -766,9 +766,10 @@ mod tests {
     }
 
     /// Padding tests the link at the rate of the step it is for: the next
-    /// layer, even when the budget reads room for two. A fall of the budget while, or up to
-    /// PAD_GRACE after, padding keeps the current layer and counts a failed
-    /// step up; after the grace, or after the step itself, down goes at once.
+    /// layer, even when the budget reads room for two. A fall of the budget
+    /// while, or up to PAD_GRACE after, padding keeps the current layer and
+    /// counts a failed step up; after the grace, or after the step itself,
+    /// down goes at once.
     #[test]
     fn a_fall_that_the_padding_caused_keeps_the_layer() {
         let t0 = Instant::now();
