@@ -1533,9 +1533,10 @@ impl ShardCore {
                             budget,
                             "layer decision"
                         );
-                    } else if out.choice.target.is_some() {
-                        // Still waiting for the target's keyframe: ask again
-                        // (request_keyframe spaces requests, SWITCH_REASK). A
+                    } else if out.choice.switching(now) {
+                        // Still waiting for the target's keyframe, or a
+                        // switch down settling: ask again (request_keyframe
+                        // spaces requests, SWITCH_REASK). A
                         // publisher may drop a request that follows another
                         // closely: Chromium takes one per 300 ms at most.
                         asks.push(out.choice.target);
@@ -1551,6 +1552,7 @@ impl ShardCore {
                     continue;
                 }
                 if did_switch {
+                    out.choice.settle_after_switch(now);
                     self.metrics.layer_switches_done.inc();
                     tracing::debug!(parent: span, %mid, "layer switched on a keyframe");
                 }

@@ -72,6 +72,19 @@ pub const CARRIED_OVER: Duration = Duration::from_secs(1);
 pub const CARRIED_SHARE: f64 = 0.85;
 /// How long a probe for the top layer's rate is asked for.
 pub const PROBE_FOR: Duration = Duration::from_millis(1000);
+/// How long after a switch down for lack of bandwidth its layer's keyframe
+/// is still asked for (every `SWITCH_REASK`, 350 ms). Asked for only until
+/// the switch took its keyframe, the subscriber behind a link just capped to
+/// 300 kbit/s showed q after 3.1 and 3.2 s in one browser run of six (the
+/// others 0.8-1.8 s).
+pub const SWITCH_SETTLE: Duration = Duration::from_millis(1000);
+/// The longest wait between two probes (see [`LayerChoice::bwe_want`]):
+/// the failure backoff spaces the steps up, not the probes. Without padding
+/// a lower layer's estimate climbs only to 1.5 times its acked rate, so the
+/// way up after a link recovers starts with a probe (in the simulator, after
+/// a 300 kbit/s cap was lifted, the probe came 4-5 s later with the backoff
+/// at 4 s, and f after over 10 s).
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// A layer's bitrate with [`HEADROOM`].
 pub fn with_headroom(bitrate: u64) -> u64 {
     (bitrate as f64 * HEADROOM) as u64
@@ -373,6 +386,11 @@ pub struct LayerChoice {
     /// Padding above the current layer was last asked for: until this
     /// instant ([`PAD_GRACE`] later) a fall of the estimate is the padding's.
     padded_until: Option<Instant>,
+    /// The last switch went down for lack of bandwidth (see
+    /// [`Self::settle_after_switch`]).
+    switched_down: bool,
+    /// Until then a switch down that is done still asks for keyframes.
+    settle_until: Option<Instant>,
 }
 
 impl Default for LayerChoice {
@@ -390,6 +408,8 @@ impl Default for LayerChoice {
             draining: false,
             provisional: false,
             padded_until: None,
+            switched_down: false,
+            settle_until: None,
         }
     }
 }
@@ -523,12 +543,30 @@ impl LayerChoice {
         true
     }
 
+    /// Whether to ask the publisher for a keyframe of the target again: a
+    /// switch waits for it (the target stays set once it is reached), or a
+    /// switch down finished less than [`SWITCH_SETTLE`] ago.
+    pub fn switching(&self, now: Instant) -> bool {
+        (self.target.is_some() && self.target != self.current)
+            || self.settle_until.is_some_and(|t| now < t)
+    }
+
+    /// A switch just took its keyframe (`admit_frame` said so): a switch
+    /// down for lack of bandwidth goes on asking for keyframes for
+    /// [`SWITCH_SETTLE`]. It happens on a link that is losing: its keyframe
+    /// goes into a full queue, and when it is lost the subscriber shows
+    /// nothing new until another comes.
+    pub fn settle_after_switch(&mut self, now: Instant) {
+        self.settle_until = self.switched_down.then_some(now + SWITCH_SETTLE);
+    }
+
     /// A frame on `rid` arrived; `keyframe` if it is one. Returns whether to
     /// forward it, and whether this frame switched layers.
     pub fn admit_frame(&mut self, rid: Rid, keyframe: bool) -> (bool, bool) {
         if self.target == Some(rid) && self.current != Some(rid) {
             if keyframe {
                 self.current = Some(rid);
+                self.switched_down = self.draining;
                 self.draining = false;
                 return (true, true);
             }
@@ -555,9 +593,12 @@ impl LayerChoice {
     /// its own layer after one probe that overshot. While the budget already
     /// allows a step up (the hold before it) the rate of the layer the step
     /// goes to is sustained, and [`PAD_GRACE`] starts; otherwise the layer
-    /// forwarded now. The rate to probe for is
-    /// the top layer's for [`PROBE_FOR`] every backoff period, else the
-    /// current layer's.
+    /// forwarded now, except on the top layer, where no probe runs and
+    /// nothing is sustained (str0m padded every gap between frames up to the
+    /// layer's rate: in balie-bench a fifth of the datagrams a subscriber
+    /// got). The rate to probe for is the top layer's for [`PROBE_FOR`]
+    /// every backoff period, at most [`PROBE_EVERY`] apart, else the current
+    /// layer's.
     pub fn bwe_want(&mut self, now: Instant, budget: u64, active: &[(Rid, u64)]) -> (u64, u64) {
         let Some(cur) = self.wanted_index(active) else {
             return (0, 0);
@@ -565,8 +606,9 @@ impl LayerChoice {
         let current = active[cur].1;
         let blocked = self.up_blocked_until.is_some_and(|t| now < t);
         let Some(&(_, next)) = active.get(cur + 1) else {
-            // On the top layer: nothing to probe for.
-            return (current, with_headroom(current));
+            // On the top layer: nothing to probe for, and no padding: what
+            // the sustained rate guards against is a probe that overshoots.
+            return (0, with_headroom(current));
         };
         // The layer a step up would go to (the next one, see [`step_up`]):
         // the padding sustains its rate, so the hold before the step tests
@@ -580,12 +622,13 @@ impl LayerChoice {
             _ => current,
         };
         // Probe: ask for the top layer's rate for PROBE_FOR, every backoff
-        // period. Raising the desired rate above the estimate is what makes
-        // str0m send a probe; a link that is busy with the current layer
-        // (not application limited) gets no other probe for 15 s.
+        // period, at most PROBE_EVERY apart. Raising the desired rate above
+        // the estimate is what makes str0m send a probe; a link that is busy
+        // with the current layer (not application limited) gets no other
+        // probe for 15 s.
         if self.probe_until.is_some_and(|t| now >= t) {
             self.probe_until = None;
-            self.next_probe = Some(now + self.backoff);
+            self.next_probe = Some(now + self.backoff.min(PROBE_EVERY));
         }
         if !blocked && self.probe_until.is_none() && self.next_probe.is_none_or(|t| now >= t) {
             self.probe_until = Some(now + PROBE_FOR);
@@ -602,6 +645,14 @@ impl LayerChoice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A choice that started on q (a budget of 200 kbit/s at `t0`).
+    fn on_q(t0: Instant, l: &[(Rid, u64)]) -> LayerChoice {
+        let mut c = LayerChoice::default();
+        c.decide(t0, 200_000, l);
+        c.admit_frame(Rid::from("q"), true);
+        c
+    }
 
     fn layers() -> Vec<(Rid, u64)> {
         vec![
@@ -710,9 +761,7 @@ mod tests {
     fn after_a_probe_it_goes_up_one_step_at_a_time() {
         let t0 = Instant::now();
         let l = layers();
-        let mut c = LayerChoice::default();
-        c.decide(t0, 200_000, &l);
-        c.admit_frame(Rid::from("q"), true);
+        let mut c = on_q(t0, &l);
         assert_eq!(c.decide(t0 + Duration::from_secs(1), 5_000_000, &l), None);
         let t1 = t0 + Duration::from_secs(3);
         assert_eq!(c.decide(t1, 5_000_000, &l), Some(Rid::from("h")));
@@ -736,9 +785,7 @@ mod tests {
     fn asks_the_estimator_for_the_next_layer_and_probes_for_the_top() {
         let t0 = Instant::now();
         let l = layers();
-        let mut c = LayerChoice::default();
-        c.decide(t0, 200_000, &l);
-        c.admit_frame(Rid::from("q"), true);
+        let mut c = on_q(t0, &l);
         // Budget below h: sustain q; the first call probes for f.
         let (sustain, desired) = c.bwe_want(t0, 200_000, &l);
         assert_eq!(sustain, 150_000);
@@ -759,10 +806,70 @@ mod tests {
             c.bwe_want(t2, 700_000, &l).0,
             (500_000_f64 * HEADROOM) as u64
         );
+        // On the top layer nothing is sustained and nothing probed for.
+        let mut top = LayerChoice::default();
+        top.decide(t0, 5_000_000, &l);
+        top.admit_frame(Rid::from("f"), true);
+        assert_eq!(
+            top.bwe_want(t0, 5_000_000, &l),
+            (0, (1_500_000_f64 * HEADROOM) as u64)
+        );
         // Small changes are not passed on; big ones and to or from nothing are.
         assert!(!want_changed((100, 1000), (110, 1100)));
         assert!(want_changed((100, 1000), (100, 1500)));
         assert!(want_changed((0, 1000), (1, 1000)));
+    }
+
+    /// A switch asks for keyframes until it took one; a switch down for lack
+    /// of bandwidth goes on for SWITCH_SETTLE after that, and no switch
+    /// asks after.
+    #[test]
+    fn keyframes_are_asked_for_until_the_switch_settles() {
+        let t0 = Instant::now();
+        let l = layers();
+        let mut c = LayerChoice::default();
+        assert_eq!(c.decide(t0, 5_000_000, &l), Some(Rid::from("f")));
+        assert!(c.switching(t0), "waiting for f's keyframe");
+        assert_eq!(c.admit_frame(Rid::from("f"), true), (true, true));
+        c.settle_after_switch(t0);
+        assert!(!c.switching(t0), "a start is done with its keyframe");
+        // Down for lack of bandwidth.
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(c.decide(t1, 200_000, &l), Some(Rid::from("q")));
+        assert!(c.switching(t1));
+        assert_eq!(c.admit_frame(Rid::from("q"), true), (true, true));
+        c.settle_after_switch(t1);
+        assert!(c.switching(t1 + SWITCH_SETTLE - Duration::from_millis(1)));
+        assert!(!c.switching(t1 + SWITCH_SETTLE));
+        // Up again: done with its keyframe.
+        let t2 = t1 + Duration::from_secs(10);
+        assert_eq!(c.decide(t2, 700_000, &l), None, "the hold first");
+        assert_eq!(c.decide(t2 + UP_HOLD, 700_000, &l), Some(Rid::from("h")));
+        assert_eq!(c.admit_frame(Rid::from("h"), true), (true, true));
+        c.settle_after_switch(t2 + UP_HOLD);
+        assert!(!c.switching(t2 + UP_HOLD));
+    }
+
+    /// Failed steps up space the next step up, doubling up to MAX_BACKOFF,
+    /// but the probes go on every PROBE_FOR + PROBE_EVERY: they are how a
+    /// lower layer finds out that the link recovered.
+    #[test]
+    fn probes_stay_frequent_while_steps_up_back_off() {
+        let t0 = Instant::now();
+        let l = layers();
+        let mut c = on_q(t0, &l);
+        c.backoff = MAX_BACKOFF;
+        let probing = |c: &mut LayerChoice, t| c.bwe_want(t, 200_000, &l).1 > 1_000_000;
+        assert!(probing(&mut c, t0));
+        let mut t = t0;
+        for _ in 0..3 {
+            t += PROBE_FOR;
+            assert!(!probing(&mut c, t), "a probe lasts PROBE_FOR");
+            t += PROBE_EVERY - Duration::from_millis(1);
+            assert!(!probing(&mut c, t));
+            t += Duration::from_millis(1);
+            assert!(probing(&mut c, t), "the next probe PROBE_EVERY later");
+        }
     }
 
     /// Padding tests the link at the rate of the step it is for: the next

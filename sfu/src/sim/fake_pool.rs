@@ -327,9 +327,19 @@ mod tests {
         s.run_for(Duration::from_secs(1));
         s.pool.as_mut().expect("pool").move_all();
         let t0 = s.now;
-        assert!(s.run_until(Duration::from_secs(2), |s| layer(s, b, tp) == Some(0)));
+        // Read from the switches the peer saw, not from its last frame: the
+        // source's keyframe and the new worker's first can land in the same
+        // tick of the simulator.
+        let seen = s.peers[b].switches_from(tp).len();
+        let switched_to = |s: &Sim, to: u32| {
+            s.peers[b].switches_from(tp)[seen..]
+                .iter()
+                .any(|(_, t, _)| *t == to)
+        };
+        assert!(s.run_until(Duration::from_secs(2), |s| switched_to(s, 0)));
         let source = s.now - t0;
-        assert!(s.run_until(Duration::from_secs(3), |s| layer(s, b, tp) == Some(1)));
+        assert!(s.run_until(Duration::from_secs(3), |s| switched_to(s, 0)
+            && layer(s, b, tp) == Some(1)));
         let layer_back = s.now - t0;
         eprintln!(
             "stall: source after {fallback:?}, layer back {back:?}; move: source after {source:?}, layer after {layer_back:?}"
