@@ -10,12 +10,16 @@ fn sfu() -> Command {
     Command::new(env!("CARGO_BIN_EXE_balie-sfu"))
 }
 
-fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("balie-cli-{}", rand::random::<u64>()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let p = dir.join(name);
+/// A file `name` holding `text` in a fresh directory, removed when the
+/// returned guard drops.
+fn temp_file(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("balie-cli-")
+        .tempdir()
+        .expect("temp dir");
+    let p = dir.path().join(name);
     std::fs::write(&p, text).expect("write");
-    p
+    (dir, p)
 }
 
 #[test]
@@ -96,7 +100,7 @@ fn token_command_signs_with_the_dev_secret() {
 #[test]
 fn token_command_refuses_without_a_dev_secret() {
     let jwks = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys/jwks.json");
-    let cfg = temp_file(
+    let (_dir, cfg) = temp_file(
         "prod.toml",
         &format!(
             "[media]\nudp_bind = \"127.0.0.1\"\n[auth]\njwks_file = \"{}\"\n",
@@ -123,7 +127,7 @@ fn token_command_refuses_without_a_dev_secret() {
 
 #[test]
 fn a_bad_config_is_refused_with_its_reason() {
-    let cfg = temp_file("bad.toml", "[rooms]\nmax_participants = \"many\"\n");
+    let (_dir, cfg) = temp_file("bad.toml", "[rooms]\nmax_participants = \"many\"\n");
     let out = sfu().arg("--config").arg(&cfg).output().expect("runs");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);

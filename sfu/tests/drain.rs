@@ -13,6 +13,8 @@ use str0m::media::MediaKind;
 
 struct Sfu {
     child: Child,
+    /// Holds the config and the log; removed when the test ends.
+    _dir: tempfile::TempDir,
     log: std::path::PathBuf,
     url: String,
     http: reqwest::blocking::Client,
@@ -20,9 +22,11 @@ struct Sfu {
 
 impl Sfu {
     fn start(drain_timeout: &str) -> Sfu {
-        let dir = std::env::temp_dir().join(format!("balie-drain-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let config = dir.join("sfu.toml");
+        let dir = tempfile::Builder::new()
+            .prefix("balie-drain-")
+            .tempdir()
+            .expect("temp dir");
+        let config = dir.path().join("sfu.toml");
         std::fs::write(
             &config,
             format!(
@@ -32,7 +36,7 @@ impl Sfu {
             ),
         )
         .expect("write config");
-        let log = dir.join("sfu.log");
+        let log = dir.path().join("sfu.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_balie-sfu"))
             .arg("--config")
             .arg(&config)
@@ -53,6 +57,7 @@ impl Sfu {
             .to_string();
         Sfu {
             child,
+            _dir: dir,
             log,
             url,
             http: reqwest::blocking::Client::new(),

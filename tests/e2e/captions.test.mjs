@@ -6,7 +6,7 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import AxeBuilder from '@axe-core/playwright';
@@ -17,8 +17,10 @@ let sfu;
 let citizenBrowser;
 let officialBrowser;
 
+let dir;
+
 before(async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'balie-e2e-speech-'));
+  dir = mkdtempSync(join(tmpdir(), 'balie-e2e-speech-'));
   const raw = join(dir, 'speech-raw.wav');
   const wav = join(dir, 'speech.wav');
   // A second of silence, the sentence, two seconds of silence: Chromium
@@ -37,6 +39,7 @@ after(async () => {
   await officialBrowser?.close();
   await sfu?.stop();
   await worker?.stop();
+  if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
 const citizen = (room) => token({ room, sub: 'c-1', name: 'Anna de Vries', role: 'citizen', loa: 'substantieel' });

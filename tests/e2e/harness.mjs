@@ -3,7 +3,7 @@
 
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -56,6 +56,7 @@ export async function startSfu(extraRooms = '', net = {}, extra = '') {
     async stop() {
       proc.kill('SIGTERM');
       await new Promise((r) => proc.on('exit', r));
+      rmSync(dir, { recursive: true, force: true });
     },
   };
 }
@@ -97,6 +98,7 @@ export async function startWorker({ captions = false } = {}) {
     async stop() {
       proc.kill('SIGTERM');
       await new Promise((r) => proc.on('exit', r));
+      rmSync(dir, { recursive: true, force: true });
     },
   };
 }
@@ -115,13 +117,15 @@ export function token(claims) {
 export async function launch({ netns, args = [] } = {}) {
   const chromiumPath = process.env.CHROMIUM ?? '/usr/bin/chromium';
   let executablePath = chromiumPath;
+  let wrapperDir;
   if (netns) {
     // Playwright talks to the browser over a pipe, so the browser can live in
     // another network namespace: a small wrapper puts it there.
-    executablePath = join(mkdtempSync(join(tmpdir(), 'balie-e2e-')), 'chromium-in-netns');
+    wrapperDir = mkdtempSync(join(tmpdir(), 'balie-e2e-'));
+    executablePath = join(wrapperDir, 'chromium-in-netns');
     writeFileSync(executablePath, `#!/bin/sh\nexec ip netns exec ${netns} ${chromiumPath} "$@"\n`, { mode: 0o755 });
   }
-  return chromium.launch({
+  const browser = await chromium.launch({
     executablePath,
     args: [
       '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
@@ -131,6 +135,8 @@ export async function launch({ netns, args = [] } = {}) {
       ...args,
     ],
   });
+  if (wrapperDir) browser.on('disconnected', () => rmSync(wrapperDir, { recursive: true, force: true }));
+  return browser;
 }
 
 /** A page of its own (separate storage) at a given viewport. */

@@ -147,7 +147,10 @@ int main(int argc, char** argv) {
 fn driver() -> &'static Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("balie-kernels-{}", std::process::id()));
+        // Under cargo's target folder, not the system's temp folder: the
+        // static is never dropped, so nothing would remove it.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("balie-kernels-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let src = dir.join("kernels.cpp");
         #[cfg(feature = "cuda")]
