@@ -152,7 +152,15 @@ impl Compare {
                 Box::new(move |r| p(&r.e2e_latency_ms)),
             ),
             ("loss", Box::new(|r| format!("{:.2}%", r.loss_pct))),
+            (
+                "audio jitter ms (p50 / p99)",
+                Box::new(|r| format!("{:.1} / {:.1}", r.jitter_ms.p50, r.jitter_ms.p99)),
+            ),
             ("freezes (> 500 ms)", Box::new(|r| r.freezes.to_string())),
+            (
+                "layer switches (all)",
+                Box::new(|r| r.layer_switches_total.to_string()),
+            ),
             (
                 "video frames received",
                 Box::new(|r| r.frames_received.to_string()),

@@ -55,6 +55,18 @@ pub struct Stats {
     pub bytes_received: u64,
     pub frames_sent: u64,
     pub audio_packets_sent: u64,
+    /// Media payload bytes written (Opus packets, VP8 frames, every layer).
+    pub bytes_sent: u64,
+    /// Audio interarrival jitter (RFC 3550, 6.4.1, from the RTP timestamps
+    /// and arrival times of the Opus packets received), summed over the
+    /// packets it was updated on, in seconds, and how many: the mean is
+    /// the participant's jitter.
+    pub jitter_sum: f64,
+    pub jitter_n: u64,
+    /// Changes of the resolution of a received video track (the size in a
+    /// VP8 keyframe differs from the one before): the simulcast layer
+    /// switches this participant saw.
+    pub layer_switches: u64,
     /// Media sends (audio packets, video frames) that left over
     /// [`LATE_SEND`] behind their schedule: the generator fell behind.
     pub late_sends: u64,
@@ -112,6 +124,10 @@ impl Stats {
         self.bytes_received += o.bytes_received;
         self.frames_sent += o.frames_sent;
         self.audio_packets_sent += o.audio_packets_sent;
+        self.bytes_sent += o.bytes_sent;
+        self.jitter_sum += o.jitter_sum;
+        self.jitter_n += o.jitter_n;
+        self.layer_switches += o.layer_switches;
         self.late_sends += o.late_sends;
         self.max_send_lag = self.max_send_lag.max(o.max_send_lag);
         self.freezes += o.freezes;
@@ -198,6 +214,35 @@ struct Track {
     last_frame: Option<Instant>,
     /// Audio: the RTP timestamp (48 kHz) the next packet should carry.
     next_audio: Option<u64>,
+    /// Audio: the last packet's arrival and RTP timestamp (48 kHz), and the
+    /// jitter estimate (seconds).
+    jitter: Option<(Instant, u64, f64)>,
+    /// Video: the size in the last keyframe.
+    size: Option<(u16, u16)>,
+}
+
+/// RFC 3550's interarrival jitter `j` (seconds) after a packet with RTP
+/// timestamp `ts` (48 kHz) arrived at `at`, the one before at `last`
+/// with `last_ts`.
+fn next_jitter(j: f64, last: Instant, last_ts: u64, at: Instant, ts: u64) -> f64 {
+    let arrival = if at >= last {
+        (at - last).as_secs_f64()
+    } else {
+        -(last - at).as_secs_f64()
+    };
+    let d = arrival - (ts as f64 - last_ts as f64) / 48_000.0;
+    j + (d.abs() - j) / 16.0
+}
+
+/// Width and height of a VP8 keyframe (RFC 6386, 9.1), `None` for any
+/// other frame.
+fn vp8_keyframe_size(frame: &[u8]) -> Option<(u16, u16)> {
+    if frame.len() < 10 || frame[0] & 1 != 0 || frame[3..6] != [0x9d, 0x01, 0x2a] {
+        return None;
+    }
+    let w = u16::from_le_bytes([frame[6], frame[7]]) & 0x3fff;
+    let h = u16::from_le_bytes([frame[8], frame[9]]) & 0x3fff;
+    Some((w, h))
 }
 
 /// The duration of an Opus packet in 48 kHz samples, from its TOC byte and,
@@ -619,6 +664,18 @@ impl Participant {
                     let ts = d.time.rebase(Frequency::FORTY_EIGHT_KHZ).numer();
                     let samples = opus_samples(&d.data).unwrap_or(960);
                     let track = self.tracks.entry(d.mid).or_default();
+                    // Jitter over packets in order only (a late one is a
+                    // gap and then a loss undone, below).
+                    match track.jitter {
+                        Some((last, last_ts, j)) if ts > last_ts => {
+                            let j = next_jitter(j, last, last_ts, d.network_time, ts);
+                            track.jitter = Some((d.network_time, ts, j));
+                            self.stats.jitter_sum += j;
+                            self.stats.jitter_n += 1;
+                        }
+                        Some(_) => {}
+                        None => track.jitter = Some((d.network_time, ts, 0.0)),
+                    }
                     match audio_gap(&mut track.next_audio, ts, samples) {
                         Some((expected, lost)) => {
                             self.stats.expected += expected;
@@ -634,6 +691,12 @@ impl Participant {
                     self.stats.first_frame = Some(now - self.offer_at);
                 }
                 let track = self.tracks.entry(d.mid).or_default();
+                if let Some(size) = vp8_keyframe_size(&d.data) {
+                    if track.size.is_some_and(|s| s != size) {
+                        self.stats.layer_switches += 1;
+                    }
+                    track.size = Some(size);
+                }
                 if let Some(last) = track.last_frame {
                     if now.saturating_duration_since(last) > FREEZE {
                         self.stats.freezes += 1;
@@ -828,7 +891,10 @@ impl Participant {
                 .find(|p| p.spec().codec == codec)
                 .map(|p| p.pt());
             if let Some(pt) = pt {
-                let _ = w.write(pt, now, rtp, data);
+                let len = data.len() as u64;
+                if w.write(pt, now, rtp, data).is_ok() {
+                    self.stats.bytes_sent += len;
+                }
             }
         }
     }
@@ -858,6 +924,32 @@ mod tests {
         // Code 3 without its count, and nothing at all.
         assert_eq!(opus_samples(&[(12 << 3) | 3]), None);
         assert_eq!(opus_samples(&[]), None);
+    }
+
+    #[test]
+    fn jitter_follows_rfc_3550() {
+        let t0 = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        // On time (20 ms apart, 960 samples apart): none.
+        assert_eq!(next_jitter(0.0, t0, 0, t0 + ms(20), 960), 0.0);
+        // 16 ms late: a sixteenth of it.
+        let j = next_jitter(0.0, t0, 0, t0 + ms(36), 960);
+        assert!((j - 0.001).abs() < 1e-9, "{j}");
+        // Early counts as much as late, and the estimate decays.
+        let j2 = next_jitter(j, t0 + ms(36), 960, t0 + ms(40), 1920);
+        assert!((j2 - (j + (0.016 - j) / 16.0)).abs() < 1e-9, "{j2}");
+    }
+
+    #[test]
+    fn a_vp8_keyframe_tells_its_size() {
+        let mut key = vec![0x10, 0x02, 0x00, 0x9d, 0x01, 0x2a];
+        key.extend_from_slice(&640u16.to_le_bytes());
+        key.extend_from_slice(&(360u16 | 0x4000).to_le_bytes()); // a scale bit
+        assert_eq!(vp8_keyframe_size(&key), Some((640, 360)));
+        let mut delta = key.clone();
+        delta[0] |= 1;
+        assert_eq!(vp8_keyframe_size(&delta), None);
+        assert_eq!(vp8_keyframe_size(&key[..9]), None);
     }
 
     #[test]

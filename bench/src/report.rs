@@ -88,8 +88,18 @@ pub struct Report {
     /// Packets lost over packets expected by the receivers, percent: audio
     /// end to end (gaps in the Opus timestamps), video on the server's leg.
     pub loss_pct: f64,
+    /// Audio interarrival jitter per participant (RFC 3550, the mean of its
+    /// estimate over the packets received), milliseconds.
+    pub jitter_ms: Percentiles,
     pub freezes: u64,
+    /// Simulcast layer switches each participant saw (a received video
+    /// track's keyframes changed size).
+    pub layer_switches: Percentiles,
+    pub layer_switches_total: u64,
     pub frames_sent: u64,
+    pub audio_packets_sent: u64,
+    /// Media payload bytes the participants wrote (every layer).
+    pub bytes_sent: u64,
     pub frames_received: u64,
     pub audio_packets_received: u64,
     pub bytes_received: u64,
@@ -217,8 +227,18 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         } else {
             100.0 * lost as f64 / expected as f64
         },
+        jitter_ms: Percentiles::of(
+            s.iter()
+                .filter(|p| p.jitter_n > 0)
+                .map(|p| 1000.0 * p.jitter_sum / p.jitter_n as f64)
+                .collect(),
+        ),
         freezes: sum(&|x| x.freezes),
+        layer_switches: Percentiles::of(s.iter().map(|p| p.layer_switches as f64).collect()),
+        layer_switches_total: sum(&|x| x.layer_switches),
         frames_sent: sum(&|x| x.frames_sent),
+        audio_packets_sent: sum(&|x| x.audio_packets_sent),
+        bytes_sent: sum(&|x| x.bytes_sent),
         frames_received: sum(&|x| x.frames_received),
         audio_packets_received: sum(&|x| x.audio_packets_received),
         bytes_received: sum(&|x| x.bytes_received),
@@ -299,10 +319,25 @@ pub fn markdown(r: &Report) -> String {
             p(&r.e2e_latency_ms),
         ),
         ("loss", format!("{:.2}%", r.loss_pct)),
+        (
+            "audio jitter ms (p50 / p95 / p99)",
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                r.jitter_ms.p50, r.jitter_ms.p95, r.jitter_ms.p99
+            ),
+        ),
         ("freezes (> 500 ms)", r.freezes.to_string()),
+        (
+            "layer switches per participant (p50 / p95 / p99; all)",
+            format!("{}; {}", p(&r.layer_switches), r.layer_switches_total),
+        ),
         (
             "video frames sent / received",
             format!("{} / {}", r.frames_sent, r.frames_received),
+        ),
+        (
+            "media bytes sent / received",
+            format!("{} / {}", r.bytes_sent, r.bytes_received),
         ),
         (
             "server CPU seconds",

@@ -87,6 +87,21 @@ fn a_smoke_run_against_balie_reports_sane_values() {
         "{text}"
     );
     assert!(f("loss_pct") < 5.0, "{text}");
+    // Every participant received audio, with little jitter on loopback.
+    assert_eq!(p("jitter_ms", "n"), 20.0, "{text}");
+    assert!(
+        p("jitter_ms", "p50") >= 0.0 && p("jitter_ms", "p99") < 100.0,
+        "{text}"
+    );
+    // Subscribers start on a low layer and climb on an open link: some
+    // switches, and none flapping.
+    assert_eq!(p("layer_switches", "n"), 20.0, "{text}");
+    assert!(
+        f("layer_switches_total") >= 1.0 && p("layer_switches", "p99") <= 6.0,
+        "{text}"
+    );
+    // Publishers send three layers, subscribers get one.
+    assert!(f("bytes_sent") > f("bytes_received"), "{text}");
     // balie counts what the kernel dropped at its sockets (ten calls: none
     // or next to none).
     assert!(f("server_receive_dropped") < 100.0, "{text}");
