@@ -74,7 +74,8 @@ pub struct Ratios {
     pub e2e_latency_ms_p99: f64,
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
+/// `a / b`, 0 when `b` is.
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     if b == 0.0 {
         0.0
     } else {

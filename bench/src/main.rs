@@ -40,7 +40,8 @@ enum Command {
         scenario: PathBuf,
     },
     /// Run a scenario: start the target on loopback, hold the calls, and
-    /// write report.json and report.md into the output folder.
+    /// write report.json, participants.json and report.md into the output
+    /// folder.
     Run {
         /// The scenario file (TOML; examples in configs/bench/).
         #[arg(long)]
@@ -255,6 +256,11 @@ fn report_into(
     write(
         &out.join("report.json"),
         &serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?,
+    )?;
+    write(
+        &out.join("participants.json"),
+        &serde_json::to_string_pretty(&report::participant_rows(&outcome))
+            .map_err(|e| e.to_string())?,
     )?;
     write_plots(out, &outcome)?;
     write(&out.join("report.md"), &report::markdown(&r))?;

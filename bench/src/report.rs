@@ -222,17 +222,8 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
                 .flat_map(|p| p.latencies_ms.iter().map(|v| f64::from(*v)))
                 .collect(),
         ),
-        loss_pct: if expected == 0 {
-            0.0
-        } else {
-            100.0 * lost as f64 / expected as f64
-        },
-        jitter_ms: Percentiles::of(
-            s.iter()
-                .filter(|p| p.jitter_n > 0)
-                .map(|p| 1000.0 * p.jitter_sum / p.jitter_n as f64)
-                .collect(),
-        ),
+        loss_pct: loss_pct(lost, expected),
+        jitter_ms: Percentiles::of(s.iter().filter_map(jitter_ms).collect()),
         freezes: sum(&|x| x.freezes),
         layer_switches: Percentiles::of(s.iter().map(|p| p.layer_switches as f64).collect()),
         layer_switches_total: sum(&|x| x.layer_switches),
@@ -282,6 +273,61 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
                 .collect(),
         }),
     }
+}
+
+/// One participant's figures, a row of `participants.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParticipantRow {
+    pub call: usize,
+    pub member: usize,
+    pub join_ms: Option<f64>,
+    pub first_frame_ms: Option<f64>,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    pub audio_packets_sent: u64,
+    pub audio_packets_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub loss_pct: f64,
+    pub jitter_ms: Option<f64>,
+    pub freezes: u64,
+    pub layer_switches: u64,
+    pub e2e_latency_ms: Percentiles,
+}
+
+/// Packets lost over packets expected, percent (0 when none expected).
+fn loss_pct(lost: u64, expected: u64) -> f64 {
+    100.0 * crate::compare::ratio(lost as f64, expected as f64)
+}
+
+/// A participant's mean audio jitter, milliseconds (`None` without audio).
+fn jitter_ms(p: &Stats) -> Option<f64> {
+    (p.jitter_n > 0).then(|| 1000.0 * p.jitter_sum / p.jitter_n as f64)
+}
+
+/// Every participant's figures (`participants.json`), in call order.
+pub fn participant_rows(o: &Outcome) -> Vec<ParticipantRow> {
+    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    participants(&o.stats)
+        .into_iter()
+        .map(|p| ParticipantRow {
+            call: p.call,
+            member: p.member,
+            join_ms: ms(p.join),
+            first_frame_ms: ms(p.first_frame),
+            frames_sent: p.frames_sent,
+            frames_received: p.frames_received,
+            audio_packets_sent: p.audio_packets_sent,
+            audio_packets_received: p.audio_packets_received,
+            bytes_sent: p.bytes_sent,
+            bytes_received: p.bytes_received,
+            loss_pct: loss_pct(p.lost, p.expected),
+            jitter_ms: jitter_ms(&p),
+            freezes: p.freezes,
+            layer_switches: p.layer_switches,
+            e2e_latency_ms: Percentiles::of(p.latencies_ms.iter().map(|v| f64::from(*v)).collect()),
+        })
+        .collect()
 }
 
 /// One entry per participant: a participant's connections (Janus gives

@@ -137,6 +137,25 @@ fn a_smoke_run_against_balie_reports_sane_values() {
         machine >= server_pct * 0.9 && machine > 1.0 && machine < 110.0,
         "{text}"
     );
+    // One row per participant, adding up to the report.
+    let rows: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(out.join("participants.json")).expect("participants.json"),
+    )
+    .expect("JSON");
+    assert_eq!(rows.len(), 20);
+    let total = |k: &str| {
+        rows.iter()
+            .map(|x| x[k].as_f64().unwrap_or(-1.0))
+            .sum::<f64>()
+    };
+    assert_eq!(total("frames_received"), f("frames_received"));
+    assert_eq!(total("layer_switches"), f("layer_switches_total"));
+    assert!(
+        rows.iter()
+            .all(|x| x["join_ms"].as_f64().is_some_and(|j| j > 0.0)
+                && x["jitter_ms"].as_f64().is_some()),
+        "{rows:?}"
+    );
     assert!(out.join("report.md").exists());
     for plot in ["calls.svg", "cpu.svg", "loss.svg", "latency.svg"] {
         let svg = std::fs::read_to_string(out.join(plot)).expect(plot);
