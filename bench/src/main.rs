@@ -259,8 +259,7 @@ fn report_into(
     )?;
     write(
         &out.join("participants.json"),
-        &serde_json::to_string_pretty(&report::participant_rows(&outcome))
-            .map_err(|e| e.to_string())?,
+        &serde_json::to_string_pretty(&r.per_participant).map_err(|e| e.to_string())?,
     )?;
     write_plots(out, &outcome)?;
     write(&out.join("report.md"), &report::markdown(&r))?;

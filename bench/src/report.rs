@@ -159,6 +159,9 @@ pub struct Report {
     /// Ramp mode only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ramp: Option<Ramp>,
+    /// Every participant's figures, written apart (`participants.json`).
+    #[serde(skip)]
+    pub per_participant: Vec<ParticipantRow>,
 }
 
 /// Above this share of the cores the load generator itself is the limit.
@@ -183,7 +186,6 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
         Some(n) => (n, "server"),
         None => (o.packets_received, "receivers"),
     };
-    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
     let merged = participants(&o.stats);
     let s = &merged;
     let sum = |f: &dyn Fn(&Stats) -> u64| s.iter().map(f).sum::<u64>();
@@ -272,6 +274,7 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
                 })
                 .collect(),
         }),
+        per_participant: participant_rows(s),
     }
 }
 
@@ -305,11 +308,15 @@ fn jitter_ms(p: &Stats) -> Option<f64> {
     (p.jitter_n > 0).then(|| 1000.0 * p.jitter_sum / p.jitter_n as f64)
 }
 
+/// A duration in milliseconds.
+fn ms(d: Option<std::time::Duration>) -> Option<f64> {
+    d.map(|d| d.as_secs_f64() * 1000.0)
+}
+
 /// Every participant's figures (`participants.json`), in call order.
-pub fn participant_rows(o: &Outcome) -> Vec<ParticipantRow> {
-    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
-    participants(&o.stats)
-        .into_iter()
+fn participant_rows(merged: &[Stats]) -> Vec<ParticipantRow> {
+    merged
+        .iter()
         .map(|p| ParticipantRow {
             call: p.call,
             member: p.member,
@@ -322,7 +329,7 @@ pub fn participant_rows(o: &Outcome) -> Vec<ParticipantRow> {
             bytes_sent: p.bytes_sent,
             bytes_received: p.bytes_received,
             loss_pct: loss_pct(p.lost, p.expected),
-            jitter_ms: jitter_ms(&p),
+            jitter_ms: jitter_ms(p),
             freezes: p.freezes,
             layer_switches: p.layer_switches,
             e2e_latency_ms: Percentiles::of(p.latencies_ms.iter().map(|v| f64::from(*v)).collect()),
