@@ -1533,19 +1533,23 @@ impl ShardCore {
                             budget,
                             "layer decision"
                         );
-                    } else if out.choice.switching(now) {
-                        // Still waiting for the target's keyframe, or a
-                        // switch down settling: ask again (request_keyframe
-                        // spaces requests, SWITCH_REASK). A
-                        // publisher may drop a request that follows another
-                        // closely: Chromium takes one per 300 ms at most.
-                        asks.push(out.choice.target);
                     }
                     let want = out.choice.bwe_want(now, budget, active);
                     if super::layers::want_changed(out.bwe_want, want) {
                         out.bwe_want = want;
                         retarget.push(other);
                     }
+                }
+                let awaited = keyframe && out.choice.target == Some(rid);
+                if !awaited && out.choice.switching(now) && asks.last() != Some(&out.choice.target)
+                {
+                    // Still waiting for the target's keyframe, or a switch
+                    // down settling: ask again, on every frame rather than
+                    // every decision, so a request that had to wait for the
+                    // publisher's gap goes out as soon as it may
+                    // (request_keyframe spaces them: SWITCH_REASK,
+                    // PUBLISHER_KEYFRAME_GAP).
+                    asks.push(out.choice.target);
                 }
                 let (pass, did_switch) = out.choice.admit_frame(rid, keyframe);
                 if !pass {
@@ -1697,10 +1701,10 @@ impl ShardCore {
         if t.kind != MediaKind::Video {
             return;
         }
-        match t.keyframe_asked.iter_mut().find(|(r, _)| *r == rid) {
-            Some((_, last)) if now < *last + interval => return,
-            Some((_, last)) => *last = now,
-            None => t.keyframe_asked.push((rid, now)),
+        // A worker makes its layers' keyframes one by one: no gap for it.
+        let switch = switch && rid.and_then(transcode::worker_track).is_none();
+        if !t.keyframe_ask(now, rid, interval, switch) {
+            return;
         }
         let (owner, mid) = (t.owner, t.mid);
         // A worker's layer: the worker makes the keyframe.

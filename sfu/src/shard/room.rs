@@ -2,7 +2,7 @@
 //! Rooms are pinned to one shard, so forwarding inside a call never crosses
 //! threads and takes no lock.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use str0m::format::PayloadParams;
 use str0m::media::{MediaKind, MediaTime, Mid, Rid};
@@ -70,7 +70,48 @@ impl Track {
     pub fn layered(&self) -> bool {
         self.simulcast() || self.offload.is_some()
     }
+
+    /// Whether to send a keyframe request for layer `rid` now; records it
+    /// when so. A layer is asked at most once per `interval`. A request for
+    /// a layer switch (`switch`) also waits until [`PUBLISHER_KEYFRAME_GAP`]
+    /// has passed since a request for any other layer: the publisher would
+    /// drop it, and the switch would wait for the next ask. The caller asks
+    /// again on every frame while a switch waits.
+    pub fn keyframe_ask(
+        &mut self,
+        now: Instant,
+        rid: Option<Rid>,
+        interval: Duration,
+        switch: bool,
+    ) -> bool {
+        let other_recent = |(r, at): &(Option<Rid>, Instant)| {
+            *r != rid && now.saturating_duration_since(*at) < PUBLISHER_KEYFRAME_GAP
+        };
+        if switch && self.keyframe_asked.iter().any(other_recent) {
+            return false;
+        }
+        match self.keyframe_asked.iter_mut().find(|(r, _)| *r == rid) {
+            Some((_, last)) if now < *last + interval => false,
+            Some((_, last)) => {
+                *last = now;
+                true
+            }
+            None => {
+                self.keyframe_asked.push((rid, now));
+                true
+            }
+        }
+    }
 }
+
+/// A browser publisher takes one keyframe request per 300 ms, for all its
+/// simulcast layers together, and drops the others (libwebrtc's
+/// `EncoderRtcpFeedback`); 20 ms more for the jitter of the path to it. On
+/// the way down from f to q through h, the request for q came about 100 ms
+/// after the one for h, was dropped, and q's keyframe came with the next
+/// ask (tests/e2e/shaped.test.mjs: 0.46-0.52 s from the decision to the
+/// switch, against 0.06 s without the detour).
+pub const PUBLISHER_KEYFRAME_GAP: Duration = Duration::from_millis(320);
 
 /// The offload state of a single-layer video track (see `shard/core/transcode.rs`).
 #[derive(Debug, Clone, Default)]
@@ -135,5 +176,45 @@ impl Room {
     /// A track by id.
     pub fn track(&mut self, id: TrackId) -> Option<&mut Track> {
         self.tracks.iter_mut().find(|t| t.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track() -> Track {
+        Track {
+            id: TrackId(1),
+            owner: SessionId::random(),
+            mid: Mid::from("v"),
+            kind: MediaKind::Video,
+            layer: Some(Rid::from("f")),
+            layers: Default::default(),
+            keyframe_asked: Vec::new(),
+            paused: false,
+            offload: None,
+            captions: None,
+        }
+    }
+
+    #[test]
+    fn a_switch_waits_for_the_publishers_gap_between_layers() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let every = Duration::from_millis(350);
+        let (h, q) = (Some(Rid::from("h")), Some(Rid::from("q")));
+        let mut t = track();
+        assert!(t.keyframe_ask(t0, h, every, true));
+        // q 100 ms after h: the publisher would drop it; asked once the gap
+        // has passed, on the first frame after it.
+        assert!(!t.keyframe_ask(ms(100), q, every, true));
+        assert!(!t.keyframe_ask(ms(319), q, every, true));
+        assert!(t.keyframe_ask(ms(320), q, every, true));
+        // The same layer again only after the interval.
+        assert!(!t.keyframe_ask(ms(500), q, every, true));
+        assert!(t.keyframe_ask(ms(670), q, every, true));
+        // A request on a subscriber's behalf does not wait for the gap.
+        assert!(t.keyframe_ask(ms(700), h, every, false));
     }
 }

@@ -148,6 +148,10 @@ pub struct Peer {
     next_video: Instant,
     next_audio: Instant,
     force_keyframe: bool,
+    /// Simulcast layers (q, h, f) whose next frame is a keyframe: as a
+    /// browser does, a request for one layer makes a keyframe on that layer
+    /// only.
+    force_layer: [bool; 3],
     /// The simulated time, as of the last input.
     now: Instant,
     /// When a keyframe request was last honoured.
@@ -260,6 +264,7 @@ impl Peer {
             next_video: now,
             next_audio: now,
             force_keyframe: true,
+            force_layer: [false; 3],
             now,
             key_honoured: None,
             remb: None,
@@ -400,7 +405,7 @@ impl Peer {
                     None => r.corrupt += 1,
                 }
             }
-            Event::KeyframeRequest(_) => {
+            Event::KeyframeRequest(req) => {
                 self.keyframe_requests += 1;
                 let now = self.now;
                 if self
@@ -408,7 +413,11 @@ impl Peer {
                     .is_none_or(|t| now.saturating_duration_since(t) >= KEYFRAME_REQUEST_GAP)
                 {
                     self.key_honoured = Some(now);
-                    self.force_keyframe = true;
+                    let layer = req.rid.and_then(|r| LAYERS.iter().position(|l| *l == &*r));
+                    match layer {
+                        Some(i) if self.simulcast => self.force_layer[i] = true,
+                        _ => self.force_keyframe = true,
+                    }
                 }
             }
             _ => {}
@@ -508,6 +517,7 @@ impl Peer {
                         let tag = self.tag | ((i as u32 + 1) << 24);
                         let mean = LAYER_BYTES[i];
                         let vary = mean * ((self.frame_no as usize * 37) % 40) / 100;
+                        let key = key || std::mem::take(&mut self.force_layer[i]);
                         let bytes = if key {
                             mean * 3
                         } else {
