@@ -489,6 +489,13 @@ impl LayerChoice {
                 self.above_since = None;
                 self.cause = Cause::Bandwidth;
                 self.draining = true;
+                // No probe into a link that just fell short: the next one
+                // waits as after a probe. (Coming down from the top layer,
+                // where nothing is probed, one was due at once: its burst
+                // went into the queue that was already losing, with the
+                // lower layer's keyframe behind it.)
+                self.probe_until = None;
+                self.next_probe = Some(now + self.backoff.min(PROBE_EVERY));
                 fit
             }
             Some(c) if step_up(active, budget, c).is_some() => {
@@ -870,6 +877,33 @@ mod tests {
             t += Duration::from_millis(1);
             assert!(probing(&mut c, t), "the next probe PROBE_EVERY later");
         }
+    }
+
+    /// A switch down for lack of bandwidth asks for no probe: the first
+    /// comes PROBE_EVERY later, and one that was running stops.
+    #[test]
+    fn no_probe_right_after_a_switch_down() {
+        let t0 = Instant::now();
+        let l = layers();
+        let probing = |c: &mut LayerChoice, t, budget| c.bwe_want(t, budget, &l).1 > 1_000_000;
+        // From the top layer (nothing probed there) down to q.
+        let mut c = forwarding(t0, 2_000_000, "f");
+        c.bwe_want(t0, 2_000_000, &l);
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(c.decide(t1, 200_000, &l), Some(Rid::from("q")));
+        assert!(!probing(&mut c, t1, 200_000));
+        assert!(!probing(
+            &mut c,
+            t1 + PROBE_EVERY - Duration::from_millis(1),
+            200_000
+        ));
+        assert!(probing(&mut c, t1 + PROBE_EVERY, 200_000));
+        // From h while a probe runs: it stops.
+        let mut c = forwarding(t0, 700_000, "h");
+        assert!(probing(&mut c, t0, 700_000));
+        let t2 = t0 + Duration::from_millis(300);
+        assert_eq!(c.decide(t2, 200_000, &l), Some(Rid::from("q")));
+        assert!(!probing(&mut c, t2, 200_000));
     }
 
     /// Padding tests the link at the rate of the step it is for: the next
