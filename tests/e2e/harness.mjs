@@ -149,13 +149,21 @@ export async function newPage(browser, viewport = { width: 1280, height: 800 }) 
 export async function inbound(page) {
   return page.evaluate(async () => {
     const pc = window.balie?.state?.pc;
-    const r = { framesDecoded: 0, audioPackets: 0, frameWidth: 0 };
+    // Besides what tests check, the counters that tell why a picture came
+    // late (shown when a test fails).
+    const r = {
+      framesDecoded: 0, audioPackets: 0, frameWidth: 0,
+      keyFramesDecoded: 0, packetsLost: 0, nackCount: 0, pliCount: 0, freezeCount: 0,
+    };
     if (!pc) return r;
     (await pc.getStats()).forEach((s) => {
       if (s.type !== 'inbound-rtp') return;
       if (s.kind === 'video') {
         r.framesDecoded += s.framesDecoded ?? 0;
         r.frameWidth = Math.max(r.frameWidth, s.frameWidth ?? 0);
+        for (const k of ['keyFramesDecoded', 'packetsLost', 'nackCount', 'pliCount', 'freezeCount']) {
+          r[k] += s[k] ?? 0;
+        }
       }
       if (s.kind === 'audio') r.audioPackets += s.packetsReceived ?? 0;
     });
