@@ -391,6 +391,10 @@ pub struct LayerChoice {
     switched_down: bool,
     /// Until then a switch down that is done still asks for keyframes.
     settle_until: Option<Instant>,
+    /// The last switch down for lack of bandwidth: for [`PROBE_EVERY`]
+    /// after it the link is not tested (no probe, no padding above the
+    /// layer).
+    fell_at: Option<Instant>,
 }
 
 impl Default for LayerChoice {
@@ -410,6 +414,7 @@ impl Default for LayerChoice {
             padded_until: None,
             switched_down: false,
             settle_until: None,
+            fell_at: None,
         }
     }
 }
@@ -493,9 +498,11 @@ impl LayerChoice {
                 // waits as after a probe. (Coming down from the top layer,
                 // where nothing is probed, one was due at once: its burst
                 // went into the queue that was already losing, with the
-                // lower layer's keyframe behind it.)
+                // lower layer's keyframe behind it.) No padding either,
+                // see `bwe_want`.
                 self.probe_until = None;
                 self.next_probe = Some(now + self.backoff.min(PROBE_EVERY));
+                self.fell_at = Some(now);
                 fit
             }
             Some(c) if step_up(active, budget, c).is_some() => {
@@ -621,8 +628,12 @@ impl LayerChoice {
         // the padding sustains its rate, so the hold before the step tests
         // the link at what the step will send.
         let step = step_up(active, budget, cur);
+        // Just after a switch down the budget can read room for a step for
+        // a moment (a loss cap ran out while the delay-based estimate had
+        // not fallen yet): padding then went into the losing queue too.
+        let fell = self.fell_at.is_some_and(|t| now < t + PROBE_EVERY);
         let sustain = match step {
-            Some(i) if !blocked => {
+            Some(i) if !blocked && !fell => {
                 self.padded_until = Some(now + PAD_GRACE);
                 with_headroom(active[i].1)
             }
@@ -879,8 +890,8 @@ mod tests {
         }
     }
 
-    /// A switch down for lack of bandwidth asks for no probe: the first
-    /// comes PROBE_EVERY later, and one that was running stops.
+    /// A switch down for lack of bandwidth asks for no probe and no padding
+    /// for PROBE_EVERY, and a probe that was running stops.
     #[test]
     fn no_probe_right_after_a_switch_down() {
         let t0 = Instant::now();
@@ -892,12 +903,15 @@ mod tests {
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(c.decide(t1, 200_000, &l), Some(Rid::from("q")));
         assert!(!probing(&mut c, t1, 200_000));
-        assert!(!probing(
-            &mut c,
-            t1 + PROBE_EVERY - Duration::from_millis(1),
-            200_000
-        ));
+        // Nor padding for h, though the budget reads room for it.
+        let just_before = t1 + PROBE_EVERY - Duration::from_millis(1);
+        assert_eq!(c.bwe_want(just_before, 700_000, &l).0, 150_000);
+        assert!(!probing(&mut c, just_before, 200_000));
         assert!(probing(&mut c, t1 + PROBE_EVERY, 200_000));
+        assert_eq!(
+            c.bwe_want(t1 + PROBE_EVERY, 700_000, &l).0,
+            with_headroom(500_000)
+        );
         // From h while a probe runs: it stops.
         let mut c = forwarding(t0, 700_000, "h");
         assert!(probing(&mut c, t0, 700_000));
