@@ -1097,6 +1097,7 @@ impl ShardCore {
                     layer,
                     layers: Default::default(),
                     keyframe_asked: Vec::new(),
+                    publisher_asked: None,
                     paused: false,
                     offload: (m.kind == MediaKind::Video
                         && layer.is_none()
@@ -1701,9 +1702,8 @@ impl ShardCore {
         if t.kind != MediaKind::Video {
             return;
         }
-        // A worker makes its layers' keyframes one by one: no gap for it.
-        let switch = switch && rid.and_then(transcode::worker_track).is_none();
-        if !t.keyframe_ask(now, rid, interval, switch) {
+        let publisher = rid.and_then(transcode::worker_track).is_none();
+        if !t.keyframe_ask(now, rid, interval, switch, publisher) {
             return;
         }
         let (owner, mid) = (t.owner, t.mid);

@@ -26,8 +26,10 @@ pub struct Track {
     pub layer: Option<Rid>,
     /// What a simulcast publisher sends right now, layer by layer.
     pub layers: PublisherLayers,
-    /// Last keyframe request sent to the publisher, per layer.
+    /// Last keyframe request sent, per layer.
     pub keyframe_asked: Vec<(Option<Rid>, Instant)>,
+    /// Last keyframe request sent to the publisher itself, any layer.
+    pub publisher_asked: Option<Instant>,
     /// Nobody shows this video: the publisher was told to stop sending it.
     pub paused: bool,
     /// A single-layer video track whose lower layers a transcoder worker
@@ -72,35 +74,35 @@ impl Track {
     }
 
     /// Whether to send a keyframe request for layer `rid` now; records it
-    /// when so. A layer is asked at most once per `interval`. A request for
-    /// a layer switch (`switch`) also waits until [`PUBLISHER_KEYFRAME_GAP`]
-    /// has passed since a request for any other layer: the publisher would
-    /// drop it, and the switch would wait for the next ask. The caller asks
-    /// again on every frame while a switch waits.
+    /// when so. A layer is asked at most once per `interval`. A request
+    /// that goes to the publisher (`publisher`; a worker's layers are asked
+    /// of the worker) for a layer switch (`switch`) also waits until
+    /// [`PUBLISHER_KEYFRAME_GAP`] has passed since the last request to the
+    /// publisher: it would drop it, and the switch would wait for the next
+    /// ask. The caller asks again on every frame while a switch waits.
     pub fn keyframe_ask(
         &mut self,
         now: Instant,
         rid: Option<Rid>,
         interval: Duration,
         switch: bool,
+        publisher: bool,
     ) -> bool {
-        let other_recent = |(r, at): &(Option<Rid>, Instant)| {
-            *r != rid && now.saturating_duration_since(*at) < PUBLISHER_KEYFRAME_GAP
-        };
-        if switch && self.keyframe_asked.iter().any(other_recent) {
+        let gap = self
+            .publisher_asked
+            .is_some_and(|at| now.saturating_duration_since(at) < PUBLISHER_KEYFRAME_GAP);
+        if switch && publisher && gap {
             return false;
         }
         match self.keyframe_asked.iter_mut().find(|(r, _)| *r == rid) {
-            Some((_, last)) if now < *last + interval => false,
-            Some((_, last)) => {
-                *last = now;
-                true
-            }
-            None => {
-                self.keyframe_asked.push((rid, now));
-                true
-            }
+            Some((_, last)) if now < *last + interval => return false,
+            Some((_, last)) => *last = now,
+            None => self.keyframe_asked.push((rid, now)),
         }
+        if publisher {
+            self.publisher_asked = Some(now);
+        }
+        true
     }
 }
 
@@ -192,6 +194,7 @@ mod tests {
             layer: Some(Rid::from("f")),
             layers: Default::default(),
             keyframe_asked: Vec::new(),
+            publisher_asked: None,
             paused: false,
             offload: None,
             captions: None,
@@ -205,16 +208,22 @@ mod tests {
         let every = Duration::from_millis(350);
         let (h, q) = (Some(Rid::from("h")), Some(Rid::from("q")));
         let mut t = track();
-        assert!(t.keyframe_ask(t0, h, every, true));
+        let ask = |t: &mut Track, at, rid, switch| t.keyframe_ask(at, rid, every, switch, true);
+        assert!(ask(&mut t, t0, h, true));
         // q 100 ms after h: the publisher would drop it; asked once the gap
         // has passed, on the first frame after it.
-        assert!(!t.keyframe_ask(ms(100), q, every, true));
-        assert!(!t.keyframe_ask(ms(319), q, every, true));
-        assert!(t.keyframe_ask(ms(320), q, every, true));
+        assert!(!ask(&mut t, ms(100), q, true));
+        assert!(!ask(&mut t, ms(319), q, true));
+        assert!(ask(&mut t, ms(320), q, true));
         // The same layer again only after the interval.
-        assert!(!t.keyframe_ask(ms(500), q, every, true));
-        assert!(t.keyframe_ask(ms(670), q, every, true));
-        // A request on a subscriber's behalf does not wait for the gap.
-        assert!(t.keyframe_ask(ms(700), h, every, false));
+        assert!(!ask(&mut t, ms(500), q, true));
+        assert!(ask(&mut t, ms(670), q, true));
+        // A request on a subscriber's behalf does not wait for the gap, but
+        // starts one.
+        assert!(ask(&mut t, ms(700), h, false));
+        assert!(!ask(&mut t, ms(1019), q, true));
+        // A request asked of a worker neither waits for nor starts one.
+        assert!(t.keyframe_ask(ms(1020), Some(Rid::from("w1")), every, true, false));
+        assert!(ask(&mut t, ms(1030), q, true));
     }
 }
