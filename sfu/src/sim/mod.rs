@@ -866,9 +866,11 @@ mod tests {
         // Lifted: q climbs by a probe (the estimator's own climb stops at 1.5
         // times the acked rate, and q is sent without padding), then a step
         // to h and one to f, each after a 2 s hold with padding for it. That
-        // is 11 s here; it was 6.5 s while every finished layer switch kept
-        // asking for keyframes, which more than doubled the rate of q and
-        // let the estimator climb by itself.
+        // is 9.2 s here (11.0 s while the drop itself started a probe and
+        // peers made keyframes on every layer for any request); it was 6.5 s
+        // while every finished layer switch kept asking for keyframes, which
+        // more than doubled the rate of q and let the estimator climb by
+        // itself.
         s.links[b].1.rate = None;
         let t1 = s.now;
         let mut lift = Vec::new();
