@@ -1542,8 +1542,7 @@ impl ShardCore {
                     }
                 }
                 let awaited = keyframe && out.choice.target == Some(rid);
-                if !awaited && out.choice.switching(now) && asks.last() != Some(&out.choice.target)
-                {
+                if !awaited && out.choice.switching(now) {
                     // Still waiting for the target's keyframe, or a switch
                     // down settling: ask again, on every frame rather than
                     // every decision, so a request that had to wait for the
@@ -1702,13 +1701,13 @@ impl ShardCore {
         if t.kind != MediaKind::Video {
             return;
         }
-        let publisher = rid.and_then(transcode::worker_track).is_none();
-        if !t.keyframe_ask(now, rid, interval, switch, publisher) {
+        let worker = rid.and_then(transcode::worker_track);
+        if !t.keyframe_ask(now, rid, interval, switch, worker.is_none()) {
             return;
         }
         let (owner, mid) = (t.owner, t.mid);
         // A worker's layer: the worker makes the keyframe.
-        if let Some(layer) = rid.and_then(transcode::worker_track) {
+        if let Some(layer) = worker {
             self.pool_out.push_back(PoolCommand::Keyframe {
                 key: track.0,
                 track: layer,
