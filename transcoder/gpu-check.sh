@@ -3,7 +3,7 @@
 # NVIDIA GPU (made for an H200; under 8 minutes). Run it from the folder
 # transcoder/gpu-bundle.sh made:
 #
-#   ./gpu-check.sh [SECONDS]      (seconds of clip per measurement, default 5)
+#   ./gpu-check.sh [SECONDS]      (seconds of clip per measurement, default 4)
 #
 # It prints what the card offers, then a table: NVDEC decode frames per
 # second, GPU scaling time per frame, end-to-end layer frames per second,
@@ -14,7 +14,7 @@
 # on the GPU (end of speech to final within 1.5 s at p95).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-seconds="${1:-5}"
+seconds="${1:-4}"
 echo "== node"
 date -u
 nvidia-smi --query-gpu=name,driver_version,memory.total,encoder.stats.sessionCount --format=csv 2>/dev/null ||
@@ -24,6 +24,12 @@ nproc
 # brings them); put what is there on the search path after the bundle (the
 # driver's libcuda is in the system's).
 extra=""
+# The driver's own folder: the bundled loader ignores LD_LIBRARY_PATH
+# (--library-path replaces it), so the node's is added here.
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib ${LD_LIBRARY_PATH//:/ }; do
+  [ -e "$d/libcuda.so.1" ] && extra="$extra:$d"
+done
+echo "driver libraries: $(ls ${extra//:/ } 2>/dev/null | grep -E '^lib(cuda|nvcuvid|nvidia-encode)\.so' | tr '\n' ' ')"
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
          /usr/lib/x86_64-linux-gnu \
          $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, s, "lib") for p in nvidia.__path__ for s in os.listdir(p)))' 2>/dev/null); do
@@ -55,6 +61,6 @@ run() {
   echo "rc=$?"
 }
 echo "== gpu-check: transcoding (a table at the end)"
-run 230 gpu-check --seconds "$seconds" --max 32
+run 250 gpu-check --seconds "$seconds" --max 32
 echo "== gpu-check-captions: Whisper on the GPU (tables at the end)"
-run 220 gpu-check-captions --tokenizer "$here/tokenizer.json" --audio "$here/speech.wav" --max 128
+run 200 gpu-check-captions --tokenizer "$here/tokenizer.json" --audio "$here/speech.wav" --max 128

@@ -137,12 +137,26 @@ pub fn ours_judged(
         })
         .collect();
     let (mut frames, mut late, mut slowest) = (0, 0, Duration::ZERO);
+    let mut failed = None;
     for t in threads {
-        if let Ok(Ok((f, l, took))) = t.join() {
-            frames += f;
-            late += l;
-            slowest = slowest.max(took);
+        match t.join() {
+            Ok(Ok((f, l, took))) => {
+                frames += f;
+                late += l;
+                slowest = slowest.max(took);
+            }
+            // A session that failed made no frames (the step does not
+            // hold); say why once.
+            Ok(Err(e)) => failed = failed.or(Some(e)),
+            Err(_) => failed = failed.or(Some("a session's thread panicked".into())),
         }
+    }
+    if let Some(why) = failed {
+        eprintln!(
+            "{} {}: a session failed: {why}",
+            codec.name(),
+            backend.name()
+        );
     }
     let cores = (cpu_seconds() - cpu0) / wall.elapsed().as_secs_f64();
     Step {

@@ -29,6 +29,42 @@ struct Row {
     gpu: String,
 }
 
+/// The rows so far: each is printed as it is measured too, so a check cut
+/// short by its time limit still says what it found.
+#[derive(Default)]
+struct Table(Vec<Row>);
+
+impl Table {
+    fn push(&mut self, what: String, cpu: String, gpu: String) {
+        println!("| {what} | {cpu} | {gpu} |");
+        self.0.push(Row { what, cpu, gpu });
+    }
+
+    /// Run one measurement; what fails (an error or a panic in a library
+    /// never run on this card) becomes a row and the check goes on.
+    fn guarded(&mut self, what: &str, f: impl FnOnce(&mut Table) -> Result<(), String>) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        let why = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(panic) => format!(
+                "panicked: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("?")
+            ),
+        };
+        self.push(format!("{what}: failed"), "-".into(), why);
+    }
+}
+
+/// A measurement's cell: its figure, or why there is none.
+fn cell<T>(r: Result<T, String>, show: impl FnOnce(T) -> String) -> String {
+    r.map_or_else(|e| format!("failed: {e}"), show)
+}
+
 /// Run the check; `seconds` of clip per measurement, `max` sessions at most.
 pub fn run(seconds: u32, max: usize) -> Result<(), String> {
     crate::pipeline::init().map_err(|e| e.to_string())?;
@@ -41,7 +77,9 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
     );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("CPU cores: {cores}");
-    let mut rows = Vec::new();
+    println!("| measurement | cpu | cuda |");
+    println!("| --- | ---: | ---: |");
+    let mut rows = Table::default();
     for (label, size) in [
         (
             "1080p",
@@ -59,45 +97,50 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
         ),
     ] {
         for codec in [Codec::H264, Codec::Vp8] {
-            let clip =
-                clip::make(codec, size, seconds * FPS, 2 * FPS, 3000).map_err(|e| e.to_string())?;
-            measure(&gpu, label, codec, &clip, &mut rows)?;
+            rows.guarded(&format!("{label} {}", codec.name()), |rows| {
+                let clip = clip::make(codec, size, seconds * FPS, 2 * FPS, 3000)
+                    .map_err(|e| e.to_string())?;
+                measure(&gpu, label, codec, &clip, rows)
+            });
         }
     }
     // Sessions in real time (720p30 in, 360p and 180p out), as `bench`.
     for codec in [Codec::H264, Codec::Vp8] {
-        let clip = bench::source(codec, seconds)?;
-        let mut held = [0usize; 2];
-        for (i, backend) in [Backend::Cpu, Backend::Cuda(gpu.clone())]
-            .iter()
-            .enumerate()
-        {
-            held[i] = most_held(max, |n| {
-                let step = bench::ours_on(codec, &clip, n, backend);
-                eprintln!(
-                    "{} {}: {n} sessions, {} of {} frames late, {:.2} cores",
-                    codec.name(),
-                    backend.name(),
-                    step.late,
-                    step.frames,
-                    step.cores
-                );
-                step.held
-            });
-        }
-        rows.push(Row {
-            what: format!(
-                "{} sessions held in real time (720p -> 360p+180p)",
-                codec.name()
-            ),
-            cpu: held[0].to_string(),
-            gpu: held[1].to_string(),
+        rows.guarded(&format!("{} sessions", codec.name()), |rows| {
+            let clip = bench::source(codec, seconds)?;
+            let mut held = [0usize; 2];
+            for (i, backend) in [Backend::Cpu, Backend::Cuda(gpu.clone())]
+                .iter()
+                .enumerate()
+            {
+                held[i] = most_held(max, |n| {
+                    let step = bench::ours_on(codec, &clip, n, backend);
+                    eprintln!(
+                        "{} {}: {n} sessions, {} of {} frames late, {:.2} cores",
+                        codec.name(),
+                        backend.name(),
+                        step.late,
+                        step.frames,
+                        step.cores
+                    );
+                    step.held
+                });
+            }
+            rows.push(
+                format!(
+                    "{} sessions held in real time (720p -> 360p+180p)",
+                    codec.name()
+                ),
+                held[0].to_string(),
+                held[1].to_string(),
+            );
+            Ok(())
         });
     }
     println!();
     println!("| measurement | cpu | cuda |");
     println!("| --- | ---: | ---: |");
-    for r in rows {
+    for r in &rows.0 {
         println!("| {} | {} | {} |", r.what, r.cpu, r.gpu);
     }
     println!();
@@ -110,7 +153,7 @@ fn measure(
     label: &str,
     codec: Codec,
     clip: &[ClipFrame],
-    rows: &mut Vec<Row>,
+    rows: &mut Table,
 ) -> Result<(), String> {
     let name = codec.name();
     let cuvid = match codec {
@@ -120,18 +163,20 @@ fn measure(
     // Decode: as fast as it goes, pictures counted.
     let cpu_fps = decode_fps(Decoder::new(codec).map_err(|e| e.to_string())?, clip);
     let gpu_fps = if gpu.info.nvdec.contains(&cuvid) {
-        format!(
-            "{:.0}",
-            decode_fps(Decoder::named(cuvid).map_err(|e| e.to_string())?, clip)
+        cell(
+            Decoder::named(cuvid)
+                .map_err(|e| e.to_string())
+                .map(|d| decode_fps(d, clip)),
+            |fps| format!("{fps:.0}"),
         )
     } else {
         "no NVDEC for this codec".into()
     };
-    rows.push(Row {
-        what: format!("{label} {name} decode, frames/s"),
-        cpu: format!("{cpu_fps:.0}"),
-        gpu: gpu_fps,
-    });
+    rows.push(
+        format!("{label} {name} decode, frames/s"),
+        format!("{cpu_fps:.0}"),
+        gpu_fps,
+    );
 
     // Scale: both layers of every decoded picture.
     let mut dec = Decoder::new(codec).map_err(|e| e.to_string())?;
@@ -171,50 +216,52 @@ fn measure(
         }
     }
     let cpu_scale = per_frame_ms(t.elapsed(), pictures.len());
-    let mut scaler = gpu.scaler().map_err(|e| e.to_string())?;
-    // One warm-up launch (module load, allocations).
-    if let Some(p) = pictures.first() {
-        let mut refs: Vec<&mut ffmpeg::frame::Video> = outs.iter_mut().collect();
-        scaler.scale(p, &mut refs).map_err(|e| e.to_string())?;
-    }
-    let t = Instant::now();
-    for p in &pictures {
-        let mut refs: Vec<&mut ffmpeg::frame::Video> = outs.iter_mut().collect();
-        scaler.scale(p, &mut refs).map_err(|e| e.to_string())?;
-    }
-    let gpu_scale = per_frame_ms(t.elapsed(), pictures.len());
-    let worst = match pictures.last() {
-        Some(p) => outs
+    let gpu_scale = (|| {
+        let mut scaler = gpu.scaler().map_err(|e| e.to_string())?;
+        // One warm-up launch (module load, allocations).
+        if let Some(p) = pictures.first() {
+            let mut refs: Vec<&mut ffmpeg::frame::Video> = outs.iter_mut().collect();
+            scaler.scale(p, &mut refs).map_err(|e| e.to_string())?;
+        }
+        let t = Instant::now();
+        for p in &pictures {
+            let mut refs: Vec<&mut ffmpeg::frame::Video> = outs.iter_mut().collect();
+            scaler.scale(p, &mut refs).map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>(per_frame_ms(t.elapsed(), pictures.len()))
+    })();
+    let worst = match (&gpu_scale, pictures.last()) {
+        (Ok(_), Some(p)) => outs
             .iter()
             .zip(&sizes)
             .map(|(o, s)| crate::gpu::max_difference(o, &crate::gpu::reference_scale(p, *s)))
             .max()
-            .unwrap_or(0),
-        None => 0,
+            .unwrap_or(0)
+            .to_string(),
+        (Ok(_), None) => "no pictures".into(),
+        (Err(_), _) => "-".into(),
     };
-    rows.push(Row {
-        what: format!(
-            "{label} {name} GPU scaling: largest difference from the CPU reference (of 255)"
-        ),
-        cpu: "-".into(),
-        gpu: worst.to_string(),
-    });
-    rows.push(Row {
-        what: format!(
+    rows.push(
+        format!("{label} {name} GPU scaling: largest difference from the CPU reference (of 255)"),
+        "-".into(),
+        worst,
+    );
+    rows.push(
+        format!(
             "{label} {name} scale to both layers, ms/frame (GPU: upload, one launch, download)"
         ),
-        cpu: format!("{cpu_scale:.2}"),
-        gpu: format!("{gpu_scale:.2}"),
-    });
+        format!("{cpu_scale:.2}"),
+        cell(gpu_scale, |ms| format!("{ms:.2}")),
+    );
 
     // End to end: layers made per second, one pipeline fed flat out.
     let cpu_lps = layers_per_second(codec, clip, &Backend::Cpu)?;
-    let gpu_lps = layers_per_second(codec, clip, &Backend::Cuda(gpu.clone()))?;
-    rows.push(Row {
-        what: format!("{label} {name} end to end, layer frames/s (one session, flat out)"),
-        cpu: format!("{cpu_lps:.0}"),
-        gpu: format!("{gpu_lps:.0}"),
-    });
+    let gpu_lps = layers_per_second(codec, clip, &Backend::Cuda(gpu.clone()));
+    rows.push(
+        format!("{label} {name} end to end, layer frames/s (one session, flat out)"),
+        format!("{cpu_lps:.0}"),
+        cell(gpu_lps, |lps| format!("{lps:.0}")),
+    );
     Ok(())
 }
 
