@@ -26,7 +26,8 @@ nproc
 extra=""
 # The driver's own folder: the bundled loader ignores LD_LIBRARY_PATH
 # (--library-path replaces it), so the node's is added here.
-for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib ${LD_LIBRARY_PATH//:/ }; do
+node_path="${LD_LIBRARY_PATH:-}"
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib ${node_path//:/ }; do
   [ -e "$d/libcuda.so.1" ] && extra="$extra:$d"
 done
 echo "driver libraries: $(ls ${extra//:/ } 2>/dev/null | grep -E '^lib(cuda|nvcuvid|nvidia-encode)\.so' | tr '\n' ' ')"
