@@ -27,7 +27,7 @@ ffmpeg -loglevel error -y -i "$librivox-0870.wav" -i "$librivox-0920.wav" \
   -ar 16000 -ac 1 "$out/speech.wav"
 # Libraries FFmpeg opens itself at run time are the driver's; everything
 # linked is copied, the loader included.
-ldd target/release/balie-transcoder | awk '/=> \//{print $3} /^\s*\/lib.*ld-linux/{print $1}' |
+ldd target/release/balie-transcoder | awk '/=> \//{print $3} /^[[:space:]]*\/lib.*ld-linux/{print $1}' |
   sort -u | while read -r lib; do cp -L "$lib" "$out/lib/"; done
 # One archive, small enough to carry to a GPU machine (about 54 MB; 64 MiB may go).
 tar -C "$(dirname "$out")" -cJf "$out.tar.xz" "$(basename "$out")"

@@ -57,7 +57,7 @@ run() {
     # The bundled loader and glibc: whatever the node's distribution.
     timeout "$limit" "$loader" --library-path "$libs" "$here/balie-transcoder" "$@"
   else
-    LD_LIBRARY_PATH="$libs" timeout "$limit" "$here/balie-transcoder" "$@"
+    timeout "$limit" env LD_LIBRARY_PATH="$libs" "$here/balie-transcoder" "$@"
   fi
   echo "rc=$?"
 }
