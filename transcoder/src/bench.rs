@@ -66,7 +66,14 @@ pub enum Criterion {
     /// Each session finished the clip within 3% (plus 0.5 s) of its length,
     /// nothing dropped: the criterion the `ffmpeg` side is judged by.
     KeepsUp,
+    /// [`Criterion::PerFrame`] from each session's second second on: its
+    /// start (opening NVDEC, which makes a CUDA context of its own per
+    /// decoder) is left out, its steady pace judged (the GPU check).
+    Steady,
 }
+
+/// Frames at a session's start that [`Criterion::Steady`] does not judge.
+const STEADY_AFTER: usize = FPS as usize;
 
 /// The time a run of `seconds` may take and still keep up (ffmpeg's
 /// criterion, used for both sides).
@@ -113,15 +120,18 @@ pub fn ours_judged(
                         std::thread::sleep(wait);
                     }
                     let deadline = match criterion {
-                        Criterion::PerFrame => due + Duration::from_millis(100),
+                        Criterion::PerFrame | Criterion::Steady => due + Duration::from_millis(100),
                         Criterion::KeepsUp => due + Duration::from_secs(3600),
                     };
                     let r = p
                         .push(f.rtp_time, f.key, &f.data, deadline, &mut out)
                         .map_err(|e| e.to_string())?;
-                    frames += 1;
-                    if r.late || Instant::now() > deadline {
-                        late += 1;
+                    let judged = criterion != Criterion::Steady || k >= STEADY_AFTER;
+                    if judged {
+                        frames += 1;
+                        if r.late || Instant::now() > deadline {
+                            late += 1;
+                        }
                     }
                     out.clear();
                 }

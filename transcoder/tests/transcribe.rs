@@ -165,7 +165,7 @@ fn the_random_stand_in_model_loads_and_decodes_like_the_real_one() {
     );
     let dir = std::env::temp_dir().join(format!("balie-random-test-{}", std::process::id()));
     randmodel::write(&dir, &real.join("tokenizer.json"), 7).expect("written");
-    let w = Whisper::load(&dir).expect("loads");
+    let mut w = Whisper::load(&dir).expect("loads");
     std::fs::remove_dir_all(&dir).expect("removed");
     assert_eq!(w.config.d_model, 512);
     assert_eq!(w.config.encoder_layers, 6);
@@ -195,6 +195,16 @@ fn the_random_stand_in_model_loads_and_decodes_like_the_real_one() {
     }
     // A random model rarely stops: it decodes up to the cap (2 s: 20).
     assert!(t.tokens.len() <= 20, "{}", t.tokens.len());
+    // The GPU check's load floor: at least 5 tokens a second of audio,
+    // whatever the random weights pick, and never past the cap.
+    w.set_decode_floor(5.0);
+    let floored = w.transcribe(&pcm, "en").expect("decoded");
+    assert!(
+        (10..=20).contains(&floored.tokens.len()),
+        "{} tokens",
+        floored.tokens.len()
+    );
+    assert!(floored.tokens.iter().all(|t| *t < eot as u32));
 }
 
 /// The GPU engine (`captions/engine.rs`: every buffer, offset, stride,

@@ -197,6 +197,8 @@ pub struct Whisper {
     engine: Option<Box<dyn super::engine::Windows>>,
     /// The engine failed once: windows run here from then on.
     engine_failed: std::sync::atomic::AtomicBool,
+    /// Load checks on random weights only ([`Whisper::set_decode_floor`]).
+    decode_floor: Option<f64>,
 }
 
 /// The text of one window and what it cost.
@@ -320,6 +322,7 @@ impl Whisper {
             dir: dir.to_path_buf(),
             engine: None,
             engine_failed: Default::default(),
+            decode_floor: None,
         })
     }
 
@@ -522,6 +525,17 @@ impl Whisper {
         logits.squeeze(0)?.squeeze(0)
     }
 
+    /// For load checks on random weights (`gpu-check-captions`): decode at
+    /// least `tokens_per_second` tokens per second of audio, as a real
+    /// model does on speech (about 3 in English, more in Dutch), where
+    /// random weights end after a token or two. Below the floor the end of
+    /// text and the repetition guard do not stop the decoding, and an end
+    /// of text is replaced by an ordinary token: the text is meaningless,
+    /// the device's work per token is a real window's.
+    pub fn set_decode_floor(&mut self, tokens_per_second: f64) {
+        self.decode_floor = Some(tokens_per_second);
+    }
+
     /// Transcribe up to 30 s of 16 kHz mono audio in `language`. Only the
     /// audio's length (plus a second) is encoded, not a padded 30 s.
     pub fn transcribe(&self, pcm: &[f32], language: &str) -> Result<Transcript, WhisperError> {
@@ -581,16 +595,26 @@ impl Whisper {
         // About 3 tokens a second of speech; cap at 6, plus a little.
         let seconds = pcm.len() as f64 / SAMPLE_RATE as f64;
         let cap = ((seconds * 6.0) as usize + 8).min(half);
+        let floor = self
+            .decode_floor
+            .map_or(0, |rate| ((seconds * rate) as usize).min(cap));
         let mut out: Vec<u32> = prefix.to_vec();
         let mut next = f.next_token(&prompt, 0)?;
         for step in 0..cap.saturating_sub(prefix.len()).max(8) {
-            if next == self.eot {
-                break;
-            }
-            if let Some(cut) = repeats(&out, next) {
-                // A loop: keep one copy of the repeated words.
-                out.truncate(cut);
-                break;
+            if out.len() < floor {
+                if next == self.eot {
+                    // An ordinary (text) token in its place.
+                    next = (out.len() as u32 * 7919) % self.eot;
+                }
+            } else {
+                if next == self.eot {
+                    break;
+                }
+                if let Some(cut) = repeats(&out, next) {
+                    // A loop: keep one copy of the repeated words.
+                    out.truncate(cut);
+                    break;
+                }
             }
             out.push(next);
             next = f.next_token(&[next], prompt.len() + step)?;
