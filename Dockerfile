@@ -8,6 +8,9 @@
 #   live captions too (the default model is in the image; with the image's
 #   BALIE_TRANSCODER_BACKEND=cuda Whisper runs on the GPU, with =cpu on the
 #   CPU cores given to the container): add -e BALIE_TRANSCODER_CAPTIONS=true
+#   Transcode sessions use the GPU only where the card has NVENC
+#   (BALIE_TRANSCODER_VIDEO_BACKEND=auto; H100/H200 have none, and there the
+#   CPU pipeline holds more sessions: docs/offload.md).
 #
 # balie-sfu: slim Debian runtime.
 # The build runs the same command as CI's release build: cargo build --release --locked.

@@ -29,6 +29,19 @@ enum Backend {
     Cuda,
 }
 
+/// Where the video pipeline runs (`serve`).
+#[derive(Clone, Copy, ValueEnum)]
+enum VideoBackend {
+    /// With `--backend cuda`, on the GPU only where the card has NVENC
+    /// (elsewhere the CPU encodes every layer, and the CPU pipeline holds
+    /// more sessions: docs/offload.md).
+    Auto,
+    /// FFmpeg on the CPU.
+    Cpu,
+    /// NVDEC decode and GPU scaling (needs `--backend cuda`).
+    Cuda,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum BenchCodec {
     Vp8,
@@ -73,6 +86,15 @@ enum Command {
             default_value = "cpu"
         )]
         backend: Backend,
+        /// Where transcode sessions run with `--backend cuda` (`auto`: on
+        /// the GPU where the card has NVENC; H100 and H200 have none).
+        #[arg(
+            long,
+            value_enum,
+            env = "BALIE_TRANSCODER_VIDEO_BACKEND",
+            default_value = "auto"
+        )]
+        video_backend: VideoBackend,
         /// Make live captions too (caption sessions), with the model of
         /// `--captions-model`.
         #[arg(long, env = "BALIE_TRANSCODER_CAPTIONS")]
@@ -81,7 +103,7 @@ enum Command {
         /// one `models fetch` provisions).
         #[arg(long, env = "BALIE_TRANSCODER_CAPTIONS_MODEL")]
         captions_model: Option<PathBuf>,
-        /// Caption sessions held at most (default: one per CPU core; four
+        /// Caption sessions held at most (default: one per CPU core; eight
         /// per core with Whisper on the GPU, `--backend cuda`).
         #[arg(long, env = "BALIE_TRANSCODER_MAX_CAPTIONS")]
         max_captions: Option<u32>,
@@ -309,6 +331,7 @@ fn run(command: Command) -> Result<(), String> {
             max_sessions,
             metrics,
             backend,
+            video_backend,
             captions,
             captions_model,
             max_captions,
@@ -317,13 +340,14 @@ fn run(command: Command) -> Result<(), String> {
                 one_whisper_thread();
             }
             let backend_kind = backend;
-            let backend = open_backend(backend)?;
+            let backend = open_backend(backend, video_backend)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
             let captions = if captions {
                 let whisper = load_model(captions_model, backend_kind)?;
                 // On the GPU the cores only decode Opus and make log-mels:
-                // four sessions each until gpu-check-captions says more.
-                let per_core = if whisper.on_gpu() { 4 } else { 1 };
+                // an H200 node of 16 cores held 128 streams (the most its
+                // check finished) with 2.5 cores busy: eight per core.
+                let per_core = if whisper.on_gpu() { 8 } else { 1 };
                 Some(CaptionsSetup {
                     whisper: std::sync::Arc::new(whisper),
                     max_sessions: max_captions.unwrap_or(per_core * cores),
@@ -349,16 +373,31 @@ fn run(command: Command) -> Result<(), String> {
 
 /// The backend asked for; `cuda` opens the GPU (and says what it offers)
 /// or fails with the reason, never a panic.
-fn open_backend(backend: Backend) -> Result<PipelineBackend, String> {
+fn open_backend(backend: Backend, video: VideoBackend) -> Result<PipelineBackend, String> {
+    use balie_transcoder::pipeline::{video_on_gpu, VideoPlacement};
+    let asked = match video {
+        VideoBackend::Auto => VideoPlacement::Auto,
+        VideoBackend::Cpu => VideoPlacement::Cpu,
+        VideoBackend::Cuda => VideoPlacement::Gpu,
+    };
     match backend {
-        Backend::Cpu => Ok(PipelineBackend::Cpu),
+        Backend::Cpu => {
+            video_on_gpu(false, asked, false)?;
+            Ok(PipelineBackend::Cpu)
+        }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             balie_transcoder::pipeline::init().map_err(|e| e.to_string())?;
             let gpu =
                 balie_transcoder::gpu::Gpu::open(0).map_err(|e| format!("--backend cuda: {e}"))?;
             info!(gpu = %gpu.info, "GPU backend");
-            Ok(PipelineBackend::Cuda(gpu))
+            if video_on_gpu(true, asked, gpu.info.nvenc)? {
+                info!("transcode sessions on the GPU");
+                Ok(PipelineBackend::Cuda(gpu))
+            } else {
+                info!("transcode sessions on the CPU (no NVENC, or --video-backend cpu; --video-backend cuda puts them on the GPU)");
+                Ok(PipelineBackend::Cpu)
+            }
         }
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => Err(NO_CUDA.into()),

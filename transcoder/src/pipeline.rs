@@ -62,6 +62,33 @@ pub enum Backend {
     Cuda(std::sync::Arc<crate::gpu::Gpu>),
 }
 
+/// Where the video pipeline runs when the worker has the GPU
+/// (`serve --backend cuda --video-backend ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VideoPlacement {
+    /// On the GPU where the card has NVENC, else on the CPU: without NVENC
+    /// the CPU encodes every layer anyway, and on an H200 the GPU path
+    /// (NVDEC, GPU scaling) held 6 real-time sessions where the CPU path
+    /// held 32 (docs/offload.md, "The GPU check").
+    #[default]
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+/// Whether sessions' video runs on the GPU: `gpu` (the worker opened one,
+/// `--backend cuda`), what was asked, and whether the card has NVENC.
+pub fn video_on_gpu(gpu: bool, asked: VideoPlacement, nvenc: bool) -> Result<bool, String> {
+    match (gpu, asked) {
+        (false, VideoPlacement::Gpu) => {
+            Err("--video-backend cuda needs the GPU: add --backend cuda".into())
+        }
+        (false, _) | (true, VideoPlacement::Cpu) => Ok(false),
+        (true, VideoPlacement::Gpu) => Ok(true),
+        (true, VideoPlacement::Auto) => Ok(nvenc),
+    }
+}
+
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -512,5 +539,25 @@ impl Pipeline {
         };
         self.last_rtp = Some((rtp, ext));
         Some(ext)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{video_on_gpu, VideoPlacement};
+
+    #[test]
+    fn video_goes_on_the_gpu_where_it_was_asked_or_the_card_has_nvenc() {
+        use VideoPlacement::{Auto, Cpu, Gpu};
+        // No GPU opened: the CPU, and asking for the GPU is an error.
+        assert_eq!(video_on_gpu(false, Auto, false), Ok(false));
+        assert_eq!(video_on_gpu(false, Cpu, true), Ok(false));
+        let err = video_on_gpu(false, Gpu, true).expect_err("refused");
+        assert!(err.contains("--backend cuda"), "{err}");
+        // A GPU: auto follows NVENC (an H200 has none), the others as asked.
+        assert_eq!(video_on_gpu(true, Auto, false), Ok(false));
+        assert_eq!(video_on_gpu(true, Auto, true), Ok(true));
+        assert_eq!(video_on_gpu(true, Cpu, true), Ok(false));
+        assert_eq!(video_on_gpu(true, Gpu, false), Ok(true));
     }
 }

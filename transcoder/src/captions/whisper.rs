@@ -611,8 +611,9 @@ impl Whisper {
                     break;
                 }
                 if let Some(cut) = repeats(&out, next) {
-                    // A loop: keep one copy of the repeated words.
-                    out.truncate(cut);
+                    // A loop: keep one copy of the repeated words (never
+                    // fewer than the floor's).
+                    out.truncate(cut.max(floor));
                     break;
                 }
             }
