@@ -29,7 +29,7 @@ ffmpeg -loglevel error -y -i "$librivox-0870.wav" -i "$librivox-0920.wav" \
 # linked is copied, the loader included.
 ldd target/release/balie-transcoder | awk '/=> \//{print $3} /^[[:space:]]*\/lib.*ld-linux/{print $1}' |
   sort -u | while read -r lib; do cp -L "$lib" "$out/lib/"; done
-# One archive, small enough to carry to a GPU machine (about 54 MB; 64 MiB may go).
+# One archive, small enough to carry to a GPU machine (about 56 MB; 64 MiB may go).
 tar -C "$(dirname "$out")" -cJf "$out.tar.xz" "$(basename "$out")"
 echo "bundle: $out.tar.xz ($(du -h "$out.tar.xz" | cut -f1))"
 echo "on the GPU node: tar xJf $(basename "$out").tar.xz && ./$(basename "$out")/gpu-check.sh"

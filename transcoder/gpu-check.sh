@@ -62,6 +62,6 @@ run() {
   echo "rc=$?"
 }
 echo "== gpu-check: transcoding (a table at the end)"
-run 235 gpu-check --seconds "$seconds" --max 32
+run 280 gpu-check --seconds "$seconds" --max 32
 echo "== gpu-check-captions: Whisper on the GPU (tables at the end)"
-run 215 gpu-check-captions --tokenizer "$here/tokenizer.json" --audio "$here/speech.wav" --max 256
+run 190 gpu-check-captions --tokenizer "$here/tokenizer.json" --audio "$here/speech.wav" --max 128

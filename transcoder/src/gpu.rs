@@ -144,12 +144,97 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     scale: CudaFunction,
     pub info: GpuInfo,
+    /// Where NVDEC decoders get their CUDA context ([`Gpu::open_shared`]).
+    shared: Option<SharedDevice>,
+}
+
+/// FFmpeg's CUDA device on the card's primary context, the one cudarc's
+/// [`CudaContext`] uses. A cuvid decoder given no device makes a CUDA
+/// context of its own, and contexts on one card take turns (time slices):
+/// on an H200, sessions with a context each held 6 in real time, with the
+/// CPU mostly idle. Given this device, every decoder and the scaler share
+/// one context. Not yet measured on a GPU: `gpu-check` sets both side by
+/// side.
+struct SharedDevice(*mut ffmpeg::ffi::AVBufferRef);
+
+// SAFETY: the pointer is FFmpeg's reference-counted buffer (its count is
+// atomic); the device behind it is not changed after it is made, and
+// decoders take references of their own (`av_buffer_ref`).
+unsafe impl Send for SharedDevice {}
+// SAFETY: as for Send: `&SharedDevice` only takes new references.
+unsafe impl Sync for SharedDevice {}
+
+impl Drop for SharedDevice {
+    fn drop(&mut self) {
+        // SAFETY: our own reference, made by av_hwdevice_ctx_create.
+        unsafe { ffmpeg::ffi::av_buffer_unref(&mut self.0) }
+    }
+}
+
+impl SharedDevice {
+    fn make(ordinal: usize) -> Result<SharedDevice, GpuError> {
+        /// `AV_CUDA_USE_PRIMARY_CONTEXT` (libavutil/hwcontext_cuda.h, FFmpeg
+        /// 4.3 and later; not in ffmpeg-sys's bindings).
+        const USE_PRIMARY_CONTEXT: i32 = 1;
+        let device = std::ffi::CString::new(ordinal.to_string())
+            .map_err(|e| GpuError::Driver(e.to_string()))?;
+        let mut buf = std::ptr::null_mut();
+        // SAFETY: `buf` is an out-pointer FFmpeg fills on success; the
+        // device string outlives the call; no options dictionary.
+        let r = unsafe {
+            ffmpeg::ffi::av_hwdevice_ctx_create(
+                &mut buf,
+                ffmpeg::ffi::AVHWDeviceType::AV_HWDEVICE_TYPE_CUDA,
+                device.as_ptr(),
+                std::ptr::null_mut(),
+                USE_PRIMARY_CONTEXT,
+            )
+        };
+        if r < 0 || buf.is_null() {
+            return Err(GpuError::Driver(format!(
+                "FFmpeg's CUDA device on the primary context: {}",
+                ffmpeg::Error::from(r)
+            )));
+        }
+        Ok(SharedDevice(buf))
+    }
+}
+
+/// cuvid's `get_format`: NV12 in host memory, as a decoder without a
+/// device gives (given a device, FFmpeg would pick frames in GPU memory,
+/// which the pipeline does not take).
+unsafe extern "C" fn host_nv12(
+    _ctx: *mut ffmpeg::ffi::AVCodecContext,
+    mut formats: *const ffmpeg::ffi::AVPixelFormat,
+) -> ffmpeg::ffi::AVPixelFormat {
+    use ffmpeg::ffi::AVPixelFormat::{AV_PIX_FMT_NONE, AV_PIX_FMT_NV12};
+    // SAFETY: FFmpeg passes a list ended by AV_PIX_FMT_NONE.
+    unsafe {
+        while !formats.is_null() && *formats != AV_PIX_FMT_NONE {
+            if *formats == AV_PIX_FMT_NV12 {
+                return AV_PIX_FMT_NV12;
+            }
+            formats = formats.add(1);
+        }
+    }
+    AV_PIX_FMT_NONE
 }
 
 impl Gpu {
     /// Open device `ordinal`: check the driver, compile the kernel, probe
-    /// NVDEC and NVENC through FFmpeg.
+    /// NVDEC and NVENC through FFmpeg. Each NVDEC decoder makes a CUDA
+    /// context of its own (what ran on an H200; see [`Gpu::open_shared`]).
     pub fn open(ordinal: usize) -> Result<Arc<Gpu>, GpuError> {
+        Gpu::open_with(ordinal, false)
+    }
+
+    /// [`Gpu::open`], NVDEC decoders on the card's primary context, shared
+    /// with each other and the scaler ([`SharedDevice`]).
+    pub fn open_shared(ordinal: usize) -> Result<Arc<Gpu>, GpuError> {
+        Gpu::open_with(ordinal, true)
+    }
+
+    fn open_with(ordinal: usize, shared: bool) -> Result<Arc<Gpu>, GpuError> {
         // SAFETY: these only try to load the libraries (dlopen); cudarc
         // panics on first use of a library that is missing, so we ask first.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -180,7 +265,48 @@ impl Gpu {
             nvdec: probe_nvdec(),
             nvenc: probe_nvenc(),
         };
-        Ok(Arc::new(Gpu { ctx, scale, info }))
+        let shared = if shared {
+            Some(SharedDevice::make(ordinal)?)
+        } else {
+            None
+        };
+        Ok(Arc::new(Gpu {
+            ctx,
+            scale,
+            info,
+            shared,
+        }))
+    }
+
+    /// Whether NVDEC decoders share the primary context.
+    pub fn shares_decoders(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// An NVDEC decoder by FFmpeg name (`h264_cuvid`, `vp8_cuvid`), on the
+    /// shared context where this handle has one.
+    pub fn decoder(
+        &self,
+        name: &'static str,
+    ) -> Result<crate::pipeline::Decoder, crate::pipeline::PipelineError> {
+        let Some(device) = &self.shared else {
+            return crate::pipeline::Decoder::named(name);
+        };
+        crate::pipeline::Decoder::named_with(name, |ctx| {
+            // SAFETY: the context is not open yet; it takes a reference of
+            // its own to the device (freed with the context) and a
+            // get_format that only reads the list FFmpeg passes.
+            unsafe {
+                let raw = ctx.as_mut_ptr();
+                let r = ffmpeg::ffi::av_buffer_ref(device.0);
+                if r.is_null() {
+                    return Err(GpuError::Driver("av_buffer_ref: out of memory".into()).into());
+                }
+                (*raw).hw_device_ctx = r;
+                (*raw).get_format = Some(host_nv12);
+            }
+            Ok(())
+        })
     }
 
     /// A scaler for one session (its own stream, so sessions overlap).
@@ -537,5 +663,39 @@ mod tests {
         assert_eq!(max_difference(&out, &r), 0);
         out.data_mut(0)[0] += 7;
         assert_eq!(max_difference(&out, &r), 7);
+    }
+
+    #[test]
+    fn the_shared_decoders_ask_ffmpeg_for_nv12_in_host_memory() {
+        use ffmpeg::ffi::AVPixelFormat::{
+            AV_PIX_FMT_CUDA, AV_PIX_FMT_NONE, AV_PIX_FMT_NV12, AV_PIX_FMT_P010LE,
+        };
+        // What cuvid offers: frames in GPU memory first, then host NV12.
+        let offered = [AV_PIX_FMT_CUDA, AV_PIX_FMT_NV12, AV_PIX_FMT_NONE];
+        // SAFETY: a list ended by NONE, as FFmpeg passes it.
+        let got = unsafe { host_nv12(std::ptr::null_mut(), offered.as_ptr()) };
+        assert_eq!(got, AV_PIX_FMT_NV12);
+        // No NV12 (a 10-bit stream): none, and FFmpeg fails the open.
+        let offered = [AV_PIX_FMT_CUDA, AV_PIX_FMT_P010LE, AV_PIX_FMT_NONE];
+        // SAFETY: as above.
+        let got = unsafe { host_nv12(std::ptr::null_mut(), offered.as_ptr()) };
+        assert_eq!(got, AV_PIX_FMT_NONE);
+    }
+
+    #[test]
+    fn ffmpegs_shared_cuda_device_without_a_driver_is_an_error_not_a_crash() {
+        crate::pipeline::init().expect("ffmpeg");
+        // SAFETY: only asks whether libcuda loads.
+        let driver = unsafe { cudarc::driver::sys::is_culib_present() };
+        match SharedDevice::make(0) {
+            Ok(device) => {
+                assert!(driver, "a CUDA device without libcuda");
+                drop(device);
+            }
+            Err(e) => {
+                assert!(!driver, "a GPU node where the device failed: {e}");
+                assert!(e.to_string().contains("primary context"), "{e}");
+            }
+        }
     }
 }

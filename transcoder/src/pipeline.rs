@@ -176,9 +176,20 @@ impl Decoder {
     /// A decoder by FFmpeg name (`h264_cuvid`, `vp8_cuvid`: NVDEC), with
     /// no display delay (NVDEC holds four frames back by default).
     pub fn named(name: &'static str) -> Result<Decoder, PipelineError> {
+        Decoder::named_with(name, |_| Ok(()))
+    }
+
+    /// [`Decoder::named`], `prepare` given the codec context before it is
+    /// opened (the GPU backend hands NVDEC a shared device there).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn named_with(
+        name: &'static str,
+        prepare: impl FnOnce(&mut ffmpeg::codec::context::Context) -> Result<(), PipelineError>,
+    ) -> Result<Decoder, PipelineError> {
         let c = ffmpeg::decoder::find_by_name(name).ok_or(PipelineError::Missing(name))?;
         let mut ctx = single_threaded(c);
         ctx.set_flags(ffmpeg::codec::Flags::LOW_DELAY);
+        prepare(&mut ctx)?;
         let dec = ctx.decoder().video().map_err(ff("opening the decoder"))?;
         Ok(Decoder {
             dec,
@@ -366,7 +377,7 @@ impl Pipeline {
                     Codec::H264 => "h264_cuvid",
                 };
                 if gpu.info.nvdec.contains(&name) {
-                    Decoder::named(name)?
+                    gpu.decoder(name)?
                 } else {
                     // This card's NVDEC lacks the codec: decode on the CPU,
                     // scale on the GPU all the same.

@@ -116,11 +116,11 @@ pub fn run(
         "\nlive caption streams on the GPU ({:.1} s of speech per stream):",
         speech.len() as f64 / SAMPLE_RATE as f64
     );
-    // From 8 streams, doubling (each step takes about twice the speech's
+    // From 16 streams, doubling (each step takes about twice the speech's
     // length: the streams start 0.7 s apart).
-    let counts = [8, 16, 32, 64, 128, 256]
+    let counts = [16, 32, 64, 128, 256]
         .into_iter()
-        .filter(|n| *n <= max.max(8));
+        .filter(|n| *n <= max.max(16));
     let best = bench::steps(&gpu, &speech, lang, counts)?;
     println!("caption streams held in real time on the GPU: {best}");
     Ok(())
