@@ -270,30 +270,15 @@ async fn captions_are_refused_by_a_worker_without_a_model_or_for_an_unknown_lang
 #[test]
 fn serve_with_captions_and_no_model_stops_with_how_to_get_one() {
     let dir = tempfile::tempdir().expect("tempdir");
-    common::certs(dir.path());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_balie-transcoder"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ])
-        .arg("--ca")
-        .arg(dir.path().join("ca.pem"))
-        .arg("--cert")
-        .arg(dir.path().join("worker.pem"))
-        .arg("--key")
-        .arg(dir.path().join("worker.key"))
-        .env("BALIE_TRANSCODER_CAPTIONS", "true")
-        .env(
-            "BALIE_TRANSCODER_CAPTIONS_MODEL",
-            dir.path().join("no-model"),
-        )
-        .output()
-        .expect("runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let no_model = dir.path().join("no-model");
+    let err = common::serve_refused(
+        dir.path(),
+        &[],
+        &[
+            ("BALIE_TRANSCODER_CAPTIONS", "true".as_ref()),
+            ("BALIE_TRANSCODER_CAPTIONS_MODEL", no_model.as_os_str()),
+        ],
+    );
     assert!(
         err.contains("no-model/config.json") && err.contains("models fetch"),
         "{err}"

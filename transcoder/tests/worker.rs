@@ -483,27 +483,7 @@ async fn stopped(s: &mut quinn::SendStream) -> u32 {
 #[test]
 fn video_on_the_gpu_without_the_gpu_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    certs(dir.path());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_balie-transcoder"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-            "--video-backend",
-            "cuda",
-        ])
-        .arg("--ca")
-        .arg(dir.path().join("ca.pem"))
-        .arg("--cert")
-        .arg(dir.path().join("worker.pem"))
-        .arg("--key")
-        .arg(dir.path().join("worker.key"))
-        .output()
-        .expect("runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = common::serve_refused(dir.path(), &["--video-backend", "cuda"], &[]);
     assert!(
         err.contains("--video-backend cuda needs the GPU: add --backend cuda"),
         "{err}"

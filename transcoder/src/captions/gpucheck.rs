@@ -71,12 +71,7 @@ pub fn run(
     println!("| --- | --- | --- | --- | --- |");
     let mut worst = 0f32;
     for secs in [5usize, 15, 30] {
-        let pcm: Vec<f32> = speech
-            .iter()
-            .copied()
-            .cycle()
-            .take(secs * SAMPLE_RATE)
-            .collect();
+        let pcm = looped(&speech, secs);
         // A window that fails is a row saying why; the streams still run.
         match window(&cpu, &gpu, &pcm, secs, lang) {
             Ok((row, relative)) => {
@@ -94,12 +89,7 @@ pub fn run(
     gpu.set_decode_floor(DECODE_FLOOR);
     println!("\nfrom here on at least {DECODE_FLOOR} tokens per second of audio are decoded:");
     for secs in [5usize, 15, 30] {
-        let pcm: Vec<f32> = speech
-            .iter()
-            .copied()
-            .cycle()
-            .take(secs * SAMPLE_RATE)
-            .collect();
+        let pcm = looped(&speech, secs);
         match gpu.transcribe(&pcm, lang) {
             Ok(r) => println!(
                 "GPU, {secs} s window: encode {:.1} ms, {} tokens in {:.1} ms ({:.2} ms per token)",
@@ -124,6 +114,16 @@ pub fn run(
     let best = bench::steps(&gpu, &speech, lang, counts)?;
     println!("caption streams held in real time on the GPU: {best}");
     Ok(())
+}
+
+/// `secs` seconds of `speech`, looped.
+fn looped(speech: &[f32], secs: usize) -> Vec<f32> {
+    speech
+        .iter()
+        .copied()
+        .cycle()
+        .take(secs * SAMPLE_RATE)
+        .collect()
 }
 
 /// One window on both: its table row and the largest logit difference

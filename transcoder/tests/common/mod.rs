@@ -48,3 +48,30 @@ pub async fn connect(dir: &Path, addr: SocketAddr) -> (Link, UnboundedReceiver<L
         .await
         .expect("link")
 }
+
+/// Run `balie-transcoder serve` on loopback with development certificates
+/// in `dir`, `args` and `envs` added, expecting it to stop at start: its
+/// standard error.
+pub fn serve_refused(dir: &Path, args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> String {
+    certs(dir);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_balie-transcoder"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .arg("--ca")
+        .arg(dir.join("ca.pem"))
+        .arg("--cert")
+        .arg(dir.join("worker.pem"))
+        .arg("--key")
+        .arg(dir.join("worker.key"))
+        .envs(envs.iter().copied())
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "serve started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
