@@ -278,11 +278,6 @@ impl Gpu {
         }))
     }
 
-    /// Whether NVDEC decoders share the primary context.
-    pub fn shares_decoders(&self) -> bool {
-        self.shared.is_some()
-    }
-
     /// An NVDEC decoder by FFmpeg name (`h264_cuvid`, `vp8_cuvid`), on the
     /// shared context where this handle has one.
     pub fn decoder(
