@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use balie_offload::tls::{make_dev_certs, TlsFiles};
 use balie_transcoder::captions::whisper::Whisper;
 use balie_transcoder::metrics::Metrics;
-use balie_transcoder::pipeline::Backend as PipelineBackend;
+use balie_transcoder::pipeline::{Backend as PipelineBackend, VideoPlacement};
 use balie_transcoder::server::{CaptionsSetup, Worker, WorkerConfig};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
@@ -26,19 +26,6 @@ enum Backend {
     Cpu,
     /// NVDEC decode and GPU scaling, and Whisper on the GPU for captions
     /// (needs the `cuda` feature and a GPU).
-    Cuda,
-}
-
-/// Where the video pipeline runs (`serve`).
-#[derive(Clone, Copy, ValueEnum)]
-enum VideoBackend {
-    /// With `--backend cuda`, on the GPU only where the card has NVENC
-    /// (elsewhere the CPU encodes every layer, and the CPU pipeline holds
-    /// more sessions: docs/offload.md).
-    Auto,
-    /// FFmpeg on the CPU.
-    Cpu,
-    /// NVDEC decode and GPU scaling (needs `--backend cuda`).
     Cuda,
 }
 
@@ -94,7 +81,7 @@ enum Command {
             env = "BALIE_TRANSCODER_VIDEO_BACKEND",
             default_value = "auto"
         )]
-        video_backend: VideoBackend,
+        video_backend: VideoPlacement,
         /// Make live captions too (caption sessions), with the model of
         /// `--captions-model`.
         #[arg(long, env = "BALIE_TRANSCODER_CAPTIONS")]
@@ -373,13 +360,8 @@ fn run(command: Command) -> Result<(), String> {
 
 /// The backend asked for; `cuda` opens the GPU (and says what it offers)
 /// or fails with the reason, never a panic.
-fn open_backend(backend: Backend, video: VideoBackend) -> Result<PipelineBackend, String> {
-    use balie_transcoder::pipeline::{video_on_gpu, VideoPlacement};
-    let asked = match video {
-        VideoBackend::Auto => VideoPlacement::Auto,
-        VideoBackend::Cpu => VideoPlacement::Cpu,
-        VideoBackend::Cuda => VideoPlacement::Gpu,
-    };
+fn open_backend(backend: Backend, asked: VideoPlacement) -> Result<PipelineBackend, String> {
+    use balie_transcoder::pipeline::video_on_gpu;
     match backend {
         Backend::Cpu => {
             video_on_gpu(false, asked, false)?;

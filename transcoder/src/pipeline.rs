@@ -63,16 +63,19 @@ pub enum Backend {
 }
 
 /// Where the video pipeline runs when the worker has the GPU
-/// (`serve --backend cuda --video-backend ...`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// (`serve --backend cuda --video-backend auto|cpu|cuda`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum VideoPlacement {
-    /// On the GPU where the card has NVENC, else on the CPU: without NVENC
-    /// the CPU encodes every layer anyway, and on an H200 the GPU path
-    /// (NVDEC, GPU scaling) held 6 real-time sessions where the CPU path
-    /// held 32 (docs/offload.md, "The GPU check").
+    /// With `--backend cuda`, on the GPU only where the card has NVENC:
+    /// without it the CPU encodes every layer anyway, and on an H200 the
+    /// GPU path (NVDEC, GPU scaling) held 6 real-time sessions where the
+    /// CPU path held 32 (docs/offload.md, "The GPU check").
     #[default]
     Auto,
+    /// FFmpeg on the CPU.
     Cpu,
+    /// NVDEC decode and GPU scaling (needs `--backend cuda`).
+    #[value(name = "cuda")]
     Gpu,
 }
 
