@@ -686,6 +686,7 @@ impl ShardCore {
             outbox: VecDeque::new(),
             admitted,
             estimate: None,
+            estimate_since: now,
             loss: Default::default(),
             asked_desired: 0,
             asked_minimum: (0, now),
@@ -982,7 +983,7 @@ impl ShardCore {
             Event::Closed => self.close(now, sid, LeaveReason::Left),
             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
                 if let Some(sess) = self.sessions.get_mut(&sid) {
-                    sess.estimate = Some(estimate.as_u64());
+                    sess.set_estimate(now, estimate.as_u64());
                     sess.twcc = true;
                     self.metrics.bwe_estimate.observe(estimate.as_f64());
                 }
@@ -1009,7 +1010,7 @@ impl ShardCore {
             // A client that only reports REMB: its estimate stands in.
             Event::EgressBitrateEstimate(BweKind::Remb { estimate, .. }) => {
                 if let Some(sess) = self.sessions.get_mut(&sid).filter(|s| !s.twcc) {
-                    sess.estimate = Some(estimate.as_u64());
+                    sess.set_estimate(now, estimate.as_u64());
                     self.metrics.bwe_estimate.observe(estimate.as_f64());
                 }
             }

@@ -85,6 +85,15 @@ pub const SWITCH_SETTLE: Duration = Duration::from_millis(1000);
 /// a 300 kbit/s cap was lifted, the probe came 4-5 s later with the backoff
 /// at 4 s, and f after over 10 s).
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// An estimate that has not moved for this long while a probe asks for
+/// more than it is stuck: the next probe restarts the estimator (see
+/// `Session::apply_bwe_want`). str0m's loss-based estimator can enter its
+/// decreasing state on a clean link (its estimate a little under the
+/// delay-based one) and hold there, up to 60 s, while it blocks every probe:
+/// in the simulator with Chromium's layer rates, 2 of 72 lifted caps left
+/// the subscriber on h at 714-743 kbit/s for 30 s (CI's shaped-link test
+/// once sat at 815 kbit/s for 25 s below an f that needed 870).
+pub const ESTIMATE_STUCK: Duration = Duration::from_secs(4);
 /// A layer's bitrate with [`HEADROOM`].
 pub fn with_headroom(bitrate: u64) -> u64 {
     (bitrate as f64 * HEADROOM) as u64

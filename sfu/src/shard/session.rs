@@ -211,6 +211,8 @@ pub struct Session {
     pub outbox: VecDeque<String>,
     /// The latest bandwidth estimate for what we send to this peer (bit/s).
     pub estimate: Option<u64>,
+    /// When [`Session::estimate`] last changed.
+    pub estimate_since: Instant,
     /// The loss the peer reports, capping the budget when the link
     /// suddenly carries much less than is sent.
     pub loss: super::layers::LossWatch,
@@ -375,6 +377,14 @@ impl Session {
                 .is_some_and(|r| r as f64 >= CARRIED_SHARE * asked as f64)
     }
 
+    /// A new bandwidth estimate (bit/s) for what we send to this peer.
+    pub fn set_estimate(&mut self, now: Instant, bps: u64) {
+        if self.estimate != Some(bps) {
+            self.estimate = Some(bps);
+            self.estimate_since = now;
+        }
+    }
+
     /// Tell the bandwidth estimator what this session's video asks for: the
     /// sum over its tracks of [`TrackOut::bwe_want`], plus audio. Sustaining
     /// with padding the rate of the layer a step up goes to keeps the acked
@@ -405,16 +415,21 @@ impl Session {
         // back to f within 20 s in 2 of 6 runs of layer_sweep without this;
         // in Chromium on a shaped link the estimate sat at 560 kbit/s for
         // 25 s below an f of 1 Mbit/s while the restart waited for 2x).
+        // Also when the gap is small but the estimate has not moved for
+        // ESTIMATE_STUCK: str0m's loss-based estimator can hold it with no
+        // loss at all, and blocks its own probes meanwhile.
         let est = self.estimate.unwrap_or(0);
+        let stuck =
+            now.saturating_duration_since(self.estimate_since) >= super::layers::ESTIMATE_STUCK;
         let restart = desired > self.asked_desired.saturating_mul(5) / 4
             && est > 0
-            && desired > est.saturating_mul(3) / 2
+            && (desired > est.saturating_mul(3) / 2 || (stuck && desired > est))
             && self.loss.cap(now).is_none()
             && self.loss.window_loss() < 0.02;
         if restart {
             self.rtc.bwe().reset(str0m::bwe::Bitrate::bps(est));
         }
-        tracing::debug!(parent: &self.span, minimum, desired, estimate = est, restart, "bwe want");
+        tracing::debug!(parent: &self.span, minimum, desired, estimate = est, stuck, restart, "bwe want");
         self.asked_desired = desired;
         // A higher minimum must be carried for a while before it counts; a
         // lower one is carried by what carried the higher.

@@ -152,6 +152,9 @@ pub struct Peer {
     /// browser does, a request for one layer makes a keyframe on that layer
     /// only.
     force_layer: [bool; 3],
+    /// Mean frame sizes (bytes at 30 frames/s) of q, h and f when it
+    /// publishes simulcast.
+    pub layer_bytes: [usize; 3],
     /// The simulated time, as of the last input.
     now: Instant,
     /// When a keyframe request was last honoured.
@@ -265,6 +268,7 @@ impl Peer {
             next_audio: now,
             force_keyframe: true,
             force_layer: [false; 3],
+            layer_bytes: LAYER_BYTES,
             now,
             key_honoured: None,
             remb: None,
@@ -515,7 +519,7 @@ impl Peer {
                     // 150 kbit/s, 500 kbit/s and 1.5 Mbit/s (keyframes 3x).
                     for (i, rid) in LAYERS.iter().enumerate() {
                         let tag = self.tag | ((i as u32 + 1) << 24);
-                        let mean = LAYER_BYTES[i];
+                        let mean = self.layer_bytes[i];
                         let vary = mean * ((self.frame_no as usize * 37) % 40) / 100;
                         let key = key || std::mem::take(&mut self.force_layer[i]);
                         let bytes = if key {
@@ -598,7 +602,7 @@ impl Peer {
 pub const LAYERS: [&str; 3] = ["q", "h", "f"];
 
 /// Mean frame sizes of the layers at 30 frames/s: 150, 500 and 1,500 kbit/s.
-const LAYER_BYTES: [usize; 3] = [625, 2083, 6250];
+pub const LAYER_BYTES: [usize; 3] = [625, 2083, 6250];
 
 // Frame layout after the codec header: magic, tag u32, frame u32, len u32, filler.
 const VP8_KEY: [u8; 10] = [0x10, 0x02, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0xe0, 0x01];
