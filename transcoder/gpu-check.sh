@@ -4,6 +4,7 @@
 # transcoder/gpu-bundle.sh made:
 #
 #   ./gpu-check.sh [SECONDS]      (seconds of clip per measurement, default 4)
+#   DMON_DIR=DIR ./gpu-check.sh   (the card's utilisation logs go to DIR)
 #
 # It prints what the card offers, then a table: NVDEC decode frames per
 # second, GPU scaling time per frame, end-to-end layer frames per second,
@@ -14,6 +15,55 @@
 # on the GPU (end of speech to final within 1.5 s at p95).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+# The card's utilisation while a check runs (nvidia-smi dmon, once a
+# second): SM, NVDEC and NVENC busy, in %. Each sample is kept in
+# $DMON_DIR/dmon-<check>.log (default: this folder); a summary follows the
+# check: which engine ran out first where sessions stopped keeping up.
+# `gpu-check.sh --dmon-summary FILE` prints the summary of a kept log.
+dmon_dir="${DMON_DIR:-$here}"
+watch() {
+  dmon_log="$dmon_dir/dmon-$1.log"
+  dmon_pid=""
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi dmon -s u -o T >"$dmon_log" 2>&1 &
+    dmon_pid=$!
+  fi
+}
+watched() {
+  [ -n "$dmon_pid" ] || { echo "utilisation: nvidia-smi not found"; return; }
+  kill "$dmon_pid" 2>/dev/null
+  wait "$dmon_pid" 2>/dev/null
+  dmon_summary "$dmon_log"
+}
+# Mean and peak of each utilisation column over the samples of one log.
+dmon_summary() {
+  awk '
+    /^#/ && !names { h = $0; sub(/^#/, "", h); names = split(h, col, " "); next }
+    /^#/ { next }
+    names && NF == names {
+      n++
+      for (i = 1; i <= NF; i++) {
+        c = col[i]
+        if ((c == "sm" || c == "enc" || c == "dec") && $i ~ /^[0-9]+$/) {
+          sum[c] += $i; if ($i > max[c]) max[c] = $i; seen[c] = 1
+        }
+      }
+    }
+    END {
+      if (!n) { print "utilisation: no samples"; exit }
+      line = "utilisation over " n " s (mean / peak %):"
+      split("sm dec enc", order, " ")
+      for (k = 1; k <= 3; k++) {
+        c = order[k]
+        line = line " " c " " (seen[c] ? sprintf("%.0f / %d", sum[c] / n, max[c]) : "-")
+      }
+      print line
+    }' "$1"
+}
+if [ "${1:-}" = "--dmon-summary" ]; then
+  dmon_summary "${2:?usage: gpu-check.sh --dmon-summary DMON_LOG}"
+  exit
+fi
 seconds="${1:-4}"
 echo "== node"
 date -u
@@ -62,6 +112,10 @@ run() {
   echo "rc=$?"
 }
 echo "== gpu-check: transcoding (a table at the end)"
+watch transcoding
 run 280 gpu-check --seconds "$seconds" --max 32
+watched
 echo "== gpu-check-captions: Whisper on the GPU (tables at the end)"
+watch captions
 run 190 gpu-check-captions --tokenizer "$here/tokenizer.json" --audio "$here/speech.wav" --max 128
+watched

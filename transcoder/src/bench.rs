@@ -35,6 +35,67 @@ pub struct Step {
     /// How long the slowest session or process took over the clip, from
     /// its start (its first frame was due, or the process was spawned).
     pub slowest: Duration,
+    /// Our sessions: mean time per judged frame in decode, and in scale
+    /// and encode over the frames that were not past their deadline (ms);
+    /// zero for the `ffmpeg` side.
+    pub stage_ms: StageMs,
+}
+
+/// Mean milliseconds per frame in each stage of our pipeline.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageMs {
+    pub decode: f64,
+    pub scale: f64,
+    pub encode: f64,
+}
+
+impl std::fmt::Display for StageMs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "decode {:.2} / scale {:.2} / encode {:.2} ms a frame",
+            self.decode, self.scale, self.encode
+        )
+    }
+}
+
+/// Stage times summed over frames, for [`StageMs`].
+#[derive(Debug, Clone, Copy, Default)]
+struct StageSums {
+    decoded: u64,
+    decode: Duration,
+    scaled: u64,
+    scale: Duration,
+    encode: Duration,
+}
+
+impl StageSums {
+    fn add(&mut self, t: &crate::pipeline::Timings) {
+        self.decoded += 1;
+        self.decode += t.decode;
+        if !t.scale.is_zero() {
+            self.scaled += 1;
+            self.scale += t.scale;
+            self.encode += t.encode;
+        }
+    }
+
+    fn merge(&mut self, o: &StageSums) {
+        self.decoded += o.decoded;
+        self.decode += o.decode;
+        self.scaled += o.scaled;
+        self.scale += o.scale;
+        self.encode += o.encode;
+    }
+
+    fn mean(&self) -> StageMs {
+        let ms = |d: Duration, n: u64| d.as_secs_f64() * 1e3 / n.max(1) as f64;
+        StageMs {
+            decode: ms(self.decode, self.decoded),
+            scale: ms(self.scale, self.scaled),
+            encode: ms(self.encode, self.scaled),
+        }
+    }
 }
 
 pub const LAYERS: [LayerSpec; 2] = [
@@ -112,6 +173,7 @@ pub fn ours_judged(
                     .map_err(|e| e.to_string())?;
                 let mut out = Vec::new();
                 let (mut frames, mut late) = (0u64, 0u64);
+                let mut stages = StageSums::default();
                 // Sessions start a little apart, as calls do.
                 let offset = Duration::from_millis(33 * i as u64 / n.max(1) as u64);
                 for (k, f) in clip.iter().enumerate() {
@@ -128,6 +190,7 @@ pub fn ours_judged(
                         .map_err(|e| e.to_string())?;
                     let judged = criterion != Criterion::Steady || k >= STEADY_AFTER;
                     if judged {
+                        stages.add(&r.timings);
                         frames += 1;
                         if r.late || Instant::now() > deadline {
                             late += 1;
@@ -142,18 +205,20 @@ pub fn ours_judged(
                         late = frames;
                     }
                 }
-                Ok::<_, String>((frames, late, took))
+                Ok::<_, String>((frames, late, took, stages))
             })
         })
         .collect();
     let (mut frames, mut late, mut slowest) = (0, 0, Duration::ZERO);
+    let mut stages = StageSums::default();
     let mut failed = None;
     for t in threads {
         match t.join() {
-            Ok(Ok((f, l, took))) => {
+            Ok(Ok((f, l, took, s))) => {
                 frames += f;
                 late += l;
                 slowest = slowest.max(took);
+                stages.merge(&s);
             }
             // A session that failed made no frames (the step does not
             // hold); say why once.
@@ -176,6 +241,7 @@ pub fn ours_judged(
         held: frames > 0 && (late as f64) < 0.01 * frames as f64,
         cores,
         slowest,
+        stage_ms: stages.mean(),
     }
 }
 
@@ -295,5 +361,6 @@ pub fn ffmpeg(codec: Codec, file: &Path, seconds: u32, n: usize) -> Result<Step,
         held,
         cores,
         slowest,
+        stage_ms: StageMs::default(),
     })
 }

@@ -130,11 +130,12 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
                     let step =
                         bench::ours_judged(codec, &clip, n, backend, bench::Criterion::Steady);
                     eprintln!(
-                        "{} {label}: {n} sessions, {} of {} frames late, {:.2} cores",
+                        "{} {label}: {n} sessions, {} of {} frames late, {:.2} cores, {}",
                         codec.name(),
                         step.late,
                         step.frames,
-                        step.cores
+                        step.cores,
+                        step.stage_ms
                     );
                     step.held
                 }));

@@ -574,9 +574,9 @@ fn bench(
         codec.name()
     );
     println!(
-        "| backend | criterion | sessions | held | late frames | slowest over the {seconds} s clip | cores busy |"
+        "| backend | criterion | sessions | held | late frames | slowest over the {seconds} s clip | cores busy | decode / scale / encode, ms a frame |"
     );
-    println!("| --- | --- | ---: | --- | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | --- | ---: | ---: | ---: | --- |");
     let mut best = [0usize; 3];
     let sides = [
         ("balie cpu", "per frame"),
@@ -599,8 +599,14 @@ fn bench(
                 ),
                 _ => bench::ffmpeg(codec, &file, seconds, n)?,
             };
+            let stages = if i == 2 {
+                "-".to_string()
+            } else {
+                let s = step.stage_ms;
+                format!("{:.2} / {:.2} / {:.2}", s.decode, s.scale, s.encode)
+            };
             println!(
-                "| {name} | {criterion} | {n} | {} | {} of {} | {:.2} s | {:.2} |",
+                "| {name} | {criterion} | {n} | {} | {} of {} | {:.2} s | {:.2} | {stages} |",
                 if step.held { "yes" } else { "no" },
                 step.late,
                 step.frames,

@@ -23,6 +23,12 @@ fn one_session_holds_both_ways_and_the_ffmpeg_side_runs_the_same_job() {
             "{step:?}"
         );
         assert!(step.cores > 0.0);
+        // Every stage took time on the frames it ran (none was late).
+        let s = step.stage_ms;
+        assert!(
+            s.decode > 0.0 && s.scale > 0.0 && s.encode > 0.0,
+            "{criterion:?}: {s}"
+        );
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("clip.ivf");
