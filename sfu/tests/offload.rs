@@ -229,7 +229,7 @@ async fn without_a_worker_a_session_waits_and_is_placed_when_one_comes() {
             listen: addr,
             tls: TlsFiles::dev_worker(dir.path()),
             max_sessions: 2,
-            backend: Default::default(),
+            placement: Default::default(),
             captions: None,
         },
         metrics.clone(),

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use balie_offload::tls::{make_dev_certs, TlsFiles};
 use balie_transcoder::captions::whisper::Whisper;
 use balie_transcoder::metrics::Metrics;
-use balie_transcoder::pipeline::{Backend as PipelineBackend, VideoPlacement};
+use balie_transcoder::pipeline::{Placement, VideoPlacement};
 use balie_transcoder::server::{CaptionsSetup, Worker, WorkerConfig};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
@@ -82,6 +82,11 @@ enum Command {
             default_value = "auto"
         )]
         video_backend: VideoPlacement,
+        /// Transcode sessions on the GPU at once, where they go there
+        /// (default 6, the most an H200 held in real time); sessions past
+        /// it run on the CPU.
+        #[arg(long, env = "BALIE_TRANSCODER_GPU_VIDEO_SESSIONS")]
+        gpu_video_sessions: Option<usize>,
         /// Make live captions too (caption sessions), with the model of
         /// `--captions-model`.
         #[arg(long, env = "BALIE_TRANSCODER_CAPTIONS")]
@@ -319,6 +324,7 @@ fn run(command: Command) -> Result<(), String> {
             metrics,
             backend,
             video_backend,
+            gpu_video_sessions,
             captions,
             captions_model,
             max_captions,
@@ -327,7 +333,7 @@ fn run(command: Command) -> Result<(), String> {
                 one_whisper_thread();
             }
             let backend_kind = backend;
-            let backend = open_backend(backend, video_backend)?;
+            let placement = open_backend(backend, video_backend, gpu_video_sessions)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
             let captions = if captions {
                 let whisper = load_model(captions_model, backend_kind)?;
@@ -346,7 +352,7 @@ fn run(command: Command) -> Result<(), String> {
                 listen,
                 tls: TlsFiles { ca, cert, key },
                 max_sessions: max_sessions.unwrap_or(2 * cores),
-                backend,
+                placement,
                 captions,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -358,14 +364,22 @@ fn run(command: Command) -> Result<(), String> {
     }
 }
 
-/// The backend asked for; `cuda` opens the GPU (and says what it offers)
-/// or fails with the reason, never a panic.
-fn open_backend(backend: Backend, asked: VideoPlacement) -> Result<PipelineBackend, String> {
+/// Where sessions run: `cuda` opens the GPU (and says what it offers) or
+/// fails with the reason, never a panic; video goes on it as `asked`, for
+/// up to `gpu_sessions` sessions at a time.
+fn open_backend(
+    backend: Backend,
+    asked: VideoPlacement,
+    gpu_sessions: Option<usize>,
+) -> Result<Placement, String> {
     use balie_transcoder::pipeline::video_on_gpu;
     match backend {
         Backend::Cpu => {
             video_on_gpu(false, asked, false)?;
-            Ok(PipelineBackend::Cpu)
+            if gpu_sessions.is_some() {
+                info!("--gpu-video-sessions has no effect without --backend cuda");
+            }
+            Ok(Placement::cpu())
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
@@ -374,11 +388,18 @@ fn open_backend(backend: Backend, asked: VideoPlacement) -> Result<PipelineBacke
                 balie_transcoder::gpu::Gpu::open(0).map_err(|e| format!("--backend cuda: {e}"))?;
             info!(gpu = %gpu.info, "GPU backend");
             if video_on_gpu(true, asked, gpu.info.nvenc)? {
-                info!("transcode sessions on the GPU");
-                Ok(PipelineBackend::Cuda(gpu))
+                let limit = gpu_sessions.unwrap_or(balie_transcoder::pipeline::GPU_VIDEO_SESSIONS);
+                info!(
+                    gpu_video_sessions = limit,
+                    "transcode sessions on the GPU, those past it on the CPU"
+                );
+                Ok(Placement::new(
+                    balie_transcoder::pipeline::Backend::Cuda(gpu),
+                    limit,
+                ))
             } else {
                 info!("transcode sessions on the CPU (no NVENC, or --video-backend cpu; --video-backend cuda puts them on the GPU)");
-                Ok(PipelineBackend::Cpu)
+                Ok(Placement::cpu())
             }
         }
         #[cfg(not(feature = "cuda"))]
@@ -538,7 +559,7 @@ async fn serve(config: WorkerConfig, metrics_addr: SocketAddr) -> Result<(), Str
         let _ = axum::serve(listener, app).await;
     });
     let max_captions = config.captions.as_ref().map_or(0, |c| c.max_sessions);
-    info!(%addr, max_sessions = config.max_sessions, max_captions, backend = config.backend.name(), metrics = %metrics_addr, "balie-transcoder serving");
+    info!(%addr, max_sessions = config.max_sessions, max_captions, video = %config.placement.describe(), metrics = %metrics_addr, "balie-transcoder serving");
     let endpoint = worker.endpoint();
     tokio::select! {
         _ = worker.run() => {}

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Transcode sessions open.
     pub sessions: IntGauge,
+    /// Of those, the ones whose pipeline runs on the GPU.
+    pub gpu_video_sessions: IntGauge,
     /// Sessions opened, by outcome (`opened`, or the refusal's code).
     pub opens: IntCounterVec,
     /// Source frames received.
@@ -57,6 +59,11 @@ impl Metrics {
             IntGauge::with_opts(ns("connections", "SFU connections open")).expect("valid metric");
         let sessions =
             IntGauge::with_opts(ns("sessions", "Transcode sessions open")).expect("valid metric");
+        let gpu_video_sessions = IntGauge::with_opts(ns(
+            "gpu_video_sessions",
+            "Transcode sessions whose pipeline runs on the GPU (the rest run on the CPU)",
+        ))
+        .expect("valid metric");
         let opens = IntCounterVec::new(
             ns("session_opens_total", "Session open requests by outcome"),
             &["outcome"],
@@ -149,6 +156,7 @@ impl Metrics {
             Box::new(caption_audio.clone()),
             Box::new(caption_on_gpu.clone()),
             Box::new(sessions.clone()),
+            Box::new(gpu_video_sessions.clone()),
             Box::new(opens.clone()),
             Box::new(frames_in.clone()),
             Box::new(frames_out.clone()),
@@ -164,6 +172,7 @@ impl Metrics {
             registry,
             connections,
             sessions,
+            gpu_video_sessions,
             opens,
             frames_in,
             frames_out,

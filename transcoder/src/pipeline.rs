@@ -92,6 +92,101 @@ pub fn video_on_gpu(gpu: bool, asked: VideoPlacement, nvenc: bool) -> Result<boo
     }
 }
 
+/// Transcode sessions on the GPU at once by default when video goes on
+/// the GPU (`serve --gpu-video-sessions`): the most the GPU check held in
+/// real time on an H200 (per-decoder CUDA contexts, CPU encoders); sessions
+/// past it run the CPU pipeline, so a worker never holds fewer than its
+/// cores could alone.
+pub const GPU_VIDEO_SESSIONS: usize = 6;
+
+/// Which backend each new session's pipeline gets: `gpu` for up to `limit`
+/// sessions at a time, the CPU for the rest. The default: all on the CPU.
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    gpu: Backend,
+    limit: usize,
+    used: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Set to the sessions on the GPU whenever that changes.
+    gauge: Option<prometheus::IntGauge>,
+}
+
+/// A session's hold on one of the GPU's places; given back when dropped
+/// (the session's pipeline ended).
+#[derive(Debug)]
+pub struct GpuPlace {
+    used: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    gauge: Option<prometheus::IntGauge>,
+}
+
+impl Drop for GpuPlace {
+    fn drop(&mut self) {
+        let left = self.used.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) - 1;
+        if let Some(g) = &self.gauge {
+            g.set(left as i64);
+        }
+    }
+}
+
+impl Placement {
+    /// Every session on the CPU.
+    pub fn cpu() -> Placement {
+        Placement::new(Backend::Cpu, 0)
+    }
+
+    /// Up to `limit` sessions at a time on `gpu`, the rest on the CPU.
+    pub fn new(gpu: Backend, limit: usize) -> Placement {
+        Placement {
+            gpu,
+            limit,
+            used: Default::default(),
+            gauge: None,
+        }
+    }
+
+    /// The same, keeping `gauge` at the number of sessions on the GPU.
+    pub fn counted(mut self, gauge: prometheus::IntGauge) -> Placement {
+        gauge.set(self.on_gpu() as i64);
+        self.gauge = Some(gauge);
+        self
+    }
+
+    /// The backend for a new session and, on the GPU, its place.
+    pub fn take(&self) -> (Backend, Option<GpuPlace>) {
+        use std::sync::atomic::Ordering;
+        let got = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            });
+        if let Ok(before) = got {
+            if let Some(g) = &self.gauge {
+                g.set(before as i64 + 1);
+            }
+            let place = GpuPlace {
+                used: self.used.clone(),
+                gauge: self.gauge.clone(),
+            };
+            (self.gpu.clone(), Some(place))
+        } else {
+            (Backend::Cpu, None)
+        }
+    }
+
+    /// Sessions on the GPU now.
+    pub fn on_gpu(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// `cpu`, or the GPU backend's name with the number of places.
+    pub fn describe(&self) -> String {
+        if self.limit == 0 {
+            "cpu".into()
+        } else {
+            format!("{} for {} sessions, then cpu", self.gpu.name(), self.limit)
+        }
+    }
+}
+
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -558,7 +653,36 @@ impl Pipeline {
 
 #[cfg(test)]
 mod tests {
-    use super::{video_on_gpu, VideoPlacement};
+    use super::{video_on_gpu, Backend, Placement, VideoPlacement};
+
+    /// Places are counted whatever the backend behind them (the GPU's is
+    /// not built here): taken up to the limit, given back on drop.
+    #[test]
+    fn sessions_past_the_gpu_places_go_to_the_cpu() {
+        let p = Placement::new(Backend::Cpu, 2);
+        let a = p.take();
+        let b = p.take();
+        assert!(a.1.is_some() && b.1.is_some());
+        assert_eq!(p.on_gpu(), 2);
+        let c = p.take();
+        assert!(c.1.is_none(), "the third goes to the CPU");
+        assert_eq!(c.0.name(), "cpu");
+        drop(a);
+        assert_eq!(p.on_gpu(), 1);
+        let d = p.take();
+        assert!(d.1.is_some(), "a place given back is taken again");
+        // The gauge follows takes and drops.
+        let g = prometheus::IntGauge::new("g", "g").expect("gauge");
+        let p = Placement::new(Backend::Cpu, 3).counted(g.clone());
+        let (e, f) = (p.take(), p.take());
+        assert_eq!(g.get(), 2);
+        drop(e);
+        assert_eq!(g.get(), 1);
+        drop(f);
+        assert_eq!(g.get(), 0);
+        assert!(Placement::cpu().take().1.is_none());
+        assert_eq!(Placement::cpu().describe(), "cpu");
+    }
 
     #[test]
     fn video_goes_on_the_gpu_where_it_was_asked_or_the_card_has_nvenc() {

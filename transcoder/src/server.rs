@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use crate::captions::session::CaptionSession;
 use crate::captions::whisper::Whisper;
 use crate::metrics::Metrics;
-use crate::pipeline::Backend;
+use crate::pipeline::Placement;
 use crate::session::{Out, Session};
 
 /// The worker's settings.
@@ -35,8 +35,8 @@ pub struct WorkerConfig {
     pub tls: TlsFiles,
     /// Sessions held at most, over all connections.
     pub max_sessions: u32,
-    /// CPU, or the GPU (feature `cuda`).
-    pub backend: Backend,
+    /// Which sessions run on the CPU and which on the GPU (feature `cuda`).
+    pub placement: Placement,
     /// Caption sessions, when the worker makes captions.
     pub captions: Option<CaptionsSetup>,
 }
@@ -75,7 +75,7 @@ pub enum StartError {
 struct Shared {
     metrics: Metrics,
     max_sessions: u32,
-    backend: Backend,
+    placement: Placement,
     open: AtomicU32,
     captions: Option<CaptionsSetup>,
     open_captions: AtomicU32,
@@ -98,19 +98,23 @@ impl Worker {
                 addr: config.listen,
                 source,
             })?;
+        let placement = config
+            .placement
+            .clone()
+            .counted(metrics.gpu_video_sessions.clone());
         Ok(Worker {
             endpoint,
             shared: Arc::new(Shared {
                 metrics,
                 max_sessions: config.max_sessions,
-                backend: config.backend.clone(),
+                placement,
                 open: AtomicU32::new(0),
                 captions: config.captions.clone(),
                 open_captions: AtomicU32::new(0),
                 agent: format!(
                     "balie-transcoder {} {}",
                     env!("CARGO_PKG_VERSION"),
-                    config.backend.name()
+                    config.placement.describe()
                 ),
                 load: Mutex::new(CpuLoad::new()),
             }),
@@ -340,12 +344,11 @@ async fn serve(conn: &quinn::Connection, shared: &Arc<Shared>) -> String {
                 let Some(slot) = admit(shared, &sessions, &ctl_tx, session, false).await else {
                     continue;
                 };
-                let backend = shared.backend.clone();
                 let started = Session::start(
                     session,
                     codec,
                     layers,
-                    backend,
+                    shared.placement.take(),
                     out_tx.clone(),
                     metrics.clone(),
                 )

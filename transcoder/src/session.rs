@@ -16,7 +16,7 @@ use balie_offload::{Codec, Control, ErrorCode, Frame, LayerSpec};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
-use crate::pipeline::{Backend, Encoded, Pipeline};
+use crate::pipeline::{Backend, Encoded, GpuPlace, Pipeline};
 
 /// Source frames a session may have waiting (about a second at 30 fps).
 pub const QUEUE: usize = 32;
@@ -50,13 +50,14 @@ pub struct Session {
 }
 
 impl Session {
-    /// Start a session's thread and its pipeline. Fails (with the code to
-    /// tell the SFU) when the pipeline cannot be built.
+    /// Start a session's thread and its pipeline on `backend` (holding its
+    /// place on the GPU, if it has one, until the pipeline ends). Fails
+    /// (with the code to tell the SFU) when the pipeline cannot be built.
     pub async fn start(
         id: u64,
         codec: Codec,
         layers: Vec<LayerSpec>,
-        backend: Backend,
+        (backend, place): (Backend, Option<GpuPlace>),
         out: mpsc::Sender<Out>,
         metrics: Metrics,
     ) -> Result<Session, (ErrorCode, String)> {
@@ -73,6 +74,7 @@ impl Session {
                     Ok(p) => {
                         let _ = ready_tx.send(Ok(()));
                         run(id, p, rx, q, st, out, m);
+                        drop(place);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));

@@ -15,8 +15,8 @@ use balie_offload::tls::{client_config, TlsFiles};
 use balie_offload::{Codec, Control, ErrorCode, Frame, GroupHeader, LayerSpec, Size, VERSION};
 use balie_transcoder::bench::LAYERS as TWO_LAYERS;
 use balie_transcoder::clip::{self, ClipFrame};
-use balie_transcoder::pipeline::Decoder;
-use common::{certs, connect, start_worker};
+use balie_transcoder::pipeline::{Backend, Decoder, Placement};
+use common::{certs, connect, start_worker, start_worker_placed};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const HD: Size = Size {
@@ -269,6 +269,65 @@ async fn a_full_worker_refuses_a_session_with_capacity() {
     assert!(metrics
         .render()
         .contains("balie_transcoder_session_opens_total{outcome=\"capacity\"} 1"));
+}
+
+/// The gauge of sessions on the GPU, from the metrics' text.
+fn on_gpu(metrics: &balie_transcoder::metrics::Metrics) -> String {
+    let text = metrics.render();
+    text.lines()
+        .find(|l| l.starts_with("balie_transcoder_gpu_video_sessions "))
+        .unwrap_or("no gauge")
+        .to_string()
+}
+
+/// Sessions past the GPU's places run on the CPU, and a closed session
+/// gives its place back. The GPU's backend is not built here: the CPU's
+/// stands in for it, so this checks the places and their gauge, which the
+/// worker keeps whatever the backend behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_past_the_gpu_places_run_on_the_cpu_and_places_come_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    certs(dir.path());
+    let placement = Placement::new(Backend::Cpu, 1);
+    let (addr, metrics, _ep) = start_worker_placed(dir.path(), 4, None, placement);
+    assert_eq!(on_gpu(&metrics), "balie_transcoder_gpu_video_sessions 0");
+    let (link, mut events) = connect(dir.path(), addr).await;
+    assert!(
+        link.agent.ends_with("cpu for 1 sessions, then cpu"),
+        "{}",
+        link.agent
+    );
+    let clip = clip::make(Codec::Vp8, HD, 15, 30, 1500).expect("clip");
+    let open = |session| {
+        assert!(link.send(Control::Open {
+            session,
+            codec: Codec::Vp8,
+            layers: TWO_LAYERS.to_vec(),
+        }));
+    };
+    open(1);
+    open(2);
+    publish(&link, 1, &clip).await;
+    publish(&link, 2, &clip).await;
+    let got = collect(&mut events, Duration::from_millis(800)).await;
+    // Both made layers: the one on a place and the one past it.
+    assert_eq!(got.layouts.len(), 2, "{:?}", got.control);
+    assert_eq!(on_gpu(&metrics), "balie_transcoder_gpu_video_sessions 1");
+    assert!(metrics.render().contains("balie_transcoder_sessions 2"));
+    // Both closed: the place comes back when the first one's pipeline ends.
+    assert!(link.send(Control::Close { session: 1 }));
+    assert!(link.send(Control::Close { session: 2 }));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while on_gpu(&metrics) != "balie_transcoder_gpu_video_sessions 0" {
+        assert!(Instant::now() < deadline, "{}", on_gpu(&metrics));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the next session takes it.
+    open(3);
+    publish(&link, 3, &clip).await;
+    let got = collect(&mut events, Duration::from_millis(500)).await;
+    assert_eq!(got.layouts.len(), 1, "{:?}", got.control);
+    assert_eq!(on_gpu(&metrics), "balie_transcoder_gpu_video_sessions 1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,7 +41,7 @@ impl TestWorker {
                     listen,
                     tls: TlsFiles::dev_worker(dir),
                     max_sessions: 4,
-                    backend: Default::default(),
+                    placement: Default::default(),
                     captions,
                 },
                 metrics.clone(),

@@ -7,6 +7,7 @@ use std::path::Path;
 use balie_offload::link::{client_endpoint, Link, LinkEvent};
 use balie_offload::tls::{client_config, make_dev_certs, TlsFiles};
 use balie_transcoder::metrics::Metrics;
+use balie_transcoder::pipeline::Placement;
 use balie_transcoder::server::{CaptionsSetup, Worker, WorkerConfig};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -22,13 +23,23 @@ pub fn start_worker(
     max_sessions: u32,
     captions: Option<CaptionsSetup>,
 ) -> (SocketAddr, Metrics, quinn::Endpoint) {
+    start_worker_placed(dir, max_sessions, captions, Placement::default())
+}
+
+/// [`start_worker`] with sessions placed by `placement`.
+pub fn start_worker_placed(
+    dir: &Path,
+    max_sessions: u32,
+    captions: Option<CaptionsSetup>,
+    placement: Placement,
+) -> (SocketAddr, Metrics, quinn::Endpoint) {
     let metrics = Metrics::new();
     let worker = Worker::bind(
         &WorkerConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             tls: TlsFiles::dev_worker(dir),
             max_sessions,
-            backend: Default::default(),
+            placement,
             captions,
         },
         metrics.clone(),
