@@ -90,7 +90,7 @@ pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// `Session::apply_bwe_want`). str0m's loss-based estimator can enter its
 /// decreasing state on a clean link (its estimate a little under the
 /// delay-based one) and hold there, up to 60 s, while it blocks every probe:
-/// in the simulator with Chromium's layer rates, 2 of 72 lifted caps left
+/// in the simulator with Chromium's layer rates, 3 of 119 lifted caps left
 /// the subscriber on h at 714-743 kbit/s for 30 s (CI's shaped-link test
 /// once sat at 815 kbit/s for 25 s below an f that needed 870).
 pub const ESTIMATE_STUCK: Duration = Duration::from_secs(4);
