@@ -15,6 +15,9 @@ pub struct Metrics {
     pub sessions: IntGauge,
     /// Of those, the ones whose pipeline runs on the GPU.
     pub gpu_video_sessions: IntGauge,
+    /// Sessions placed on the GPU whose pipeline the GPU could not open
+    /// (they run on the CPU).
+    pub gpu_fallbacks: IntCounter,
     /// Sessions opened, by outcome (`opened`, or the refusal's code).
     pub opens: IntCounterVec,
     /// Source frames received.
@@ -62,6 +65,11 @@ impl Metrics {
         let gpu_video_sessions = IntGauge::with_opts(ns(
             "gpu_video_sessions",
             "Transcode sessions whose pipeline runs on the GPU (the rest run on the CPU)",
+        ))
+        .expect("valid metric");
+        let gpu_fallbacks = IntCounter::with_opts(ns(
+            "gpu_fallbacks_total",
+            "Sessions placed on the GPU whose pipeline it could not open; they run on the CPU",
         ))
         .expect("valid metric");
         let opens = IntCounterVec::new(
@@ -157,6 +165,7 @@ impl Metrics {
             Box::new(caption_on_gpu.clone()),
             Box::new(sessions.clone()),
             Box::new(gpu_video_sessions.clone()),
+            Box::new(gpu_fallbacks.clone()),
             Box::new(opens.clone()),
             Box::new(frames_in.clone()),
             Box::new(frames_out.clone()),
@@ -173,6 +182,7 @@ impl Metrics {
             connections,
             sessions,
             gpu_video_sessions,
+            gpu_fallbacks,
             opens,
             frames_in,
             frames_out,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use balie_offload::{Codec, Control, ErrorCode, Frame, LayerSpec};
 use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
 
 use crate::metrics::Metrics;
 use crate::pipeline::{Backend, Encoded, GpuPlace, Pipeline};
@@ -69,8 +70,17 @@ impl Session {
         let m = metrics.clone();
         std::thread::Builder::new()
             .name(format!("session-{id}"))
-            .spawn(
-                move || match Pipeline::with_backend(codec, layers, &backend) {
+            .spawn(move || {
+                let (opened, place) = open_placed(
+                    place,
+                    || Pipeline::with_backend(codec, layers.clone(), &backend),
+                    || Pipeline::with_backend(codec, layers.clone(), &Backend::Cpu),
+                    |e| {
+                        m.gpu_fallbacks.inc();
+                        warn!(session = id, error = %e, "the GPU could not open a pipeline; this session runs on the CPU");
+                    },
+                );
+                match opened {
                     Ok(p) => {
                         let _ = ready_tx.send(Ok(()));
                         run(id, p, rx, q, st, out, m);
@@ -79,8 +89,8 @@ impl Session {
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
                     }
-                },
-            )
+                }
+            })
             .map_err(|e| (ErrorCode::Internal, format!("starting a thread: {e}")))?;
         match ready_rx.await {
             Ok(Ok(())) => Ok(Session {
@@ -126,6 +136,30 @@ impl Session {
     /// Frames waiting.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
+    }
+}
+
+/// Open a session's pipeline where it was placed: on its GPU place with
+/// `gpu`, else with `cpu`. A pipeline the GPU could not open (its decoders
+/// or memory exhausted, a driver error) is opened on the CPU instead, the
+/// place given back and `fell_back` told why: the session is served, only
+/// slower. Returns the pipeline and the place it holds.
+fn open_placed<T, E>(
+    place: Option<GpuPlace>,
+    gpu: impl FnOnce() -> Result<T, E>,
+    cpu: impl FnOnce() -> Result<T, E>,
+    fell_back: impl FnOnce(&E),
+) -> (Result<T, E>, Option<GpuPlace>) {
+    if place.is_none() {
+        return (cpu(), None);
+    }
+    match gpu() {
+        Ok(p) => (Ok(p), place),
+        Err(e) => {
+            fell_back(&e);
+            drop(place);
+            (cpu(), None)
+        }
     }
 }
 
@@ -227,5 +261,48 @@ fn run(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_placed;
+    use crate::pipeline::{Backend, Placement};
+
+    #[test]
+    fn a_pipeline_the_gpu_cannot_open_runs_on_the_cpu_and_gives_its_place_back() {
+        let placement = Placement::new(Backend::Cpu, 1);
+        // The GPU opens it: the place is kept, the CPU never tried.
+        let (opened, place) = open_placed(
+            placement.take().1,
+            || Ok::<_, String>("gpu"),
+            || panic!("not the CPU"),
+            |_| panic!("no fallback"),
+        );
+        assert_eq!(opened, Ok("gpu"));
+        assert!(place.is_some());
+        assert_eq!(placement.on_gpu(), 1);
+        drop(place);
+        // It cannot: the CPU does, told why, and the place is free again.
+        let mut why = None;
+        let (opened, place) = open_placed(
+            placement.take().1,
+            || Err("NVDEC: out of decoders".to_string()),
+            || Ok("cpu"),
+            |e| why = Some(e.clone()),
+        );
+        assert_eq!(opened, Ok("cpu"));
+        assert!(place.is_none());
+        assert_eq!(why.as_deref(), Some("NVDEC: out of decoders"));
+        assert_eq!(placement.on_gpu(), 0);
+        // No place: straight to the CPU, and a CPU failure is the answer.
+        let (opened, place) = open_placed(
+            None,
+            || panic!("not the GPU"),
+            || Err::<&str, _>("no encoder".to_string()),
+            |_| panic!("no fallback"),
+        );
+        assert_eq!(opened, Err("no encoder".to_string()));
+        assert!(place.is_none());
     }
 }
