@@ -417,11 +417,13 @@ impl Session {
         // 25 s below an f of 1 Mbit/s while the restart waited for 2x).
         // Also when the gap is small but the estimate has not moved for
         // ESTIMATE_STUCK: str0m's loss-based estimator can hold it with no
-        // loss at all, and blocks its own probes meanwhile.
+        // loss at all, and blocks its own probes meanwhile. Only with TWCC:
+        // a peer that reports REMB alone has no estimator of ours to restart.
         let est = self.estimate.unwrap_or(0);
         let stuck =
             now.saturating_duration_since(self.estimate_since) >= super::layers::ESTIMATE_STUCK;
-        let restart = desired > self.asked_desired.saturating_mul(5) / 4
+        let restart = self.twcc
+            && desired > self.asked_desired.saturating_mul(5) / 4
             && est > 0
             && (desired > est.saturating_mul(3) / 2 || (stuck && desired > est))
             && self.loss.cap(now).is_none()
