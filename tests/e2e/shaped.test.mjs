@@ -180,7 +180,7 @@ test('on a shaped downlink the subscriber drops to the low layer fast and climbs
     // f: each round within 25 s of lifting. The way up is two steps, each
     // after a 2 s hold with padding; one overuse the delay detector reads
     // in the padding (CPU contention shows as delay) drops the estimate to
-    // 0.85 of the acked rate and starts it again: 18.2 s once in 9 rounds
+    // 0.85 of the acked rate and starts it again: 18.2 s once in 15 rounds
     // beside a busy loop here, 4.6-12.1 s otherwise (docs/benchmarks.md,
     // 2026-11-30 k). A way back that sticks never gets there (30 s).
     for (const t of up) assert.ok(t <= 25, `f within 25 s of lifting (took ${t} s)`);
