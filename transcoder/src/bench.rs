@@ -41,7 +41,8 @@ pub struct Step {
     pub stage_ms: StageMs,
 }
 
-/// Mean milliseconds per frame in each stage of our pipeline.
+/// Mean milliseconds per frame in each stage of our pipeline; shown as
+/// `decode / scale / encode`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StageMs {
     pub decode: f64,
@@ -53,7 +54,7 @@ impl std::fmt::Display for StageMs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "decode {:.2} / scale {:.2} / encode {:.2} ms a frame",
+            "{:.2} / {:.2} / {:.2}",
             self.decode, self.scale, self.encode
         )
     }

@@ -130,7 +130,7 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
                     let step =
                         bench::ours_judged(codec, &clip, n, backend, bench::Criterion::Steady);
                     eprintln!(
-                        "{} {label}: {n} sessions, {} of {} frames late, {:.2} cores, {}",
+                        "{} {label}: {n} sessions, {} of {} frames late, {:.2} cores, decode / scale / encode {} ms a frame",
                         codec.name(),
                         step.late,
                         step.frames,

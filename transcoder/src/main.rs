@@ -623,8 +623,7 @@ fn bench(
             let stages = if i == 2 {
                 "-".to_string()
             } else {
-                let s = step.stage_ms;
-                format!("{:.2} / {:.2} / {:.2}", s.decode, s.scale, s.encode)
+                step.stage_ms.to_string()
             };
             println!(
                 "| {name} | {criterion} | {n} | {} | {} of {} | {:.2} s | {:.2} | {stages} |",

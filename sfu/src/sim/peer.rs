@@ -515,8 +515,9 @@ impl Peer {
                         self.write(mid, None, codec, now, rtp, data);
                     }
                 } else if self.simulcast {
-                    // Layer i (q, h, f) carries tag | (i + 1) << 24, at about
-                    // 150 kbit/s, 500 kbit/s and 1.5 Mbit/s (keyframes 3x).
+                    // Layer i (q, h, f) carries tag | (i + 1) << 24, at
+                    // `layer_bytes` a frame (by default about 150 kbit/s,
+                    // 500 kbit/s and 1.5 Mbit/s; keyframes 3x).
                     for (i, rid) in LAYERS.iter().enumerate() {
                         let tag = self.tag | ((i as u32 + 1) << 24);
                         let mean = self.layer_bytes[i];
