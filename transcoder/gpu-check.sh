@@ -3,13 +3,17 @@
 # NVIDIA GPU (made for an H200; under 8 minutes). Run it from the folder
 # transcoder/gpu-bundle.sh made:
 #
-#   ./gpu-check.sh [SECONDS]      (seconds of clip per measurement, default 4)
-#   DMON_DIR=DIR ./gpu-check.sh   (the card's utilisation logs go to DIR)
+#   ./gpu-check.sh [SECONDS] [WHICH]   (seconds of clip per measurement,
+#                                      default 4; WHICH: transcoding,
+#                                      captions or all, the default)
+#   DMON_DIR=DIR ./gpu-check.sh        (the card's utilisation logs go to DIR)
 #
 # It prints what the card offers, then a table: NVDEC decode frames per
 # second, GPU scaling time per frame, end-to-end layer frames per second,
 # and transcode sessions held in real time, each beside the CPU backend in
-# the same run, at 1080p and 720p, H.264 and VP8. Then the captions check:
+# the same run, at 1080p and 720p, H.264 and VP8, with NVDEC run each of
+# the three ways (a context per decoder, one shared context, one shared
+# context with pictures kept in GPU memory). Then the captions check:
 # Whisper on the GPU against the CPU on the same weights (base's shapes,
 # random weights: logits, tokens, timings) and live caption streams held
 # on the GPU (end of speech to final within 1.5 s at p95).
@@ -65,6 +69,11 @@ if [ "${1:-}" = "--dmon-summary" ]; then
   exit
 fi
 seconds="${1:-4}"
+which="${2:-all}"
+case "$which" in
+  transcoding|captions|all) ;;
+  *) echo "usage: gpu-check.sh [SECONDS] [transcoding|captions|all]" >&2; exit 2 ;;
+esac
 echo "== node"
 date -u
 nvidia-smi --query-gpu=name,driver_version,memory.total,encoder.stats.sessionCount --format=csv 2>/dev/null ||
@@ -111,11 +120,15 @@ run() {
   fi
   echo "rc=$?"
 }
-echo "== gpu-check: transcoding (a table at the end)"
-watch transcoding
-run 280 gpu-check --seconds "$seconds" --max 32
-watched
-echo "== gpu-check-captions: Whisper on the GPU (tables at the end)"
-watch captions
-run 190 gpu-check-captions --tokenizer "$here/tokenizer.json" --audio "$here/speech.wav" --max 128
-watched
+if [ "$which" != captions ]; then
+  echo "== gpu-check: transcoding (a table at the end)"
+  watch transcoding
+  run 450 gpu-check --seconds "$seconds" --max 32
+  watched
+fi
+if [ "$which" != transcoding ]; then
+  echo "== gpu-check-captions: Whisper on the GPU (tables at the end)"
+  watch captions
+  run 190 gpu-check-captions --tokenizer "$here/tokenizer.json" --audio "$here/speech.wav" --max 128
+  watched
+fi

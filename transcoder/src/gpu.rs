@@ -3,10 +3,12 @@
 //! launch.
 //!
 //! - **Decode**: FFmpeg's NVDEC decoders (`h264_cuvid`, `vp8_cuvid`) through
-//!   ffmpeg-next. They hand the picture back in host memory (NV12): keeping
-//!   it on the GPU would need FFmpeg's hardware frame contexts, which
-//!   ffmpeg-next does not wrap and which we would have to reach with
-//!   `unsafe` FFI. One upload per frame (1.4 MB at 720p) is the price.
+//!   ffmpeg-next, in one of three ways ([`Nvdec`]): a CUDA context per
+//!   decoder and the picture in host memory (NV12; FFmpeg's default, and
+//!   one upload per frame, 1.4 MB at 720p), the same on one shared context,
+//!   or on the shared context with the picture left in GPU memory (FFmpeg's
+//!   hardware frames, reached through its C API: ffmpeg-next does not wrap
+//!   them), where the kernel reads it with no upload at all.
 //! - **Scale**: our own kernel ([`KERNEL`], compiled at start with NVRTC
 //!   through cudarc): one launch makes every layer (grid z = layer), each
 //!   output pixel the average of its source footprint (a box filter: at
@@ -31,10 +33,14 @@ use std::sync::Arc;
 
 use balie_offload::Size;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
 };
+use ffmpeg::ffi::AVPixelFormat;
 use ffmpeg::format::Pixel;
 use ffmpeg_next as ffmpeg;
+
+pub use crate::pipeline::Nvdec;
 
 /// Why the GPU cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +150,9 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     scale: CudaFunction,
     pub info: GpuInfo,
-    /// Where NVDEC decoders get their CUDA context ([`Gpu::open_shared`]).
+    /// How decoders get their context and where they leave pictures.
+    pub nvdec: Nvdec,
+    /// The device decoders share ([`Nvdec::Shared`], [`Nvdec::Resident`]).
     shared: Option<SharedDevice>,
 }
 
@@ -153,8 +161,8 @@ pub struct Gpu {
 /// context of its own, and contexts on one card take turns (time slices):
 /// on an H200, sessions with a context each held 6 in real time, with the
 /// CPU mostly idle. Given this device, every decoder and the scaler share
-/// one context. Not yet measured on a GPU: `gpu-check` sets both side by
-/// side.
+/// one context. Not yet measured on a GPU: `gpu-check` sets the three
+/// [`Nvdec`] ways side by side.
 struct SharedDevice(*mut ffmpeg::ffi::AVBufferRef);
 
 // SAFETY: the pointer is FFmpeg's reference-counted buffer (its count is
@@ -200,41 +208,131 @@ impl SharedDevice {
     }
 }
 
-/// cuvid's `get_format`: NV12 in host memory, as a decoder without a
-/// device gives (given a device, FFmpeg would pick frames in GPU memory,
-/// which the pipeline does not take).
-unsafe extern "C" fn host_nv12(
-    _ctx: *mut ffmpeg::ffi::AVCodecContext,
-    mut formats: *const ffmpeg::ffi::AVPixelFormat,
-) -> ffmpeg::ffi::AVPixelFormat {
-    use ffmpeg::ffi::AVPixelFormat::{AV_PIX_FMT_NONE, AV_PIX_FMT_NV12};
-    // SAFETY: FFmpeg passes a list ended by AV_PIX_FMT_NONE.
+/// Set the card's primary context to block a waiting thread
+/// (`CU_CTX_SCHED_BLOCKING_SYNC`) rather than spin on a core, whether it is
+/// active yet or not (CUDA 11 and later allow both). FFmpeg's CUDA device
+/// on the primary context refuses a context already active with any other
+/// scheduling flag ("Primary context already active with incompatible
+/// flags"), and cudarc makes it active with none: so this comes first, in
+/// every mode (one process shares one primary context, whichever mode
+/// opened it). Waiting threads that spin would also take cores from the
+/// CPU encoders.
+fn blocking_sync(ordinal: usize) -> Result<(), GpuError> {
+    use cudarc::driver::{result, sys};
+    result::init().map_err(driver)?;
+    let dev = result::device::get(ordinal as i32).map_err(driver)?;
+    let flag = sys::CUctx_flags::CU_CTX_SCHED_BLOCKING_SYNC as u32;
+    // SAFETY: a plain driver call on a device the driver handed out.
+    let r = unsafe { sys::cuDevicePrimaryCtxSetFlags_v2(dev, flag) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(GpuError::Driver(format!(
+            "setting the primary context to block while waiting: {r:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// `want` if FFmpeg's list of `formats` (ended by NONE) has it, else NONE
+/// (and FFmpeg fails the decoder's open).
+///
+/// # Safety
+/// `formats` is null or a list ended by `AV_PIX_FMT_NONE`.
+unsafe fn offered(mut formats: *const AVPixelFormat, want: AVPixelFormat) -> AVPixelFormat {
+    // SAFETY: as the caller promises, every element read is before NONE.
     unsafe {
-        while !formats.is_null() && *formats != AV_PIX_FMT_NONE {
-            if *formats == AV_PIX_FMT_NV12 {
-                return AV_PIX_FMT_NV12;
+        while !formats.is_null() && *formats != AVPixelFormat::AV_PIX_FMT_NONE {
+            if *formats == want {
+                return want;
             }
             formats = formats.add(1);
         }
     }
-    AV_PIX_FMT_NONE
+    AVPixelFormat::AV_PIX_FMT_NONE
+}
+
+/// cuvid's `get_format` for [`Nvdec::Shared`]: NV12 in host memory, as a
+/// decoder without a device gives (given a device, FFmpeg would pick
+/// frames in GPU memory).
+unsafe extern "C" fn host_nv12(
+    _ctx: *mut ffmpeg::ffi::AVCodecContext,
+    formats: *const AVPixelFormat,
+) -> AVPixelFormat {
+    // SAFETY: FFmpeg passes a list ended by AV_PIX_FMT_NONE.
+    unsafe { offered(formats, AVPixelFormat::AV_PIX_FMT_NV12) }
+}
+
+/// cuvid's `get_format` for [`Nvdec::Resident`]: frames in GPU memory
+/// (`AV_PIX_FMT_CUDA`, NV12 behind it), from a pool on the shared device.
+unsafe extern "C" fn gpu_frames(
+    _ctx: *mut ffmpeg::ffi::AVCodecContext,
+    formats: *const AVPixelFormat,
+) -> AVPixelFormat {
+    // SAFETY: FFmpeg passes a list ended by AV_PIX_FMT_NONE.
+    unsafe { offered(formats, AVPixelFormat::AV_PIX_FMT_CUDA) }
+}
+
+/// Where the kernel reads a source picture: device addresses of its planes
+/// and their strides (the kernel's first six parameters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SourcePlanes {
+    y: u64,
+    sy: i32,
+    u: u64,
+    v: u64,
+    suv: i32,
+    /// 2 where U and V are interleaved (NV12), 1 for I420.
+    cstep: i32,
+}
+
+/// The planes of a picture NVDEC left in GPU memory (`AV_PIX_FMT_CUDA`):
+/// the frame's data pointers are device addresses, its frames context says
+/// what lies behind them. Only NV12 (8-bit 4:2:0, all WebRTC sends) is
+/// taken; anything else is [`GpuError::Format`].
+fn device_planes(src: &ffmpeg::frame::Video) -> Result<SourcePlanes, GpuError> {
+    // SAFETY: `src` is a live AVFrame; its hw_frames_ctx, when set, is a
+    // reference to an AVHWFramesContext (FFmpeg's contract for hardware
+    // frames), read only.
+    unsafe {
+        let f = src.as_ptr();
+        let frames = (*f).hw_frames_ctx;
+        if (*f).format != AVPixelFormat::AV_PIX_FMT_CUDA as i32
+            || frames.is_null()
+            || (*frames).data.is_null()
+        {
+            return Err(GpuError::Format(src.format()));
+        }
+        let ctx = (*frames).data as *const ffmpeg::ffi::AVHWFramesContext;
+        let sw = (*ctx).sw_format;
+        if sw != AVPixelFormat::AV_PIX_FMT_NV12 {
+            return Err(GpuError::Format(Pixel::from(sw)));
+        }
+        let (y, uv) = ((*f).data[0] as u64, (*f).data[1] as u64);
+        if y == 0 || uv == 0 {
+            return Err(GpuError::Format(Pixel::CUDA));
+        }
+        Ok(SourcePlanes {
+            y,
+            sy: (*f).linesize[0],
+            u: uv,
+            v: uv + 1,
+            suv: (*f).linesize[1],
+            cstep: 2,
+        })
+    }
 }
 
 impl Gpu {
     /// Open device `ordinal`: check the driver, compile the kernel, probe
     /// NVDEC and NVENC through FFmpeg. Each NVDEC decoder makes a CUDA
-    /// context of its own (what ran on an H200; see [`Gpu::open_shared`]).
+    /// context of its own ([`Nvdec::OwnContext`], what ran on an H200).
     pub fn open(ordinal: usize) -> Result<Arc<Gpu>, GpuError> {
-        Gpu::open_with(ordinal, false)
+        Gpu::open_nvdec(ordinal, Nvdec::OwnContext)
     }
 
-    /// [`Gpu::open`], NVDEC decoders on the card's primary context, shared
-    /// with each other and the scaler ([`SharedDevice`]).
-    pub fn open_shared(ordinal: usize) -> Result<Arc<Gpu>, GpuError> {
-        Gpu::open_with(ordinal, true)
-    }
-
-    fn open_with(ordinal: usize, shared: bool) -> Result<Arc<Gpu>, GpuError> {
+    /// [`Gpu::open`], NVDEC decoders as `nvdec` says: on the card's primary
+    /// context, shared with each other and the scaler ([`SharedDevice`]),
+    /// for [`Nvdec::Shared`] and [`Nvdec::Resident`].
+    pub fn open_nvdec(ordinal: usize, nvdec: Nvdec) -> Result<Arc<Gpu>, GpuError> {
         // SAFETY: these only try to load the libraries (dlopen); cudarc
         // panics on first use of a library that is missing, so we ask first.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -244,6 +342,13 @@ impl Gpu {
             return Err(GpuError::NoDriver(
                 "libnvrtc.so (NVRTC, in the CUDA runtime libraries)",
             ));
+        }
+        let sharing = nvdec != Nvdec::OwnContext;
+        if let Err(e) = blocking_sync(ordinal) {
+            // Only FFmpeg's shared device insists on the flag.
+            if sharing {
+                return Err(e);
+            }
         }
         let ctx = CudaContext::new(ordinal).map_err(driver)?;
         let name = ctx.name().map_err(driver)?;
@@ -265,7 +370,7 @@ impl Gpu {
             nvdec: probe_nvdec(),
             nvenc: probe_nvenc(),
         };
-        let shared = if shared {
+        let shared = if sharing {
             Some(SharedDevice::make(ordinal)?)
         } else {
             None
@@ -274,18 +379,24 @@ impl Gpu {
             ctx,
             scale,
             info,
+            nvdec,
             shared,
         }))
     }
 
     /// An NVDEC decoder by FFmpeg name (`h264_cuvid`, `vp8_cuvid`), on the
-    /// shared context where this handle has one.
+    /// shared context where this handle has one, its pictures in GPU memory
+    /// for [`Nvdec::Resident`].
     pub fn decoder(
         &self,
         name: &'static str,
     ) -> Result<crate::pipeline::Decoder, crate::pipeline::PipelineError> {
         let Some(device) = &self.shared else {
             return crate::pipeline::Decoder::named(name);
+        };
+        let get_format = match self.nvdec {
+            Nvdec::Resident => gpu_frames,
+            Nvdec::OwnContext | Nvdec::Shared => host_nv12,
         };
         crate::pipeline::Decoder::named_with(name, |ctx| {
             // SAFETY: the context is not open yet; it takes a reference of
@@ -298,7 +409,7 @@ impl Gpu {
                     return Err(GpuError::Driver("av_buffer_ref: out of memory".into()).into());
                 }
                 (*raw).hw_device_ctx = r;
-                (*raw).get_format = Some(host_nv12);
+                (*raw).get_format = Some(get_format);
             }
             Ok(())
         })
@@ -310,6 +421,8 @@ impl Gpu {
         Ok(GpuScaler {
             gpu: self.clone(),
             stream,
+            legacy: self.ctx.default_stream(),
+            decoded: self.ctx.new_event(None).map_err(driver)?,
             buffers: None,
             host_out: Vec::new(),
         })
@@ -333,40 +446,53 @@ fn probe_nvenc() -> bool {
     crate::pipeline::open_nvenc(size, 200).is_ok()
 }
 
-struct Buffers {
-    source: (u32, u32, Pixel),
-    layers: Vec<Size>,
+/// Where a picture in host memory goes up: its planes as they are, strides
+/// included (V is unused for NV12).
+struct Upload {
     y: CudaSlice<u8>,
     u: CudaSlice<u8>,
     v: CudaSlice<u8>,
+}
+
+struct Buffers {
+    source: (u32, u32, Pixel),
+    layers: Vec<Size>,
+    /// None for pictures already in GPU memory.
+    upload: Option<Upload>,
     params: CudaSlice<i32>,
     out: CudaSlice<u8>,
     /// Offsets of each layer's planes in `out`.
     offsets: Vec<[usize; 3]>,
 }
 
-/// One session's GPU scaling: the source planes go up, one launch makes
-/// every layer, the layers come down into the encoders' pictures.
+/// One session's GPU scaling: the source planes go up (or are read where
+/// NVDEC left them in GPU memory), one launch makes every layer, the layers
+/// come down into the encoders' pictures.
 pub struct GpuScaler {
     gpu: Arc<Gpu>,
     stream: Arc<CudaStream>,
+    /// The context's legacy default stream, where FFmpeg queues NVDEC's
+    /// copy into a picture it leaves in GPU memory.
+    legacy: Arc<CudaStream>,
+    /// Recorded on `legacy` after a decode, waited for by `stream`.
+    decoded: CudaEvent,
     buffers: Option<Buffers>,
     host_out: Vec<u8>,
 }
 
 impl GpuScaler {
     /// Scale `src` into `layers` (I420 pictures of the layers' sizes).
+    /// `src` is NV12 or I420 in host memory, or NV12 in GPU memory
+    /// (`Pixel::CUDA`, from a [`Nvdec::Resident`] decoder).
     pub fn scale(
         &mut self,
         src: &ffmpeg::frame::Video,
         layers: &mut [&mut ffmpeg::frame::Video],
     ) -> Result<(), GpuError> {
         let (sw, sh, fmt) = (src.width(), src.height(), src.format());
-        let nv12 = match fmt {
-            Pixel::NV12 => true,
-            Pixel::YUV420P => false,
-            other => return Err(GpuError::Format(other)),
-        };
+        if !matches!(fmt, Pixel::NV12 | Pixel::YUV420P | Pixel::CUDA) {
+            return Err(GpuError::Format(fmt));
+        }
         let sizes: Vec<Size> = layers
             .iter()
             .map(|p| Size {
@@ -382,20 +508,42 @@ impl GpuScaler {
             self.buffers = Some(self.allocate(src, &sizes)?);
         }
         let b = self.buffers.as_mut().ok_or(GpuError::Format(fmt))?;
-        // Up: the planes as they are, strides included.
-        self.stream
-            .memcpy_htod(src.data(0), &mut b.y)
-            .map_err(driver)?;
-        self.stream
-            .memcpy_htod(src.data(1), &mut b.u)
-            .map_err(driver)?;
-        if !nv12 {
-            self.stream
-                .memcpy_htod(src.data(2), &mut b.v)
-                .map_err(driver)?;
-        }
-        let (sy, suv) = (src.stride(0) as i32, src.stride(1) as i32);
-        let (cstep, n) = (if nv12 { 2i32 } else { 1 }, sizes.len() as i32);
+        let stream = &self.stream;
+        // Up (a picture in host memory), or wait for NVDEC's copy.
+        let mut reads = Vec::new();
+        let planes = match b.upload.as_mut() {
+            None => {
+                let planes = device_planes(src)?;
+                // FFmpeg queued the copy into this picture on the legacy
+                // default stream, which ours (non-blocking) does not wait
+                // for by itself.
+                self.decoded.record(&self.legacy).map_err(driver)?;
+                stream.wait(&self.decoded).map_err(driver)?;
+                planes
+            }
+            Some(up) => {
+                let nv12 = fmt == Pixel::NV12;
+                stream.memcpy_htod(src.data(0), &mut up.y).map_err(driver)?;
+                stream.memcpy_htod(src.data(1), &mut up.u).map_err(driver)?;
+                if !nv12 {
+                    stream.memcpy_htod(src.data(2), &mut up.v).map_err(driver)?;
+                }
+                let (y, ry) = up.y.device_ptr(stream);
+                let (u, ru) = up.u.device_ptr(stream);
+                let (v, rv) = up.v.device_ptr(stream);
+                reads.extend([ry, ru, rv]);
+                SourcePlanes {
+                    y,
+                    sy: src.stride(0) as i32,
+                    u,
+                    // For NV12, V is the interleaved plane one byte on.
+                    v: if nv12 { u + 1 } else { v },
+                    suv: src.stride(1) as i32,
+                    cstep: if nv12 { 2 } else { 1 },
+                }
+            }
+        };
+        let n = sizes.len() as i32;
         let (grid_dim, block_dim) = scale_grid(&sizes);
         let cfg = LaunchConfig {
             grid_dim,
@@ -403,26 +551,28 @@ impl GpuScaler {
             shared_mem_bytes: 0,
         };
         let (sw_i, sh_i) = (sw as i32, sh as i32);
-        // For NV12, V is the interleaved plane one byte on.
-        let v_view = if nv12 { b.u.slice(1..) } else { b.v.slice(0..) };
-        let mut launch = self.stream.launch_builder(&self.gpu.scale);
+        let mut launch = stream.launch_builder(&self.gpu.scale);
         launch
-            .arg(&b.y)
-            .arg(&sy)
-            .arg(&b.u)
-            .arg(&v_view)
-            .arg(&suv)
-            .arg(&cstep)
+            .arg(&planes.y)
+            .arg(&planes.sy)
+            .arg(&planes.u)
+            .arg(&planes.v)
+            .arg(&planes.suv)
+            .arg(&planes.cstep)
             .arg(&sw_i)
             .arg(&sh_i)
             .arg(&b.params)
             .arg(&n)
             .arg(&mut b.out);
         // SAFETY: the arguments are the kernel's, in its order and types
-        // (pointers to u8 and i32 device memory, ints); `out` holds every
+        // (device addresses of u8 planes, of i32 parameters and of the u8
+        // output, and ints); the source planes hold `sh` rows of their
+        // strides (uploaded whole, or FFmpeg's frame of the picture's
+        // size, alive until the synchronize below); `out` holds every
         // layer's planes at the offsets in `params`, and the kernel writes
         // only inside each layer's width and height.
         unsafe { launch.launch(cfg) }.map_err(driver)?;
+        drop(reads);
         // Down, then into each picture row by row (its stride).
         self.host_out.resize(b.out.len(), 0);
         self.stream
@@ -449,21 +599,25 @@ impl GpuScaler {
 
     fn allocate(&self, src: &ffmpeg::frame::Video, sizes: &[Size]) -> Result<Buffers, GpuError> {
         let s = &self.stream;
-        let y = s.alloc_zeros::<u8>(src.data(0).len()).map_err(driver)?;
-        let u = s.alloc_zeros::<u8>(src.data(1).len()).map_err(driver)?;
-        let v_len = if src.format() == Pixel::NV12 {
-            1
-        } else {
-            src.data(2).len()
+        let upload = match src.format() {
+            // Already on the card: nothing to upload into.
+            Pixel::CUDA => None,
+            format => Some(Upload {
+                y: s.alloc_zeros::<u8>(src.data(0).len()).map_err(driver)?,
+                u: s.alloc_zeros::<u8>(src.data(1).len()).map_err(driver)?,
+                v: s.alloc_zeros::<u8>(if format == Pixel::NV12 {
+                    1
+                } else {
+                    src.data(2).len()
+                })
+                .map_err(driver)?,
+            }),
         };
-        let v = s.alloc_zeros::<u8>(v_len).map_err(driver)?;
         let (params, offsets, at) = layer_params(sizes);
         Ok(Buffers {
             source: (src.width(), src.height(), src.format()),
             layers: sizes.to_vec(),
-            y,
-            u,
-            v,
+            upload,
             params: s.clone_htod(&params).map_err(driver)?,
             out: s.alloc_zeros::<u8>(at.max(1)).map_err(driver)?,
             offsets,
@@ -661,20 +815,98 @@ mod tests {
     }
 
     #[test]
-    fn the_shared_decoders_ask_ffmpeg_for_nv12_in_host_memory() {
-        use ffmpeg::ffi::AVPixelFormat::{
-            AV_PIX_FMT_CUDA, AV_PIX_FMT_NONE, AV_PIX_FMT_NV12, AV_PIX_FMT_P010LE,
-        };
+    fn shared_decoders_ask_ffmpeg_for_host_nv12_or_frames_on_the_card() {
+        use AVPixelFormat::{AV_PIX_FMT_CUDA, AV_PIX_FMT_NONE, AV_PIX_FMT_NV12, AV_PIX_FMT_P010LE};
         // What cuvid offers: frames in GPU memory first, then host NV12.
         let offered = [AV_PIX_FMT_CUDA, AV_PIX_FMT_NV12, AV_PIX_FMT_NONE];
         // SAFETY: a list ended by NONE, as FFmpeg passes it.
-        let got = unsafe { host_nv12(std::ptr::null_mut(), offered.as_ptr()) };
-        assert_eq!(got, AV_PIX_FMT_NV12);
+        let (host, card) = unsafe {
+            (
+                host_nv12(std::ptr::null_mut(), offered.as_ptr()),
+                gpu_frames(std::ptr::null_mut(), offered.as_ptr()),
+            )
+        };
+        assert_eq!((host, card), (AV_PIX_FMT_NV12, AV_PIX_FMT_CUDA));
         // No NV12 (a 10-bit stream): none, and FFmpeg fails the open.
         let offered = [AV_PIX_FMT_CUDA, AV_PIX_FMT_P010LE, AV_PIX_FMT_NONE];
         // SAFETY: as above.
         let got = unsafe { host_nv12(std::ptr::null_mut(), offered.as_ptr()) };
         assert_eq!(got, AV_PIX_FMT_NONE);
+        // A decoder offering only host formats: none for frames on the card.
+        let offered = [AV_PIX_FMT_NV12, AV_PIX_FMT_NONE];
+        // SAFETY: as above.
+        let got = unsafe { gpu_frames(std::ptr::null_mut(), offered.as_ptr()) };
+        assert_eq!(got, AV_PIX_FMT_NONE);
+        // SAFETY: a null list is no list.
+        let got = unsafe { offered_none() };
+        assert_eq!(got, AV_PIX_FMT_NONE);
+    }
+
+    /// `offered` given no list at all.
+    unsafe fn offered_none() -> AVPixelFormat {
+        // SAFETY: null is allowed.
+        unsafe { offered(std::ptr::null(), AVPixelFormat::AV_PIX_FMT_NV12) }
+    }
+
+    /// A frame as NVDEC leaves one in GPU memory: format CUDA, device
+    /// addresses in data[0] and data[1], a frames context saying what lies
+    /// behind them (here a zeroed AVHWFramesContext with only `sw_format`
+    /// set: what `device_planes` reads). Nothing is dereferenced at the
+    /// addresses, so they need not be real.
+    fn card_frame(sw_format: Option<AVPixelFormat>) -> ffmpeg::frame::Video {
+        let mut f = ffmpeg::frame::Video::empty();
+        // SAFETY: a fresh AVFrame we own; the frames context is a buffer
+        // of FFmpeg's (freed with the frame by av_frame_unref); data
+        // pointers are not owned by the frame (no buf[] set), so freeing
+        // it never touches them.
+        unsafe {
+            let raw = f.as_mut_ptr();
+            (*raw).format = AVPixelFormat::AV_PIX_FMT_CUDA as i32;
+            (*raw).width = 1280;
+            (*raw).height = 720;
+            (*raw).data[0] = 0x7f00_0000_0000usize as *mut u8;
+            (*raw).data[1] = 0x7f00_0010_0000usize as *mut u8;
+            (*raw).linesize[0] = 1536;
+            (*raw).linesize[1] = 1536;
+            if let Some(sw) = sw_format {
+                let buf = ffmpeg::ffi::av_buffer_allocz(std::mem::size_of::<
+                    ffmpeg::ffi::AVHWFramesContext,
+                >());
+                assert!(!buf.is_null());
+                (*((*buf).data as *mut ffmpeg::ffi::AVHWFramesContext)).sw_format = sw;
+                (*raw).hw_frames_ctx = buf;
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn a_picture_on_the_card_is_read_where_nvdec_left_it_and_only_nv12() {
+        let planes = device_planes(&card_frame(Some(AVPixelFormat::AV_PIX_FMT_NV12)))
+            .expect("NV12 on the card");
+        assert_eq!(
+            planes,
+            SourcePlanes {
+                y: 0x7f00_0000_0000,
+                sy: 1536,
+                u: 0x7f00_0010_0000,
+                v: 0x7f00_0010_0001,
+                suv: 1536,
+                cstep: 2,
+            }
+        );
+        // 10-bit behind the frame: refused by name, not scaled as 8-bit.
+        let e =
+            device_planes(&card_frame(Some(AVPixelFormat::AV_PIX_FMT_P010LE))).expect_err("P010");
+        assert!(matches!(e, GpuError::Format(Pixel::P010LE)), "{e}");
+        // No frames context: nothing says what the addresses hold.
+        assert!(device_planes(&card_frame(None)).is_err());
+        // A picture in host memory is not read as one on the card.
+        let host = ffmpeg::frame::Video::new(Pixel::NV12, 64, 32);
+        assert!(matches!(
+            device_planes(&host),
+            Err(GpuError::Format(Pixel::NV12))
+        ));
     }
 
     #[test]

@@ -12,6 +12,13 @@
 //!   session's first second left out (NVDEC makes a CUDA context per
 //!   decoder; judged from the start, two sessions had 8 of 240 frames late
 //!   on an H200).
+//!
+//! The GPU side runs each of the three [`Nvdec`] ways where it matters:
+//! decode rate, end-to-end rate and sessions held, each with a CUDA context
+//! per decoder (the first H200 runs: 6 sessions), on one shared context,
+//! and on one shared context with the pictures kept in GPU memory (checked
+//! against the CPU reference through the whole path: NVDEC, the kernel
+//! reading FFmpeg's frame, the download).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,8 +29,12 @@ use ffmpeg_next as ffmpeg;
 
 use crate::bench;
 use crate::clip::{self, ClipFrame, FPS};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Nvdec};
 use crate::pipeline::{cpu_scaler, layer_size, Backend, Decoder, Pipeline};
+
+/// The GPU opened each way decoders can run beside the default's, or why
+/// it could not be.
+type Variants = Vec<(Nvdec, Result<Arc<Gpu>, String>)>;
 
 /// One measurement row.
 struct Row {
@@ -79,10 +90,16 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
         t0.elapsed().as_secs_f64()
     );
     // The same card with NVDEC decoders on one shared context (the likely
-    // cure for the first H200 run's 6 sessions): sessions side by side.
-    let shared = Gpu::open_shared(0).map_err(|e| e.to_string());
-    if let Err(e) = &shared {
-        println!("decoders on a shared context: {e}");
+    // cure for the first H200 run's 6 sessions), pictures in host memory
+    // or kept on the card: side by side.
+    let variants: Variants = [Nvdec::Shared, Nvdec::Resident]
+        .into_iter()
+        .map(|way| (way, Gpu::open_nvdec(0, way).map_err(|e| e.to_string())))
+        .collect();
+    for (way, gpu) in &variants {
+        if let Err(e) = gpu {
+            println!("decoders on {}: {e}", way.describe());
+        }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("CPU cores: {cores}");
@@ -109,7 +126,7 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
             rows.guarded(&format!("{label} {}", codec.name()), |rows| {
                 let clip = clip::make(codec, size, seconds * FPS, 2 * FPS, 3000)
                     .map_err(|e| e.to_string())?;
-                measure(&gpu, shared.as_ref(), label, codec, &clip, rows)
+                measure(&gpu, &variants, label, codec, &clip, rows)
             });
         }
     }
@@ -118,11 +135,13 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
         rows.guarded(&format!("{} sessions", codec.name()), |rows| {
             let clip = bench::source(codec, seconds)?;
             let mut backends = vec![
-                ("cpu", Backend::Cpu),
-                ("cuda", Backend::Cuda(gpu.clone())),
+                ("cpu".to_string(), Backend::Cpu),
+                ("cuda".to_string(), Backend::Cuda(gpu.clone())),
             ];
-            if let Ok(shared) = &shared {
-                backends.push(("cuda, shared context", Backend::Cuda(shared.clone())));
+            for (way, gpu) in &variants {
+                if let Ok(gpu) = gpu {
+                    backends.push((format!("cuda, {}", way.describe()), Backend::Cuda(gpu.clone())));
+                }
             }
             let mut held = Vec::new();
             for (label, backend) in &backends {
@@ -130,7 +149,8 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
                     let step =
                         bench::ours_judged(codec, &clip, n, backend, bench::Criterion::Steady);
                     eprintln!(
-                        "{} {label}: {n} sessions, {} of {} frames late, {:.2} cores, decode / scale / encode {} ms a frame",
+                        "[{:.0} s] {} {label}: {n} sessions, {} of {} frames late, {:.2} cores, decode / scale / encode {} ms a frame",
+                        t0.elapsed().as_secs_f64(),
                         codec.name(),
                         step.late,
                         step.frames,
@@ -148,18 +168,17 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
                 held[0].to_string(),
                 held[1].to_string(),
             );
-            rows.push(
-                format!(
-                    "{} sessions held, NVDEC decoders sharing one CUDA context",
-                    codec.name()
-                ),
-                "-".into(),
-                match (&shared, held.get(2)) {
-                    (Ok(_), Some(n)) => n.to_string(),
-                    (Err(e), _) => format!("failed: {e}"),
-                    (Ok(_), None) => "-".into(),
-                },
-            );
+            let mut next = held.iter().skip(2);
+            for (way, gpu) in &variants {
+                rows.push(
+                    format!("{} sessions held, NVDEC on {}", codec.name(), way.describe()),
+                    "-".into(),
+                    match gpu {
+                        Ok(_) => next.next().map_or("-".into(), |n| n.to_string()),
+                        Err(e) => format!("failed: {e}"),
+                    },
+                );
+            }
             Ok(())
         });
     }
@@ -176,7 +195,7 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
 
 fn measure(
     gpu: &Arc<Gpu>,
-    shared: Result<&Arc<Gpu>, &String>,
+    variants: &Variants,
     label: &str,
     codec: Codec,
     clip: &[ClipFrame],
@@ -204,32 +223,45 @@ fn measure(
         format!("{cpu_fps:.0}"),
         gpu_fps,
     );
-    if let Ok(shared) = shared {
-        if shared.info.nvdec.contains(&cuvid) {
-            rows.push(
-                format!("{label} {name} decode on the shared context, frames/s"),
-                "-".into(),
-                cell(
-                    shared
-                        .decoder(cuvid)
-                        .map_err(|e| e.to_string())
-                        .map(|d| decode_fps(d, clip)),
-                    |fps| format!("{fps:.0}"),
-                ),
-            );
-            rows.push(
-                format!("{label} {name} shared-context NVDEC against the CPU decoder: largest luma difference, last picture"),
-                "-".into(),
-                cell(
-                    shared
-                        .decoder(cuvid)
-                        .and_then(|a| Ok((a, Decoder::new(codec)?)))
-                        .map_err(|e| e.to_string())
-                        .and_then(|(a, b)| last_luma_difference(a, b, clip)),
-                    |d| d.to_string(),
-                ),
-            );
+    for (way, other) in variants {
+        let Ok(other) = other else { continue };
+        if !other.info.nvdec.contains(&cuvid) {
+            continue;
         }
+        rows.push(
+            format!(
+                "{label} {name} decode, NVDEC on {}, frames/s",
+                way.describe()
+            ),
+            "-".into(),
+            cell(
+                other
+                    .decoder(cuvid)
+                    .map_err(|e| e.to_string())
+                    .map(|d| decode_fps(d, clip)),
+                |fps| format!("{fps:.0}"),
+            ),
+        );
+        let same = match way {
+            // Pictures in host memory: NVDEC's against the CPU decoder's.
+            Nvdec::OwnContext | Nvdec::Shared => other
+                .decoder(cuvid)
+                .and_then(|a| Ok((a, Decoder::new(codec)?)))
+                .map_err(|e| e.to_string())
+                .and_then(|(a, b)| last_luma_difference(a, b, clip)),
+            // Pictures on the card: the layers the kernel made from them
+            // against the reference scaling of the CPU decoder's.
+            Nvdec::Resident => resident_difference(other, cuvid, codec, clip),
+        };
+        let what = match way {
+            Nvdec::Resident => "layers scaled from NVDEC's pictures in GPU memory against the CPU reference: largest difference, last picture",
+            _ => "NVDEC against the CPU decoder: largest luma difference, last picture",
+        };
+        rows.push(
+            format!("{label} {name} {what} ({})", way.describe()),
+            "-".into(),
+            cell(same, |d| d.to_string()),
+        );
     }
 
     // Scale: both layers of every decoded picture.
@@ -316,7 +348,88 @@ fn measure(
         format!("{cpu_lps:.0}"),
         cell(gpu_lps, |lps| format!("{lps:.0}")),
     );
+    for (way, other) in variants {
+        rows.push(
+            format!("{label} {name} end to end, NVDEC on {}", way.describe()),
+            "-".into(),
+            cell(
+                other
+                    .clone()
+                    .and_then(|g| layers_per_second(codec, clip, &Backend::Cuda(g))),
+                |lps| format!("{lps:.0}"),
+            ),
+        );
+    }
     Ok(())
+}
+
+/// Decode the clip with a [`Nvdec::Resident`] decoder and scale each
+/// picture where it lies in GPU memory, beside the CPU decoder; the largest
+/// difference between the layers of the GPU's last picture and the
+/// reference scaling of the CPU's picture with the same timestamp (0
+/// expected: both decoders follow the codec's spec, the kernel the
+/// reference's arithmetic).
+fn resident_difference(
+    gpu: &Arc<Gpu>,
+    cuvid: &'static str,
+    codec: Codec,
+    clip: &[ClipFrame],
+) -> Result<u8, String> {
+    let mut dec = gpu.decoder(cuvid).map_err(|e| e.to_string())?;
+    let mut cpu = Decoder::new(codec).map_err(|e| e.to_string())?;
+    let mut scaler = gpu.scaler().map_err(|e| e.to_string())?;
+    let mut outs: Vec<ffmpeg::frame::Video> = Vec::new();
+    let mut last_gpu = None;
+    // The CPU's last few pictures: NVDEC may hand a picture back later.
+    let mut recent: std::collections::VecDeque<ffmpeg::frame::Video> = Default::default();
+    for (i, f) in clip.iter().enumerate() {
+        if let Ok(Some(p)) = dec.decode(&f.data, i as i64) {
+            if p.format() != Pixel::CUDA {
+                return Err(format!(
+                    "NVDEC gave {:?}, not frames in GPU memory",
+                    p.format()
+                ));
+            }
+            if outs.is_empty() {
+                let source = Size {
+                    width: p.width() as u16,
+                    height: p.height() as u16,
+                };
+                outs = bench::LAYERS
+                    .iter()
+                    .map(|l| {
+                        let s = layer_size(source, l.scale_down);
+                        ffmpeg::frame::Video::new(Pixel::YUV420P, s.width.into(), s.height.into())
+                    })
+                    .collect();
+            }
+            let mut refs: Vec<&mut ffmpeg::frame::Video> = outs.iter_mut().collect();
+            scaler.scale(p, &mut refs).map_err(|e| e.to_string())?;
+            last_gpu = p.pts();
+        }
+        if let Ok(Some(p)) = cpu.decode(&f.data, i as i64) {
+            if recent.len() == 8 {
+                recent.pop_front();
+            }
+            recent.push_back(p.clone());
+        }
+    }
+    let pts = last_gpu.ok_or("NVDEC gave no picture")?;
+    let reference = recent
+        .iter()
+        .find(|p| p.pts() == Some(pts))
+        .ok_or_else(|| format!("no CPU picture with the GPU's last timestamp {pts}"))?;
+    Ok(outs
+        .iter()
+        .map(|o| {
+            let size = Size {
+                width: o.width() as u16,
+                height: o.height() as u16,
+            };
+            crate::gpu::max_difference(o, &crate::gpu::reference_scale(reference, size))
+        })
+        .max()
+        .unwrap_or(0))
 }
 
 /// The most sessions (up to `max`) for which `holds` is true, assuming it

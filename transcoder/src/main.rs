@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use balie_offload::tls::{make_dev_certs, TlsFiles};
 use balie_transcoder::captions::whisper::Whisper;
 use balie_transcoder::metrics::Metrics;
-use balie_transcoder::pipeline::{Placement, VideoPlacement};
+use balie_transcoder::pipeline::{Nvdec, Placement, VideoPlacement};
 use balie_transcoder::server::{CaptionsSetup, Worker, WorkerConfig};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
@@ -87,6 +87,17 @@ enum Command {
         /// it run on the CPU.
         #[arg(long, env = "BALIE_TRANSCODER_GPU_VIDEO_SESSIONS")]
         gpu_video_sessions: Option<usize>,
+        /// How NVDEC decoders run, where video goes on the GPU: a CUDA
+        /// context each (what the H200 check measured), one shared
+        /// context, or one shared context with pictures kept in GPU memory
+        /// (`gpu-check` measures the three side by side).
+        #[arg(
+            long,
+            value_enum,
+            env = "BALIE_TRANSCODER_NVDEC",
+            default_value = "own-context"
+        )]
+        nvdec: Nvdec,
         /// Make live captions too (caption sessions), with the model of
         /// `--captions-model`.
         #[arg(long, env = "BALIE_TRANSCODER_CAPTIONS")]
@@ -325,6 +336,7 @@ fn run(command: Command) -> Result<(), String> {
             backend,
             video_backend,
             gpu_video_sessions,
+            nvdec,
             captions,
             captions_model,
             max_captions,
@@ -333,7 +345,7 @@ fn run(command: Command) -> Result<(), String> {
                 one_whisper_thread();
             }
             let backend_kind = backend;
-            let placement = open_backend(backend, video_backend, gpu_video_sessions)?;
+            let placement = open_backend(backend, video_backend, gpu_video_sessions, nvdec)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
             let captions = if captions {
                 let whisper = load_model(captions_model, backend_kind)?;
@@ -371,22 +383,23 @@ fn open_backend(
     backend: Backend,
     asked: VideoPlacement,
     gpu_sessions: Option<usize>,
+    nvdec: Nvdec,
 ) -> Result<Placement, String> {
     use balie_transcoder::pipeline::video_on_gpu;
     match backend {
         Backend::Cpu => {
             video_on_gpu(false, asked, false)?;
-            if gpu_sessions.is_some() {
-                info!("--gpu-video-sessions has no effect without --backend cuda");
+            if gpu_sessions.is_some() || nvdec != Nvdec::default() {
+                info!("--gpu-video-sessions and --nvdec have no effect without --backend cuda");
             }
             Ok(Placement::cpu())
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             balie_transcoder::pipeline::init().map_err(|e| e.to_string())?;
-            let gpu =
-                balie_transcoder::gpu::Gpu::open(0).map_err(|e| format!("--backend cuda: {e}"))?;
-            info!(gpu = %gpu.info, "GPU backend");
+            let gpu = balie_transcoder::gpu::Gpu::open_nvdec(0, nvdec)
+                .map_err(|e| format!("--backend cuda: {e}"))?;
+            info!(gpu = %gpu.info, nvdec = nvdec.describe(), "GPU backend");
             if video_on_gpu(true, asked, gpu.info.nvenc)? {
                 let limit = gpu_sessions.unwrap_or(balie_transcoder::pipeline::GPU_VIDEO_SESSIONS);
                 info!(

@@ -79,6 +79,37 @@ pub enum VideoPlacement {
     Gpu,
 }
 
+/// How the GPU backend's NVDEC decoders get their CUDA context, and where
+/// they leave the pictures (`serve --nvdec`, `gpu-check` measures all
+/// three side by side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Nvdec {
+    /// Each decoder makes a CUDA context of its own (FFmpeg's default) and
+    /// hands the picture back in host memory; the scaler uploads it. What
+    /// ran on an H200: 6 sessions in real time, the CPU mostly idle.
+    #[default]
+    #[value(name = "own-context")]
+    OwnContext,
+    /// Every decoder on the card's primary context, shared with each other
+    /// and the scaler; pictures in host memory as with `own-context`.
+    Shared,
+    /// Shared, and the pictures stay in GPU memory: the scaler reads them
+    /// where NVDEC's copy left them, so nothing goes up per frame (only the
+    /// layers come down for the CPU encoders).
+    Resident,
+}
+
+impl Nvdec {
+    /// In words (logs, the GPU check's rows).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Nvdec::OwnContext => "a CUDA context per decoder",
+            Nvdec::Shared => "one shared CUDA context",
+            Nvdec::Resident => "one shared CUDA context, pictures kept in GPU memory",
+        }
+    }
+}
+
 /// Whether sessions' video runs on the GPU: `gpu` (the worker opened one,
 /// `--backend cuda`), what was asked, and whether the card has NVENC.
 pub fn video_on_gpu(gpu: bool, asked: VideoPlacement, nvenc: bool) -> Result<bool, String> {
@@ -530,6 +561,7 @@ impl Pipeline {
             // A repeated or older timestamp: an encoder would refuse it.
             return Ok(pushed);
         };
+        let gpu_scales = self.gpu_scales();
         let t0 = Instant::now();
         let decoded = self.decoder.decode(data, pts);
         pushed.timings.decode = t0.elapsed();
@@ -547,9 +579,8 @@ impl Pipeline {
             width: u16::try_from(picture.width()).unwrap_or(0),
             height: u16::try_from(picture.height()).unwrap_or(0),
         };
-        // NVDEC gives NV12; FFmpeg's own decoders I420.
         let format = picture.format();
-        if size.width < 16 || size.height < 16 || !matches!(format, Pixel::YUV420P | Pixel::NV12) {
+        if size.width < 16 || size.height < 16 || !scalable(format, gpu_scales) {
             return Err(PipelineError::BadSize(picture.width(), picture.height()));
         }
         if self.source != Some(size) {
@@ -635,6 +666,14 @@ impl Pipeline {
         Ok(pushed)
     }
 
+    /// Whether the GPU scales this pipeline's pictures.
+    fn gpu_scales(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.gpu_scaler.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
     fn unwrap_rtp(&mut self, rtp: u32) -> Option<i64> {
         let ext = match self.last_rtp {
             None => i64::from(rtp),
@@ -648,6 +687,17 @@ impl Pipeline {
         };
         self.last_rtp = Some((rtp, ext));
         Some(ext)
+    }
+}
+
+/// Whether a decoded picture of `format` can be scaled: NVDEC gives NV12
+/// (in GPU memory, `Pixel::CUDA`, for [`Nvdec::Resident`], which only the
+/// GPU scaler reads: `gpu_scales`), FFmpeg's own decoders I420.
+fn scalable(format: Pixel, gpu_scales: bool) -> bool {
+    match format {
+        Pixel::YUV420P | Pixel::NV12 => true,
+        Pixel::CUDA => gpu_scales,
+        _ => false,
     }
 }
 
@@ -682,6 +732,19 @@ mod tests {
         assert_eq!(g.get(), 0);
         assert!(Placement::cpu().take().1.is_none());
         assert_eq!(Placement::cpu().describe(), "cpu");
+    }
+
+    #[test]
+    fn pictures_in_gpu_memory_are_scaled_only_by_the_gpu() {
+        use super::scalable;
+        use ffmpeg_next::format::Pixel;
+        for gpu in [false, true] {
+            assert!(scalable(Pixel::YUV420P, gpu));
+            assert!(scalable(Pixel::NV12, gpu));
+            assert!(!scalable(Pixel::YUV444P, gpu), "not a WebRTC layout");
+        }
+        assert!(scalable(Pixel::CUDA, true));
+        assert!(!scalable(Pixel::CUDA, false), "libswscale cannot read it");
     }
 
     #[test]

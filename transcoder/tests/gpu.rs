@@ -6,13 +6,19 @@
 
 use balie_offload::{Codec, Size};
 use balie_transcoder::clip;
-use balie_transcoder::gpu::{max_difference, reference_scale, Gpu, GpuError};
+use balie_transcoder::gpu::{max_difference, reference_scale, Gpu, GpuError, Nvdec};
 use balie_transcoder::pipeline::{self, layer_size, Backend, Decoder, Pipeline};
 use ffmpeg_next as ffmpeg;
 
 #[test]
 fn without_a_driver_the_gpu_is_refused_and_with_one_it_scales_like_the_reference() {
     pipeline::init().expect("ffmpeg");
+    // Every way of running NVDEC is refused alike without a driver.
+    for way in [Nvdec::Shared, Nvdec::Resident] {
+        if let Err(e) = Gpu::open_nvdec(0, way) {
+            assert!(matches!(e, GpuError::NoDriver(_)), "{way:?}: {e}");
+        }
+    }
     let gpu = match Gpu::open(0) {
         Err(GpuError::NoDriver(what)) => {
             let msg = GpuError::NoDriver(what).to_string();
@@ -57,7 +63,16 @@ fn without_a_driver_the_gpu_is_refused_and_with_one_it_scales_like_the_reference
         let d = max_difference(out, &reference_scale(&picture, size));
         assert!(d <= 1, "{size:?}: off by {d}");
     }
-    // A whole session on the GPU backend: layers that decode at their sizes.
+    // A whole session on the GPU backend, NVDEC each way: layers that
+    // decode at their sizes.
+    session_layers_decode(gpu.clone(), &frames);
+    for way in [Nvdec::Shared, Nvdec::Resident] {
+        eprintln!("NVDEC on {}", way.describe());
+        session_layers_decode(Gpu::open_nvdec(0, way).expect("opens"), &frames);
+    }
+}
+
+fn session_layers_decode(gpu: std::sync::Arc<Gpu>, frames: &[clip::ClipFrame]) {
     let mut p = Pipeline::with_backend(
         Codec::H264,
         balie_transcoder::bench::LAYERS.to_vec(),
@@ -66,7 +81,7 @@ fn without_a_driver_the_gpu_is_refused_and_with_one_it_scales_like_the_reference
     .expect("pipeline");
     let mut out = Vec::new();
     let far = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    for f in &frames {
+    for f in frames {
         p.push(f.rtp_time, f.key, &f.data, far, &mut out)
             .expect("push");
     }

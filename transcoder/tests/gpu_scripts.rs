@@ -63,3 +63,15 @@ fn the_utilisation_summary_reads_nvidia_smi_dmon() {
         "utilisation: no samples"
     );
 }
+
+#[test]
+fn the_gpu_check_names_its_parts_and_refuses_others() {
+    let out = Command::new("bash")
+        .arg(script("gpu-check.sh"))
+        .args(["4", "everything"])
+        .output()
+        .expect("bash runs");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("transcoding|captions|all"), "{err}");
+}

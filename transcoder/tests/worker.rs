@@ -547,4 +547,10 @@ fn video_on_the_gpu_without_the_gpu_is_refused_at_start() {
         err.contains("--video-backend cuda needs the GPU: add --backend cuda"),
         "{err}"
     );
+    // A way of running NVDEC that does not exist: the ones that do, named.
+    let err = common::serve_refused(dir.path(), &["--nvdec", "sideways"], &[]);
+    assert!(
+        err.contains("own-context") && err.contains("shared") && err.contains("resident"),
+        "{err}"
+    );
 }
