@@ -213,10 +213,11 @@ impl SharedDevice {
 /// active yet or not (CUDA 11 and later allow both). FFmpeg's CUDA device
 /// on the primary context refuses a context already active with any other
 /// scheduling flag ("Primary context already active with incompatible
-/// flags"), and cudarc makes it active with none: so this comes first, in
-/// every mode (one process shares one primary context, whichever mode
-/// opened it). Waiting threads that spin would also take cores from the
-/// CPU encoders.
+/// flags"), and cudarc makes it active with none: so the shared modes set
+/// it before either opens it. It holds for the whole process (one primary
+/// context per card), so the GPU check opens the shared modes first and
+/// all of its rows run with it. A thread that waits for the GPU then
+/// sleeps instead of spinning on a core the CPU encoders need.
 fn blocking_sync(ordinal: usize) -> Result<(), GpuError> {
     use cudarc::driver::{result, sys};
     result::init().map_err(driver)?;
@@ -344,11 +345,8 @@ impl Gpu {
             ));
         }
         let sharing = nvdec != Nvdec::OwnContext;
-        if let Err(e) = blocking_sync(ordinal) {
-            // Only FFmpeg's shared device insists on the flag.
-            if sharing {
-                return Err(e);
-            }
+        if sharing {
+            blocking_sync(ordinal)?;
         }
         let ctx = CudaContext::new(ordinal).map_err(driver)?;
         let name = ctx.name().map_err(driver)?;

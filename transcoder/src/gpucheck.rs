@@ -83,15 +83,11 @@ fn cell<T>(r: Result<T, String>, show: impl FnOnce(T) -> String) -> String {
 pub fn run(seconds: u32, max: usize) -> Result<(), String> {
     crate::pipeline::init().map_err(|e| e.to_string())?;
     let t0 = Instant::now();
-    let gpu = Gpu::open(0).map_err(|e| e.to_string())?;
-    println!("GPU: {}", gpu.info);
-    println!(
-        "opened in {:.2} s (NVRTC compile included)",
-        t0.elapsed().as_secs_f64()
-    );
     // The same card with NVDEC decoders on one shared context (the likely
     // cure for the first H200 run's 6 sessions), pictures in host memory
-    // or kept on the card: side by side.
+    // or kept on the card: side by side. Opened first: they set the
+    // primary context's scheduling flag, which FFmpeg needs set before the
+    // context is active (`gpu::blocking_sync`).
     let variants: Variants = [Nvdec::Shared, Nvdec::Resident]
         .into_iter()
         .map(|way| (way, Gpu::open_nvdec(0, way).map_err(|e| e.to_string())))
@@ -101,6 +97,13 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
             println!("decoders on {}: {e}", way.describe());
         }
     }
+    let t1 = Instant::now();
+    let gpu = Gpu::open(0).map_err(|e| e.to_string())?;
+    println!("GPU: {}", gpu.info);
+    println!(
+        "opened in {:.2} s (NVRTC compile included)",
+        t1.elapsed().as_secs_f64()
+    );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("CPU cores: {cores}");
     println!("| measurement | cpu | cuda |");
