@@ -346,9 +346,17 @@ fn the_scaling_kernel_makes_every_layer_as_the_reference_does() {
             height: 12,
         },
     ];
-    for format in [Pixel::YUV420P, Pixel::NV12] {
-        let (w, h) = (96u32, 48u32);
+    // 80 wide: rows padded past the width (FFmpeg aligns its strides), as
+    // NVDEC's pitched frames in GPU memory are (`--nvdec resident`).
+    let mut pitched = 0;
+    for (format, (w, h)) in [Pixel::YUV420P, Pixel::NV12]
+        .into_iter()
+        .flat_map(|f| [(f, (96u32, 48u32)), (f, (80, 48))])
+    {
         let mut p = Video::new(format, w, h);
+        if p.stride(0) > w as usize {
+            pitched += 1;
+        }
         let planes = if format == Pixel::NV12 { 2 } else { 3 };
         for plane in 0..planes {
             let stride = p.stride(plane);
@@ -395,8 +403,12 @@ fn the_scaling_kernel_makes_every_layer_as_the_reference_does() {
                     .iter()
                     .map(|x| *x as u8)
                     .collect();
-                assert_eq!(got, reference[plane], "{format:?} {size:?} plane {plane}");
+                assert_eq!(
+                    got, reference[plane],
+                    "{format:?} {w}x{h} {size:?} plane {plane}"
+                );
             }
         }
     }
+    assert!(pitched >= 2, "no picture with rows past its width");
 }
