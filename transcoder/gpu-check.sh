@@ -123,7 +123,7 @@ run() {
 if [ "$which" != captions ]; then
   echo "== gpu-check: transcoding (a table at the end)"
   watch transcoding
-  run 450 gpu-check --seconds "$seconds" --max 32
+  run 450 gpu-check --seconds "$seconds" --max 64
   watched
 fi
 if [ "$which" != transcoding ]; then

@@ -30,7 +30,7 @@ use ffmpeg_next as ffmpeg;
 use crate::bench;
 use crate::clip::{self, ClipFrame, FPS};
 use crate::gpu::{Gpu, Nvdec};
-use crate::pipeline::{cpu_scaler, layer_size, Backend, Decoder, Pipeline};
+use crate::pipeline::{cpu_scaler, layer_size, Backend, Decoder, Pipeline, GPU_VIDEO_SESSIONS};
 
 /// The GPU opened each way decoders can run beside the default's, or why
 /// it could not be.
@@ -125,8 +125,17 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
                 format!("cuda, {}", gpu.nvdec.describe()),
                 Backend::Cuda(gpu.clone()),
             ));
+            // The CPU's search from 8; the shared ways' from the CPU's count
+            // (the question is how far they are from it); own-context's
+            // from what the H200 runs held (each of its sessions makes a
+            // CUDA context: a step of 50 would take long for nothing).
+            let mut guess = 8;
             for (label, backend) in &backends {
-                let most = most_held(max, |n| {
+                let start = match backend {
+                    Backend::Cuda(g) if g.nvdec == Nvdec::OwnContext => GPU_VIDEO_SESSIONS,
+                    _ => guess,
+                };
+                let most = most_held(max, start, |n| {
                     let step =
                         bench::ours_judged(codec, &clip, n, backend, bench::Criterion::Steady);
                     eprintln!(
@@ -142,7 +151,10 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
                 });
                 // A row as soon as each is known: a check cut short keeps it.
                 let (cpu, gpu) = match backend {
-                    Backend::Cpu => (most.to_string(), "-".to_string()),
+                    Backend::Cpu => {
+                        guess = most.max(1);
+                        (most.to_string(), "-".to_string())
+                    }
                     Backend::Cuda(_) => ("-".to_string(), most.to_string()),
                 };
                 rows.push(
@@ -166,20 +178,20 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
             Ok(())
         });
     }
-    // Then each stage, at 1080p and 720p.
+    // Then each stage, at 720p (the sessions' size) and 1080p.
     for (label, size) in [
-        (
-            "1080p",
-            Size {
-                width: 1920,
-                height: 1080,
-            },
-        ),
         (
             "720p",
             Size {
                 width: 1280,
                 height: 720,
+            },
+        ),
+        (
+            "1080p",
+            Size {
+                width: 1920,
+                height: 1080,
             },
         ),
     ] {
@@ -442,23 +454,38 @@ fn resident_difference(
 }
 
 /// The most sessions (up to `max`) for which `holds` is true, assuming it
-/// holds up to some count and fails above: doubling, then bisecting, so a
-/// 16-core node needs about eight steps, not sixteen.
-fn most_held(max: usize, mut holds: impl FnMut(usize) -> bool) -> usize {
+/// holds up to some count and fails above. From `start` (a guess: another
+/// backend's count), doubling up or halving down until the edge is passed,
+/// then bisecting: an edge near the guess takes a few steps, one anywhere
+/// in 1..=64 at most about a dozen (each step is seconds of real time).
+fn most_held(max: usize, start: usize, mut holds: impl FnMut(usize) -> bool) -> usize {
+    // good holds (0 trivially), bad fails (max + 1 by assumption).
     let (mut good, mut bad) = (0usize, max + 1);
-    let mut n = 1;
-    while n <= max {
-        if holds(n) {
-            good = n;
-            n *= 2;
-        } else {
-            bad = n;
-            break;
-        }
+    let mut n = start.clamp(1, max.max(1));
+    if max == 0 {
+        return 0;
     }
-    if n > max {
-        // Every doubling held: look between the last one and max.
-        bad = max + 1;
+    if holds(n) {
+        good = n;
+        while good < max {
+            n = (good * 2).min(max);
+            if holds(n) {
+                good = n;
+            } else {
+                bad = n;
+                break;
+            }
+        }
+    } else {
+        bad = n;
+        while bad > 1 {
+            n = bad / 2;
+            if holds(n) {
+                good = n;
+                break;
+            }
+            bad = n;
+        }
     }
     while bad - good > 1 {
         let mid = (good + bad) / 2;
@@ -539,15 +566,32 @@ mod tests {
     use super::most_held;
 
     #[test]
-    fn most_held_finds_the_edge_in_few_steps() {
-        for edge in 0..=40usize {
-            let mut steps = 0;
-            let got = most_held(32, |n| {
-                steps += 1;
-                n <= edge
-            });
-            assert_eq!(got, edge.min(32), "edge {edge}");
-            assert!(steps <= 11, "edge {edge}: {steps} steps");
+    fn most_held_finds_the_edge_in_few_steps_from_any_guess() {
+        for max in [0usize, 1, 32, 64] {
+            for start in [1usize, 6, 8, 32, 50, 64, 100] {
+                for edge in 0..=70usize {
+                    let mut steps = 0;
+                    let got = most_held(max, start, |n| {
+                        assert!((1..=max).contains(&n), "asked {n} of max {max}");
+                        steps += 1;
+                        n <= edge
+                    });
+                    assert_eq!(got, edge.min(max), "max {max} start {start} edge {edge}");
+                    assert!(
+                        steps <= 13,
+                        "max {max} start {start} edge {edge}: {steps} steps"
+                    );
+                }
+            }
         }
+        // Near the guess, few steps: what the GPU check counts on to fit
+        // four backends and two codecs in its time.
+        let mut steps = 0;
+        let got = most_held(64, 50, |n| {
+            steps += 1;
+            n <= 48
+        });
+        assert_eq!(got, 48);
+        assert!(steps <= 7, "{steps} steps");
     }
 }
