@@ -223,7 +223,16 @@ fn blocking_sync(ordinal: usize) -> Result<(), GpuError> {
     result::init().map_err(driver)?;
     let dev = result::device::get(ordinal as i32).map_err(driver)?;
     let flag = sys::CUctx_flags::CU_CTX_SCHED_BLOCKING_SYNC as u32;
-    // SAFETY: a plain driver call on a device the driver handed out.
+    let (mut flags, mut active) = (0u32, 0i32);
+    // SAFETY: plain driver calls on a device the driver handed out, with
+    // out-pointers to locals.
+    let r = unsafe { sys::cuDevicePrimaryCtxGetState(dev, &mut flags, &mut active) };
+    if r == sys::CUresult::CUDA_SUCCESS && flags == flag {
+        // Already so (another shared mode opened it): nothing to change
+        // on an active context.
+        return Ok(());
+    }
+    // SAFETY: as above.
     let r = unsafe { sys::cuDevicePrimaryCtxSetFlags_v2(dev, flag) };
     if r != sys::CUresult::CUDA_SUCCESS {
         return Err(GpuError::Driver(format!(
