@@ -69,7 +69,7 @@ impl Metrics {
         .expect("valid metric");
         let gpu_fallbacks = IntCounter::with_opts(ns(
             "gpu_fallbacks_total",
-            "Sessions placed on the GPU whose pipeline it could not open; they run on the CPU",
+            "Sessions placed on the GPU whose pipeline it could not open or that failed there; they go on on the CPU",
         ))
         .expect("valid metric");
         let opens = IntCounterVec::new(

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::metrics::Metrics;
-use crate::pipeline::{Backend, Encoded, GpuPlace, Pipeline};
+use crate::pipeline::{Backend, Encoded, GpuPlace, Pipeline, PipelineError};
 
 /// Source frames a session may have waiting (about a second at 30 fps).
 pub const QUEUE: usize = 32;
@@ -71,20 +71,28 @@ impl Session {
         std::thread::Builder::new()
             .name(format!("session-{id}"))
             .spawn(move || {
+                let cpu = {
+                    let layers = layers.clone();
+                    move || Pipeline::with_backend(codec, layers.clone(), &Backend::Cpu)
+                };
                 let (opened, place) = open_placed(
                     place,
                     || Pipeline::with_backend(codec, layers.clone(), &backend),
-                    || Pipeline::with_backend(codec, layers.clone(), &Backend::Cpu),
+                    &cpu,
                     |e| {
                         m.gpu_fallbacks.inc();
                         warn!(session = id, error = %e, "the GPU could not open a pipeline; this session runs on the CPU");
                     },
                 );
                 match opened {
-                    Ok(p) => {
+                    Ok(pipeline) => {
                         let _ = ready_tx.send(Ok(()));
-                        run(id, p, rx, q, st, out, m);
-                        drop(place);
+                        let placed = Placed {
+                            pipeline,
+                            place,
+                            cpu: Box::new(cpu),
+                        };
+                        run(id, placed, rx, q, st, out, m);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
@@ -163,6 +171,35 @@ fn open_placed<T, E>(
     }
 }
 
+/// After the pipeline failed with `err`: where it held a GPU place, give the
+/// place back, tell `fell_back` why and open the session on the CPU (a
+/// driver error, the GPU's memory gone, a stream the GPU path does not
+/// take: the session goes on, only slower, and its new decoder asks for a
+/// keyframe); on the CPU already, the error stands and the session ends.
+fn recover<T, E>(
+    place: &mut Option<GpuPlace>,
+    err: E,
+    cpu: impl FnOnce() -> Result<T, E>,
+    fell_back: impl FnOnce(&E),
+) -> Result<T, E> {
+    match place.take() {
+        None => Err(err),
+        Some(gpu) => {
+            fell_back(&err);
+            drop(gpu);
+            cpu()
+        }
+    }
+}
+
+/// A session's pipeline, the GPU place it holds (given back when the
+/// session ends or leaves the GPU), and how to open it on the CPU instead.
+struct Placed {
+    pipeline: Pipeline,
+    place: Option<GpuPlace>,
+    cpu: Box<dyn Fn() -> Result<Pipeline, PipelineError> + Send>,
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -173,7 +210,7 @@ impl Drop for Session {
 
 fn run(
     id: u64,
-    mut pipeline: Pipeline,
+    mut placed: Placed,
     jobs: Receiver<Job>,
     queued: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
@@ -194,7 +231,7 @@ fn run(
         }
         let (frame, arrived) = match job {
             Job::Keyframe(track) => {
-                pipeline.request_keyframe(track);
+                placed.pipeline.request_keyframe(track);
                 continue;
             }
             Job::Frame { frame, arrived } => (frame, arrived),
@@ -207,7 +244,7 @@ fn run(
             metrics.queue_depth.dec();
         }
         let deadline = arrived + Duration::from_millis(u64::from(frame.deadline_ms));
-        let pushed = match pipeline.push(
+        let pushed = match placed.pipeline.push(
             frame.rtp_time,
             frame.key,
             &frame.data,
@@ -216,12 +253,28 @@ fn run(
         ) {
             Ok(p) => p,
             Err(e) => {
-                let _ = out.blocking_send(Out::Control(Control::Ended {
-                    session: id,
-                    code: ErrorCode::Media,
-                    reason: e.to_string(),
-                }));
-                return;
+                let on_cpu = recover(&mut placed.place, e, &placed.cpu, |e| {
+                    metrics.gpu_fallbacks.inc();
+                    warn!(session = id, error = %e, "the session's GPU pipeline failed; it goes on on the CPU");
+                });
+                match on_cpu {
+                    Ok(p) => {
+                        // This frame is lost; the next one finds the new
+                        // decoder without its references and asks for a
+                        // keyframe.
+                        encoded.clear();
+                        placed.pipeline = p;
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = out.blocking_send(Out::Control(Control::Ended {
+                            session: id,
+                            code: ErrorCode::Media,
+                            reason: e.to_string(),
+                        }));
+                        return;
+                    }
+                }
             }
         };
         decode_h.observe(pushed.timings.decode.as_secs_f64());
@@ -266,7 +319,7 @@ fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::open_placed;
+    use super::{open_placed, recover};
     use crate::pipeline::{Backend, Placement};
 
     #[test]
@@ -304,5 +357,42 @@ mod tests {
         );
         assert_eq!(opened, Err("no encoder".to_string()));
         assert!(place.is_none());
+    }
+
+    #[test]
+    fn a_gpu_pipeline_that_fails_mid_session_goes_on_on_the_cpu_once() {
+        let placement = Placement::new(Backend::Cpu, 1);
+        let mut place = placement.take().1;
+        assert_eq!(placement.on_gpu(), 1);
+        // On the GPU: the CPU takes over, told why, and the place is free.
+        let mut why = None;
+        let got = recover(
+            &mut place,
+            "CUDA_ERROR_LAUNCH_FAILED".to_string(),
+            || Ok::<_, String>("cpu"),
+            |e| why = Some(e.clone()),
+        );
+        assert_eq!(got, Ok("cpu"));
+        assert_eq!(why.as_deref(), Some("CUDA_ERROR_LAUNCH_FAILED"));
+        assert!(place.is_none());
+        assert_eq!(placement.on_gpu(), 0);
+        // On the CPU already: the error stands (the session ends).
+        let got = recover(
+            &mut place,
+            "no encoder".to_string(),
+            || -> Result<&str, String> { panic!("not reopened") },
+            |_| panic!("no fallback"),
+        );
+        assert_eq!(got, Err("no encoder".to_string()));
+        // The CPU cannot open it either: that error is the answer.
+        let mut place = placement.take().1;
+        let got = recover(
+            &mut place,
+            "gpu".to_string(),
+            || Err::<&str, _>("cpu too".to_string()),
+            |_| {},
+        );
+        assert_eq!(got, Err("cpu too".to_string()));
+        assert_eq!(placement.on_gpu(), 0);
     }
 }
