@@ -272,12 +272,17 @@ async fn a_full_worker_refuses_a_session_with_capacity() {
 }
 
 /// The gauge of sessions on the GPU, from the metrics' text.
-fn on_gpu(metrics: &balie_transcoder::metrics::Metrics) -> String {
+/// The line of one metric without labels, as `/metrics` shows it.
+fn metric_line(metrics: &balie_transcoder::metrics::Metrics, name: &str) -> String {
     let text = metrics.render();
     text.lines()
-        .find(|l| l.starts_with("balie_transcoder_gpu_video_sessions "))
-        .unwrap_or("no gauge")
+        .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ')))
+        .unwrap_or("not there")
         .to_string()
+}
+
+fn on_gpu(metrics: &balie_transcoder::metrics::Metrics) -> String {
+    metric_line(metrics, "balie_transcoder_gpu_video_sessions")
 }
 
 /// Sessions past the GPU's places run on the CPU, and a closed session
@@ -341,11 +346,7 @@ fn later(clip: &[ClipFrame], by: u32) -> Vec<ClipFrame> {
 }
 
 fn fallbacks(metrics: &balie_transcoder::metrics::Metrics) -> String {
-    let text = metrics.render();
-    text.lines()
-        .find(|l| l.starts_with("balie_transcoder_gpu_fallbacks_total "))
-        .unwrap_or("no counter")
-        .to_string()
+    metric_line(metrics, "balie_transcoder_gpu_fallbacks_total")
 }
 
 /// A session whose pipeline fails on its GPU place goes on on the CPU,
