@@ -10,7 +10,8 @@
 #   CPU cores given to the container): add -e BALIE_TRANSCODER_CAPTIONS=true
 #   Transcode sessions use the GPU only where the card has NVENC
 #   (BALIE_TRANSCODER_VIDEO_BACKEND=auto; H100/H200 have none, and there the
-#   CPU pipeline holds more sessions: docs/offload.md).
+#   CPU pipeline holds more sessions: docs/offload.md); where they do,
+#   BALIE_TRANSCODER_NVDEC says how NVDEC runs (own-context, shared, resident).
 #
 # balie-sfu: slim Debian runtime.
 # The build runs the same command as CI's release build: cargo build --release --locked.
