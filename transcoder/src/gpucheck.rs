@@ -139,8 +139,9 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
                     let step =
                         bench::ours_judged(codec, &clip, n, backend, bench::Criterion::Steady);
                     eprintln!(
-                        "[{:.0} s] {} {label}: {n} sessions, {} of {} frames late, {:.2} cores, decode / scale / encode {} ms a frame",
+                        "[{:.0} s, {} UTC] {} {label}: {n} sessions, {} of {} frames late, {:.2} cores, decode / scale / encode {} ms a frame",
                         t0.elapsed().as_secs_f64(),
+                        utc_clock(std::time::SystemTime::now()),
                         codec.name(),
                         step.late,
                         step.frames,
@@ -498,6 +499,16 @@ fn most_held(max: usize, start: usize, mut holds: impl FnMut(usize) -> bool) -> 
     good
 }
 
+/// `HH:MM:SS` of `t` in UTC: the step lines carry it so that they line up
+/// with `nvidia-smi dmon -o T`'s samples (the node's clock, UTC on GPU
+/// nodes here) and say which engine was busy during which step.
+fn utc_clock(t: std::time::SystemTime) -> String {
+    let s = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+}
+
 fn per_frame_ms(d: Duration, frames: usize) -> f64 {
     d.as_secs_f64() * 1000.0 / frames.max(1) as f64
 }
@@ -563,7 +574,16 @@ fn layers_per_second(codec: Codec, clip: &[ClipFrame], backend: &Backend) -> Res
 
 #[cfg(test)]
 mod tests {
-    use super::most_held;
+    use super::{most_held, utc_clock};
+
+    #[test]
+    fn step_lines_carry_the_utc_clock() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_000 + 3723);
+        // 1_796_000_000 s is 2026-11-30 00:53:20 UTC; 3723 s on: 01:55:23
+        // (`date -u -d @1796003723`).
+        assert_eq!(utc_clock(t), "01:55:23");
+        assert_eq!(utc_clock(std::time::UNIX_EPOCH), "00:00:00");
+    }
 
     #[test]
     fn most_held_finds_the_edge_in_few_steps_from_any_guess() {
