@@ -23,13 +23,16 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # second): SM, NVDEC and NVENC busy, in %. Each sample is kept in
 # $DMON_DIR/dmon-<check>.log (default: this folder); a summary follows the
 # check: which engine ran out first where sessions stopped keeping up.
-# `gpu-check.sh --dmon-summary FILE` prints the summary of a kept log.
+# `gpu-check.sh --dmon-summary FILE` prints the summary of a kept log, and
+# `gpu-check.sh --step-summary STEPS DMON SECONDS` each session-search
+# step's share (the steps' lines are kept in $DMON_DIR/steps-<check>.log).
 dmon_dir="${DMON_DIR:-$here}"
 watch() {
   dmon_log="$dmon_dir/dmon-$1.log"
   dmon_pid=""
   if command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi dmon -s u -o T >"$dmon_log" 2>&1 &
+    # UTC, as the check's step lines.
+    TZ=UTC nvidia-smi dmon -s u -o T >"$dmon_log" 2>&1 &
     dmon_pid=$!
   fi
 }
@@ -64,6 +67,49 @@ dmon_summary() {
       print line
     }' "$1"
 }
+# Each session-search step's utilisation: the step lines of the check
+# ("[12 s, 19:02:04 UTC] H.264 cuda, ...: 6 sessions, ...") against the
+# dmon samples of the step's last SECONDS seconds (the step ran for about
+# that long and its line came at its end). One line a step: its clock,
+# backend and sessions, then mean SM, NVDEC and NVENC busy, in %.
+step_summary() {
+  awk -v secs="$3" '
+    function tosec(hms,   p) { split(hms, p, ":"); return p[1] * 3600 + p[2] * 60 + p[3] }
+    FNR == NR {
+      if ($0 ~ /^#/) {
+        if (!names) {
+          h = $0; sub(/^#/, "", h); names = split(h, col, " ")
+          for (i = 1; i <= names; i++) if (col[i] == "Time") tcol = i
+        }
+        next
+      }
+      if (names && tcol && NF == names) {
+        t = tosec($tcol)
+        for (i = 1; i <= NF; i++) {
+          c = col[i]
+          if ((c == "sm" || c == "dec" || c == "enc") && $i ~ /^[0-9]+$/) { v[t, c] += $i; n[t, c]++ }
+        }
+      }
+      next
+    }
+    match($0, /^\[[0-9]+ s, [0-9:]+ UTC\] /) {
+      stamp = substr($0, 2, RLENGTH - 3); sub(/^[0-9]+ s, /, "", stamp); sub(/ UTC$/, "", stamp)
+      what = substr($0, RLENGTH + 1); sub(/ sessions,.*/, " sessions", what)
+      end = tosec(stamp)
+      line = stamp " " what ":"
+      split("sm dec enc", order, " ")
+      for (k = 1; k <= 3; k++) {
+        c = order[k]; sum = 0; cnt = 0
+        for (t = end - secs + 1; t <= end; t++) if (n[t, c]) { sum += v[t, c] / n[t, c]; cnt++ }
+        line = line " " c " " (cnt ? sprintf("%.0f", sum / cnt) : "-")
+      }
+      print line
+    }' "$2" "$1"
+}
+if [ "${1:-}" = "--step-summary" ]; then
+  step_summary "${2:?usage: gpu-check.sh --step-summary STEPS DMON SECONDS}" "${3:?DMON log}" "${4:?SECONDS}"
+  exit
+fi
 if [ "${1:-}" = "--dmon-summary" ]; then
   dmon_summary "${2:?usage: gpu-check.sh --dmon-summary DMON_LOG}"
   exit
@@ -123,8 +169,12 @@ run() {
 if [ "$which" != captions ]; then
   echo "== gpu-check: transcoding (a table at the end)"
   watch transcoding
-  run 450 gpu-check --seconds "$seconds" --max 64
+  run 450 gpu-check --seconds "$seconds" --max 64 2>&1 | tee "$dmon_dir/steps-transcoding.log"
   watched
+  if [ -n "$dmon_pid" ]; then
+    echo "utilisation per session-search step (mean %):"
+    step_summary "$dmon_dir/steps-transcoding.log" "$dmon_log" "$seconds"
+  fi
 fi
 if [ "$which" != transcoding ]; then
   echo "== gpu-check-captions: Whisper on the GPU (tables at the end)"
