@@ -299,19 +299,9 @@ fn measure(
             width: 0,
             height: 0,
         },
-        |p| Size {
-            width: p.width() as u16,
-            height: p.height() as u16,
-        },
+        size_of,
     );
-    let sizes: Vec<Size> = bench::LAYERS
-        .iter()
-        .map(|l| layer_size(source, l.scale_down))
-        .collect();
-    let mut outs: Vec<ffmpeg::frame::Video> = sizes
-        .iter()
-        .map(|s| ffmpeg::frame::Video::new(Pixel::YUV420P, s.width.into(), s.height.into()))
-        .collect();
+    let (sizes, mut outs) = layer_pictures(source);
     let mut scalers: Vec<_> = sizes
         .iter()
         .map(|s| cpu_scaler(Pixel::YUV420P, source, *s))
@@ -339,13 +329,7 @@ fn measure(
         Ok::<_, String>(per_frame_ms(t.elapsed(), pictures.len()))
     })();
     let worst = match (&gpu_scale, pictures.last()) {
-        (Ok(_), Some(p)) => outs
-            .iter()
-            .zip(&sizes)
-            .map(|(o, s)| crate::gpu::max_difference(o, &crate::gpu::reference_scale(p, *s)))
-            .max()
-            .unwrap_or(0)
-            .to_string(),
+        (Ok(_), Some(p)) => worst_difference(&outs, p).to_string(),
         (Ok(_), None) => "no pictures".into(),
         (Err(_), _) => "-".into(),
     };
@@ -413,17 +397,7 @@ fn resident_difference(
                 ));
             }
             if outs.is_empty() {
-                let source = Size {
-                    width: p.width() as u16,
-                    height: p.height() as u16,
-                };
-                outs = bench::LAYERS
-                    .iter()
-                    .map(|l| {
-                        let s = layer_size(source, l.scale_down);
-                        ffmpeg::frame::Video::new(Pixel::YUV420P, s.width.into(), s.height.into())
-                    })
-                    .collect();
+                outs = layer_pictures(size_of(p)).1;
             }
             let mut refs: Vec<&mut ffmpeg::frame::Video> = outs.iter_mut().collect();
             scaler.scale(p, &mut refs).map_err(|e| e.to_string())?;
@@ -441,17 +415,39 @@ fn resident_difference(
         .iter()
         .find(|p| p.pts() == Some(pts))
         .ok_or_else(|| format!("no CPU picture with the GPU's last timestamp {pts}"))?;
-    Ok(outs
+    Ok(worst_difference(&outs, reference))
+}
+
+fn size_of(p: &ffmpeg::frame::Video) -> Size {
+    Size {
+        width: p.width() as u16,
+        height: p.height() as u16,
+    }
+}
+
+/// The layers' sizes for a source of `source`'s size, as a session makes
+/// them, and an I420 picture of each to scale into.
+fn layer_pictures(source: Size) -> (Vec<Size>, Vec<ffmpeg::frame::Video>) {
+    let sizes: Vec<Size> = bench::LAYERS
         .iter()
-        .map(|o| {
-            let size = Size {
-                width: o.width() as u16,
-                height: o.height() as u16,
-            };
-            crate::gpu::max_difference(o, &crate::gpu::reference_scale(reference, size))
-        })
+        .map(|l| layer_size(source, l.scale_down))
+        .collect();
+    let pictures = sizes
+        .iter()
+        .map(|s| ffmpeg::frame::Video::new(Pixel::YUV420P, s.width.into(), s.height.into()))
+        .collect();
+    (sizes, pictures)
+}
+
+/// The largest difference of scaled `layers` from the reference scaling of
+/// `source` to their sizes (0 expected: the kernel does the reference's
+/// arithmetic).
+fn worst_difference(layers: &[ffmpeg::frame::Video], source: &ffmpeg::frame::Video) -> u8 {
+    layers
+        .iter()
+        .map(|o| crate::gpu::max_difference(o, &crate::gpu::reference_scale(source, size_of(o))))
         .max()
-        .unwrap_or(0))
+        .unwrap_or(0)
 }
 
 /// The most sessions (up to `max`) for which `holds` is true, assuming it
