@@ -109,6 +109,7 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
     println!("| measurement | cpu | cuda |");
     println!("| --- | ---: | ---: |");
     let mut rows = Table::default();
+    let mut held: Vec<Held> = Vec::new();
     // Sessions in real time (720p30 in, 360p and 180p out), as `bench`:
     // first, being what decides where sessions run (a check cut short by
     // its limit has them), the CPU then the newest GPU way first.
@@ -135,9 +136,11 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
                     Backend::Cuda(g) if g.nvdec == Nvdec::OwnContext => GPU_VIDEO_SESSIONS,
                     _ => guess,
                 };
+                let mut cores_at = std::collections::HashMap::new();
                 let most = most_held(max, start, |n| {
                     let step =
                         bench::ours_judged(codec, &clip, n, backend, bench::Criterion::Steady);
+                    cores_at.insert(n, step.cores);
                     eprintln!(
                         "[{:.0} s, {} UTC] {} {label}: {n} sessions, {} of {} frames late, {:.2} cores, decode / scale / encode {} ms a frame",
                         t0.elapsed().as_secs_f64(),
@@ -149,6 +152,15 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
                         step.stage_ms
                     );
                     step.held
+                });
+                held.push(Held {
+                    codec,
+                    way: match backend {
+                        Backend::Cpu => None,
+                        Backend::Cuda(g) => Some(g.nvdec),
+                    },
+                    sessions: most,
+                    cores: cores_at.get(&most).map_or(0.0, |c| c / most.max(1) as f64),
                 });
                 // A row as soon as each is known: a check cut short keeps it.
                 let (cpu, gpu) = match backend {
@@ -179,6 +191,8 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
             Ok(())
         });
     }
+    let advice = advice(&held, max);
+    print_advice(&advice);
     // Then each stage, at 720p (the sessions' size) and 1080p.
     for (label, size) in [
         (
@@ -210,9 +224,129 @@ pub fn run(seconds: u32, max: usize) -> Result<(), String> {
     for r in &rows.0 {
         println!("| {} | {} | {} |", r.what, r.cpu, r.gpu);
     }
+    print_advice(&advice);
     println!();
     println!("total {:.0} s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// What a session search found for one codec and one backend: the most
+/// sessions held, and the CPU cores each used at that count.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    codec: Codec,
+    /// None for the CPU backend.
+    way: Option<Nvdec>,
+    sessions: usize,
+    cores: f64,
+}
+
+fn print_advice(lines: &[String]) {
+    println!();
+    println!("what this run says for `serve --backend cuda`:");
+    for l in lines {
+        println!("- {l}");
+    }
+}
+
+/// What the session counts say for `serve`: which NVDEC way, how many
+/// sessions on the GPU, and whether video should go there at all on this
+/// card (`--video-backend auto` keeps it on the CPU without NVENC).
+///
+/// Sessions past `--gpu-video-sessions` run on the CPU, so a worker with
+/// `n` sessions on the GPU, each using `g` cores where a CPU session uses
+/// `c`, holds about `cpu + n * (1 - g / c)` sessions against the CPU's
+/// `cpu` alone: the GPU pays only where its sessions use less CPU, and
+/// the way to pick is the one with the largest gain for both codecs (an
+/// estimate from separate runs: mixed load is not measured). A way
+/// measured for one codec only is left out.
+fn advice(held: &[Held], max: usize) -> Vec<String> {
+    const CODECS: [Codec; 2] = [Codec::H264, Codec::Vp8];
+    let find = |codec: Codec, way: Option<Nvdec>| {
+        held.iter()
+            .find(|h| h.codec == codec && h.way == way)
+            .copied()
+    };
+    let mut lines = Vec::new();
+    for codec in CODECS {
+        let mut parts = Vec::new();
+        for way in [
+            None,
+            Some(Nvdec::Resident),
+            Some(Nvdec::Shared),
+            Some(Nvdec::OwnContext),
+        ] {
+            if let Some(h) = find(codec, way) {
+                let at_least = if h.sessions >= max {
+                    " (the check's most: at least)"
+                } else {
+                    ""
+                };
+                parts.push(format!(
+                    "{} {}{at_least} at {:.2} cores each",
+                    way.map_or_else(|| "CPU".to_string(), arg_name),
+                    h.sessions,
+                    h.cores
+                ));
+            }
+        }
+        if !parts.is_empty() {
+            lines.push(format!(
+                "{} sessions held: {}",
+                codec.name(),
+                parts.join("; ")
+            ));
+        }
+    }
+    // Each way's gain over the CPU alone, per codec; the smaller decides.
+    let mut best: Option<(Nvdec, usize, f64, Vec<f64>)> = None;
+    for way in [Nvdec::Resident, Nvdec::Shared, Nvdec::OwnContext] {
+        let per_codec: Option<Vec<(usize, f64)>> = CODECS
+            .iter()
+            .map(|&codec| {
+                let gpu = find(codec, Some(way))?;
+                let cpu = find(codec, None)?;
+                let gain = if gpu.sessions == 0 || cpu.cores <= 0.0 {
+                    0.0
+                } else {
+                    gpu.sessions as f64 * (1.0 - gpu.cores / cpu.cores)
+                };
+                Some((gpu.sessions, gain))
+            })
+            .collect();
+        let Some(per_codec) = per_codec else { continue };
+        let sessions = per_codec.iter().map(|p| p.0).min().unwrap_or(0);
+        let gains: Vec<f64> = per_codec.iter().map(|p| p.1).collect();
+        let gain = gains.iter().copied().fold(f64::INFINITY, f64::min);
+        if best.as_ref().is_none_or(|b| gain > b.2) {
+            best = Some((way, sessions, gain, gains));
+        }
+    }
+    match best {
+        None => lines.push("no NVDEC way was measured for both codecs beside the CPU: nothing to change".into()),
+        Some((way, sessions, gain, gains)) if gain >= 1.0 => {
+            let each = CODECS
+                .iter()
+                .zip(&gains)
+                .map(|(c, g)| format!("{} +{g:.1}", c.name()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            lines.push(format!(
+                "video on the GPU: `--video-backend cuda --nvdec {} --gpu-video-sessions {sessions}`, about {each} sessions per worker over the CPU alone",
+                arg_name(way)
+            ));
+        }
+        Some((way, _, gain, _)) => lines.push(format!(
+            "keep video on the CPU (`--video-backend auto`): the best way, {}, would gain {gain:.1} sessions per worker over the CPU alone",
+            arg_name(way)
+        )),
+    }
+    lines
+}
+
+/// The `--nvdec` value naming `way`.
+fn arg_name(way: Nvdec) -> String {
+    clap::ValueEnum::to_possible_value(&way).map_or_else(String::new, |v| v.get_name().to_string())
 }
 
 fn measure(
@@ -570,7 +704,81 @@ fn layers_per_second(codec: Codec, clip: &[ClipFrame], backend: &Backend) -> Res
 
 #[cfg(test)]
 mod tests {
-    use super::{most_held, utc_clock};
+    use super::{advice, most_held, utc_clock, Held};
+    use crate::gpu::Nvdec;
+    use balie_offload::Codec;
+
+    fn held(codec: Codec, way: Option<Nvdec>, sessions: usize, cores: f64) -> Held {
+        Held {
+            codec,
+            way,
+            sessions,
+            cores,
+        }
+    }
+
+    /// The CPU's rows, both codecs: 32 sessions (the check's most) at 0.23
+    /// and 0.35 cores each, as on the H200.
+    fn cpu() -> Vec<Held> {
+        vec![
+            held(Codec::H264, None, 32, 0.23),
+            held(Codec::Vp8, None, 32, 0.35),
+        ]
+    }
+
+    #[test]
+    fn the_way_that_saves_most_cpu_on_both_codecs_is_advised() {
+        let mut h = cpu();
+        // Own-context as on the H200: 6 sessions, no CPU saved.
+        h.push(held(Codec::H264, Some(Nvdec::OwnContext), 6, 0.22));
+        h.push(held(Codec::Vp8, Some(Nvdec::OwnContext), 6, 0.38));
+        // Shared: many sessions, but VP8's save little.
+        h.push(held(Codec::H264, Some(Nvdec::Shared), 30, 0.15));
+        h.push(held(Codec::Vp8, Some(Nvdec::Shared), 30, 0.34));
+        // Resident: fewer, each much cheaper on both.
+        h.push(held(Codec::H264, Some(Nvdec::Resident), 20, 0.12));
+        h.push(held(Codec::Vp8, Some(Nvdec::Resident), 20, 0.20));
+        let lines = advice(&h, 32);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(
+            lines[0].starts_with("h264 sessions held: CPU 32 (the check's most: at least) at 0.23 cores each; resident 20 at 0.12"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[1].contains("own-context 6 at 0.38"), "{}", lines[1]);
+        // H.264: 20 * (1 - 0.12 / 0.23) = 9.6; VP8: 20 * (1 - 0.20 / 0.35) = 8.6.
+        assert_eq!(
+            lines[2],
+            "video on the GPU: `--video-backend cuda --nvdec resident --gpu-video-sessions 20`, \
+             about h264 +9.6, vp8 +8.6 sessions per worker over the CPU alone"
+        );
+    }
+
+    #[test]
+    fn video_stays_on_the_cpu_where_no_way_saves_a_session() {
+        let mut h = cpu();
+        h.push(held(Codec::H264, Some(Nvdec::OwnContext), 6, 0.22));
+        h.push(held(Codec::Vp8, Some(Nvdec::OwnContext), 6, 0.38));
+        // Measured for H.264 only (the VP8 search was cut short): left out.
+        h.push(held(Codec::H264, Some(Nvdec::Resident), 30, 0.05));
+        let lines = advice(&h, 64);
+        assert!(lines[0].contains("CPU 32 at 0.23"), "{}", lines[0]);
+        assert_eq!(
+            lines.last().expect("advice"),
+            "keep video on the CPU (`--video-backend auto`): the best way, own-context, \
+             would gain -0.5 sessions per worker over the CPU alone"
+        );
+    }
+
+    #[test]
+    fn without_a_gpu_way_nothing_changes() {
+        let lines = advice(&cpu(), 32);
+        assert_eq!(
+            lines.last().expect("advice"),
+            "no NVDEC way was measured for both codecs beside the CPU: nothing to change"
+        );
+        assert!(advice(&[], 32)[0].starts_with("no NVDEC way"));
+    }
 
     #[test]
     fn step_lines_carry_the_utc_clock() {
