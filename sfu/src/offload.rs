@@ -49,6 +49,12 @@ pub struct OffloadConfig {
     /// How long a source frame stays worth transcoding after it reaches the
     /// worker. Default 150 ms.
     pub deadline_ms: u16,
+    /// How often the workers' names are looked up again (seconds, 1 to
+    /// 3600; default 10): a worker that appears in DNS is connected, one
+    /// that is gone takes no new sessions and is let go once its sessions
+    /// have ended. A lookup that fails changes nothing and is tried again
+    /// sooner (1, 2, 4 s ...).
+    pub dns_refresh_s: u32,
 }
 
 /// One layer a worker makes.
@@ -78,6 +84,7 @@ impl Default for OffloadConfig {
                 },
             ],
             deadline_ms: 150,
+            dns_refresh_s: 10,
         }
     }
 }
@@ -109,6 +116,9 @@ impl OffloadConfig {
             if !(2..=16).contains(&l.scale_down) || !(10..=50_000).contains(&l.bitrate_kbps) {
                 return Err("offload.layers: scale_down 2 to 16, bitrate_kbps 10 to 50000".into());
             }
+        }
+        if !(1..=3600).contains(&self.dns_refresh_s) {
+            return Err("offload.dns_refresh_s: 1 to 3600 seconds".into());
         }
         for w in &self.workers {
             if w.rsplit_once(':')
@@ -149,6 +159,9 @@ pub struct OffloadMetrics {
     pub errors: IntCounterVec,
     /// Source frames dropped because a worker did not take them in time.
     pub dropped: IntCounter,
+    /// Worker addresses found in DNS (`added`), gone from it (`retired`),
+    /// and lookups that failed (`failed`).
+    pub dns: IntCounterVec,
 }
 
 impl OffloadMetrics {
@@ -195,6 +208,14 @@ impl OffloadMetrics {
                 "Source frames dropped because a worker's stream did not take them in time.",
             ))
             .expect("valid metric"),
+            dns: IntCounterVec::new(
+                Opts::new(
+                    "offload_dns_total",
+                    "Worker addresses added to or retired from the pool by DNS, and failed lookups.",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
         };
         for c in [
             Box::new(m.workers_up.clone()) as Box<dyn prometheus::core::Collector>,
@@ -204,6 +225,7 @@ impl OffloadMetrics {
             Box::new(m.rtt_us.clone()),
             Box::new(m.errors.clone()),
             Box::new(m.dropped.clone()),
+            Box::new(m.dns.clone()),
         ] {
             // Registered once per process; a second registration (tests that
             // build several) is harmless.
@@ -277,6 +299,47 @@ pub struct OffloadSetup {
     pub metrics: OffloadMetrics,
     /// Where the pool reports its workers (for `/readyz`).
     pub status: PoolStatus,
+    /// How worker entries become addresses (DNS; tests give their own).
+    pub resolver: Resolver,
+}
+
+/// The addresses a lookup found, or why it failed.
+pub type Lookup = Result<Vec<SocketAddr>, String>;
+
+/// A lookup under way.
+type LookupFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Lookup> + Send>>;
+
+/// How the pool turns a `host:port` entry into addresses: the system's
+/// resolver ([`Resolver::default`]), or a function (tests, which cannot
+/// change DNS).
+#[derive(Clone)]
+pub struct Resolver(Arc<dyn Fn(String) -> LookupFuture + Send + Sync>);
+
+impl Resolver {
+    /// Resolve with `f`.
+    pub fn new<F, Fut>(f: F) -> Resolver
+    where
+        F: Fn(String) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Lookup> + Send + 'static,
+    {
+        Resolver(Arc::new(move |entry| Box::pin(f(entry))))
+    }
+
+    async fn lookup(&self, entry: &str) -> Lookup {
+        (self.0)(entry.to_owned()).await
+    }
+}
+
+impl Default for Resolver {
+    /// The system's resolver (`getaddrinfo`, on tokio's blocking pool).
+    fn default() -> Resolver {
+        Resolver::new(|entry: String| async move {
+            tokio::net::lookup_host(entry.as_str())
+                .await
+                .map(|a| a.collect())
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 impl OffloadSetup {
@@ -403,8 +466,9 @@ impl Pool {
             workers: Vec::new(),
             sessions: HashMap::new(),
             events,
+            failing: Default::default(),
         };
-        tokio::spawn(manager.run(cmd_rx));
+        tokio::spawn(manager.run(cmd_rx, setup.resolver.clone()));
         Ok((Pool { cmds }, ev_rx))
     }
 
@@ -415,8 +479,14 @@ impl Pool {
 }
 
 struct WorkerSlot {
+    /// The config entry it came from (`host:port`, as configured).
+    source: String,
+    /// The entry and the address it resolved to (`/readyz`, metrics).
     entry: String,
     addr: SocketAddr,
+    /// Gone from DNS: takes no new sessions, is not connected again, and
+    /// its link is closed once no session is on it.
+    retired: bool,
     server_name: String,
     link: Option<Link>,
     /// Bumped on every (re)connection; events of older links are ignored.
@@ -468,7 +538,9 @@ enum Internal {
         generation: u64,
         event: LinkEvent,
     },
-    Resolved(Vec<(String, SocketAddr, String)>),
+    /// A round of lookups: per config entry, the name its certificate
+    /// carries and what the lookup found.
+    Resolved(Vec<(String, String, Lookup)>),
 }
 
 struct Manager {
@@ -484,15 +556,17 @@ struct Manager {
     workers: Vec<WorkerSlot>,
     sessions: HashMap<u64, SessionState>,
     events: mpsc::UnboundedSender<PoolEvent>,
+    /// Config entries whose last lookup failed (logged once per failure).
+    failing: std::collections::HashSet<String>,
 }
 
-/// How often unreachable workers are tried again and DNS is read again.
+/// How often unreachable workers are tried again (and retired ones let go).
 const RETRY: Duration = Duration::from_millis(500);
 
 impl Manager {
-    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<PoolCommand>) {
+    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<PoolCommand>, resolver: Resolver) {
         let (itx, mut irx) = mpsc::unbounded_channel::<Internal>();
-        resolve(self.config.clone(), itx.clone());
+        tokio::spawn(resolve(self.config.clone(), resolver, itx.clone()));
         let mut tick = tokio::time::interval(RETRY);
         loop {
             tokio::select! {
@@ -596,6 +670,7 @@ impl Manager {
         let now: Vec<WorkerStatus> = self
             .workers
             .iter()
+            .filter(|w| !w.retired || w.link.is_some())
             .map(|w| WorkerStatus {
                 worker: w.entry.clone(),
                 up: w.link.is_some(),
@@ -623,7 +698,7 @@ impl Manager {
         self.workers
             .iter()
             .enumerate()
-            .filter(|(_, w)| w.link.is_some())
+            .filter(|(_, w)| w.link.is_some() && !w.retired)
             .filter_map(|(i, w)| {
                 let c = &w.capacity;
                 let (used, max) = if captions {
@@ -697,23 +772,8 @@ impl Manager {
     fn internal(&mut self, msg: Internal, itx: &mpsc::UnboundedSender<Internal>) {
         match msg {
             Internal::Resolved(found) => {
-                for (entry, addr, server_name) in found {
-                    if self.workers.iter().any(|w| w.addr == addr) {
-                        continue;
-                    }
-                    self.workers.push(WorkerSlot {
-                        entry,
-                        addr,
-                        server_name,
-                        link: None,
-                        generation: 0,
-                        capacity: Capacity::default(),
-                        placed: 0,
-                        placed_captions: 0,
-                        connecting: false,
-                        next_try: Instant::now(),
-                        failures: 0,
-                    });
+                for (source, server_name, lookup) in found {
+                    self.resolved(source, server_name, lookup);
                 }
                 self.publish();
                 self.tick(itx);
@@ -734,7 +794,8 @@ impl Manager {
                 };
                 w.placed = 0;
                 w.placed_captions = 0;
-                tracing::info!(worker = %w.entry, agent = %link.agent, "offload worker connected");
+                tracing::info!(worker = %w.source, agent = %link.agent, "offload worker connected");
+                tracing::debug!(worker = %w.entry, "offload worker connected");
                 w.link = Some(link);
                 self.metrics
                     .workers_up
@@ -894,7 +955,8 @@ impl Manager {
             }
             LinkEvent::Closed(why) => {
                 let w = &mut self.workers[idx];
-                tracing::warn!(worker = %w.entry, %why, "offload worker lost");
+                tracing::warn!(worker = %w.source, "offload worker lost");
+                tracing::debug!(worker = %w.entry, %why, "offload worker lost");
                 w.link = None;
                 w.generation += 1;
                 w.next_try = Instant::now() + RETRY;
@@ -914,6 +976,115 @@ impl Manager {
                     self.replace(key, format!("worker lost: {why}"));
                 }
             }
+        }
+    }
+
+    /// A lookup of config entry `source`: its new addresses become workers
+    /// (or workers again), its workers whose address is gone are retired.
+    /// A failed lookup changes nothing (a DNS hiccup must not drop workers).
+    fn resolved(&mut self, source: String, server_name: String, lookup: Lookup) {
+        let addrs = match lookup {
+            Ok(addrs) => {
+                if self.failing.remove(&source) {
+                    tracing::info!(worker = %source, "offload: the workers' name resolves again");
+                }
+                addrs
+            }
+            Err(why) => {
+                self.metrics.dns.with_label_values(&["failed"]).inc();
+                if self.failing.insert(source.clone()) {
+                    tracing::warn!(worker = %source, %why, "offload: cannot resolve the workers' name; the workers it had stay as they are");
+                }
+                return;
+            }
+        };
+        for w in self.workers.iter_mut() {
+            if w.source == source && !w.retired && !addrs.contains(&w.addr) {
+                w.retired = true;
+                self.metrics.dns.with_label_values(&["retired"]).inc();
+                tracing::info!(worker = %w.source, "offload worker gone from DNS: no new sessions, let go once its sessions end");
+                tracing::debug!(worker = %w.entry, "offload worker retired");
+            }
+        }
+        for addr in addrs {
+            if let Some(w) = self.workers.iter_mut().find(|w| w.addr == addr) {
+                if w.retired {
+                    w.retired = false;
+                    w.source = source.clone();
+                    w.next_try = Instant::now();
+                    self.metrics.dns.with_label_values(&["added"]).inc();
+                }
+                continue;
+            }
+            self.metrics.dns.with_label_values(&["added"]).inc();
+            tracing::info!(worker = %source, "offload worker found");
+            tracing::debug!(worker = %source, %addr, "offload worker found");
+            let slot = WorkerSlot {
+                source: source.clone(),
+                entry: format!("{source} ({addr})"),
+                addr,
+                retired: false,
+                server_name: server_name.clone(),
+                link: None,
+                generation: 0,
+                capacity: Capacity::default(),
+                placed: 0,
+                placed_captions: 0,
+                connecting: false,
+                next_try: Instant::now(),
+                failures: 0,
+            };
+            // A retired slot nothing refers to any more is reused (so the
+            // list does not grow with every address a service ever had);
+            // its generation goes on, so old events stay ignored.
+            match self.free_slot() {
+                Some(idx) => {
+                    let generation = self.workers[idx].generation + 1;
+                    self.workers[idx] = WorkerSlot { generation, ..slot };
+                }
+                None => self.workers.push(slot),
+            }
+        }
+    }
+
+    /// A retired slot with no link, no connection attempt and no session.
+    fn free_slot(&self) -> Option<usize> {
+        (0..self.workers.len()).find(|&idx| {
+            let w = &self.workers[idx];
+            w.retired
+                && w.link.is_none()
+                && !w.connecting
+                && !self.sessions.values().any(|s| s.worker == Some(idx))
+        })
+    }
+
+    /// Close the links of retired workers that no session is on any more.
+    fn let_go(&mut self) {
+        let mut changed = false;
+        for idx in 0..self.workers.len() {
+            let w = &self.workers[idx];
+            if !w.retired
+                || w.link.is_none()
+                || self.sessions.values().any(|s| s.worker == Some(idx))
+            {
+                continue;
+            }
+            let w = &mut self.workers[idx];
+            if let Some(link) = w.link.take() {
+                link.conn
+                    .close((ErrorCode::Closed as u32).into(), b"gone from DNS");
+            }
+            // Its link's last events are ignored.
+            w.generation += 1;
+            tracing::info!(worker = %w.source, "offload worker let go (gone from DNS, no sessions left)");
+            self.metrics
+                .workers_up
+                .with_label_values(&[&self.shard])
+                .dec();
+            changed = true;
+        }
+        if changed {
+            self.publish();
         }
     }
 
@@ -937,9 +1108,10 @@ impl Manager {
     }
 
     fn tick(&mut self, itx: &mpsc::UnboundedSender<Internal>) {
+        self.let_go();
         let now = Instant::now();
         for (idx, w) in self.workers.iter_mut().enumerate() {
-            if w.link.is_some() || w.connecting || now < w.next_try {
+            if w.link.is_some() || w.connecting || w.retired || now < w.next_try {
                 continue;
             }
             let ep = match self.endpoints.get(&w.addr.is_ipv6()) {
@@ -984,11 +1156,15 @@ impl Manager {
     }
 }
 
-/// Resolve the configured workers (host names through DNS) and report
-/// them to the manager.
-fn resolve(config: OffloadConfig, tx: mpsc::UnboundedSender<Internal>) {
-    tokio::spawn(async move {
+/// Look the configured workers up (host names through DNS) and report them
+/// to the manager, again every `dns_refresh_s`, sooner after a failure (1,
+/// 2, 4 s ... up to it), until the pool ends.
+async fn resolve(config: OffloadConfig, resolver: Resolver, tx: mpsc::UnboundedSender<Internal>) {
+    let every = Duration::from_secs(u64::from(config.dns_refresh_s.max(1)));
+    let mut failures = 0u32;
+    loop {
         let mut found = Vec::new();
+        let mut failed = false;
         for entry in &config.workers {
             let host = entry
                 .rsplit_once(':')
@@ -997,17 +1173,24 @@ fn resolve(config: OffloadConfig, tx: mpsc::UnboundedSender<Internal>) {
                 .trim_end_matches(']')
                 .to_owned();
             let name = config.server_name.clone().unwrap_or_else(|| host.clone());
-            match tokio::net::lookup_host(entry.as_str()).await {
-                Ok(addrs) => {
-                    for a in addrs {
-                        found.push((format!("{entry} ({a})"), a, name.clone()));
-                    }
-                }
-                Err(e) => tracing::warn!(worker = %entry, "offload: cannot resolve: {e}"),
-            }
+            let lookup = match resolver.lookup(entry).await {
+                Ok(addrs) if addrs.is_empty() => Err("no addresses".to_string()),
+                other => other,
+            };
+            failed |= lookup.is_err();
+            found.push((entry.clone(), name, lookup));
         }
-        let _ = tx.send(Internal::Resolved(found));
-    });
+        if tx.send(Internal::Resolved(found)).is_err() {
+            return;
+        }
+        failures = if failed { failures + 1 } else { 0 };
+        let wait = if failed {
+            Duration::from_secs(1 << failures.min(12).saturating_sub(1)).min(every)
+        } else {
+            every
+        };
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// While frames are dropped waiting for a keyframe, the publisher is asked

@@ -179,6 +179,7 @@ impl Server {
             agent: format!("balie-sfu/{}", env!("CARGO_PKG_VERSION")),
             metrics: OffloadMetrics::new(metrics.registry()),
             status: PoolStatus::default(),
+            resolver: Default::default(),
         };
         setup.check_tls().map_err(|reason| Error::Config {
             origin: "[offload]".into(),

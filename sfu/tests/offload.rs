@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use balie_offload::tls::{make_dev_certs, TlsFiles};
 use balie_offload::{Codec, Frame, Size};
 use balie_sfu::offload::{
-    OffloadConfig, OffloadMetrics, OffloadSetup, Pool, PoolCommand, PoolEvent, PoolStatus,
+    Lookup, OffloadConfig, OffloadMetrics, OffloadSetup, Pool, PoolCommand, PoolEvent, PoolStatus,
+    Resolver,
 };
 use balie_transcoder::clip::{self, ClipFrame};
 use balie_transcoder::metrics::Metrics as WorkerMetrics;
@@ -25,6 +26,7 @@ fn setup(config: &OffloadConfig, registry: &prometheus::Registry) -> OffloadSetu
         agent: "test-sfu".into(),
         metrics: OffloadMetrics::new(registry),
         status: PoolStatus::default(),
+        resolver: Default::default(),
     }
 }
 
@@ -250,6 +252,130 @@ async fn without_a_worker_a_session_waits_and_is_placed_when_one_comes() {
     assert_eq!(metrics.sessions.get(), 1);
 }
 
+/// Wait up to `within` for `ok`, polling.
+async fn eventually(within: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_follow_dns_new_ones_used_gone_ones_let_go_once_their_sessions_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_dev_certs(dir.path(), &["localhost".into()]).expect("certs");
+    let (a, b) = (TestWorker::start(dir.path()), TestWorker::start(dir.path()));
+    // What the name resolves to now: the test plays DNS (a headless
+    // service whose pods come and go), starting with a name that does not
+    // resolve yet.
+    let dns: std::sync::Arc<std::sync::Mutex<Lookup>> =
+        std::sync::Arc::new(std::sync::Mutex::new(Err("NXDOMAIN".into())));
+    let set = |addrs: Lookup| *dns.lock().expect("dns") = addrs;
+    let mut cfg = offload_config(dir.path(), &[]);
+    cfg.workers = vec!["transcoders.test:4470".into()];
+    cfg.dns_refresh_s = 1;
+    cfg.check().expect("valid config");
+    let registry = prometheus::Registry::new();
+    let mut s = setup(&cfg, &registry);
+    let table = dns.clone();
+    s.resolver = Resolver::new(move |entry: String| {
+        assert_eq!(entry, "transcoders.test:4470");
+        let now = table.lock().expect("dns").clone();
+        async move { now }
+    });
+    let status = s.status.clone();
+    let (pool, mut events) = Pool::start(&s, "0".into()).expect("pool");
+    let open = |key| {
+        assert!(pool.send(PoolCommand::Open {
+            key,
+            codec: Codec::Vp8
+        }))
+    };
+    let mut next_event = async || {
+        tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("an event in time")
+            .expect("pool alive")
+    };
+
+    // Not resolvable: the session waits.
+    open(1);
+    let ev = next_event().await;
+    assert!(matches!(ev, PoolEvent::Lost { key: 1, .. }), "{ev:?}");
+    // The name resolves to worker a (tried again within a second or two):
+    // the waiting session goes there.
+    set(Ok(vec![a.addr]));
+    loop {
+        match next_event().await {
+            PoolEvent::Moved { key: 1 } => break,
+            PoolEvent::NeedKeyframe { key: 1 } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(eventually(Duration::from_secs(2), || a.sessions() == 1).await);
+
+    // Worker b appears: the next session goes to it, the less loaded.
+    set(Ok(vec![a.addr, b.addr]));
+    assert!(
+        eventually(Duration::from_secs(4), || status
+            .snapshot()
+            .iter()
+            .filter(|w| w.up)
+            .count()
+            == 2)
+        .await,
+        "{:?}",
+        status.snapshot()
+    );
+    open(2);
+    assert!(eventually(Duration::from_secs(2), || b.sessions() == 1).await);
+
+    // Worker a is gone from DNS: it keeps session 1 but takes no new one,
+    // though it is as loaded as b.
+    set(Ok(vec![b.addr]));
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    open(3);
+    assert!(eventually(Duration::from_secs(2), || b.sessions() == 2).await);
+    assert_eq!(a.sessions(), 1, "session 1 stays where it is");
+    assert_eq!(a.metrics.connections.get(), 1);
+    // Session 1 ends: a is let go (its connection closed), and /readyz no
+    // longer lists it.
+    assert!(pool.send(PoolCommand::Close { key: 1 }));
+    assert!(
+        eventually(Duration::from_secs(3), || a.metrics.connections.get() == 0).await,
+        "a still connected"
+    );
+    let now = status.snapshot();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert!(
+        now[0].worker.contains(&b.addr.to_string()) && now[0].up,
+        "{now:?}"
+    );
+
+    // A failed lookup changes nothing: b stays and takes sessions.
+    set(Err("SERVFAIL".into()));
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    open(4);
+    assert!(eventually(Duration::from_secs(2), || b.sessions() == 3).await);
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .expect("metrics");
+    let count = |outcome: &str| {
+        let line = format!("offload_dns_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!((count("added"), count("retired")), (2.0, 1.0));
+    assert!(count("failed") >= 2.0, "{}", count("failed"));
+    drop(b);
+}
+
 #[test]
 fn offload_config_errors_name_the_field() {
     let base = "[auth]\nhs256_secret = \"x\"\n[media]\nudp_bind = \"127.0.0.1\"\n";
@@ -262,6 +388,10 @@ fn offload_config_errors_name_the_field() {
         (
             "[offload]\nworkers = [\"w:1\"]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nlayers = [{ scale_down = 1, bitrate_kbps = 100 }]\n",
             "scale_down",
+        ),
+        (
+            "[offload]\nworkers = [\"w:1\"]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\ndns_refresh_s = 0\n",
+            "offload.dns_refresh_s",
         ),
         ("[offload]\nworkerz = []\n", "unknown field"),
     ] {
