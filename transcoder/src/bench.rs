@@ -10,7 +10,8 @@
 //! when under 1% of frames are late. An `ffmpeg` step runs `n` processes,
 //! each reading the same clip at its native rate (`-re`) and encoding both
 //! layers with the same settings (one thread per codec context, bilinear
-//! scaling, the same encoder options); it holds when every process finished
+//! scaling, the same encoder options, keyframes where the source has them);
+//! it holds when every process finished
 //! within 3% (plus 0.5 s of start-up) of the clip's length.
 
 use std::path::Path;
@@ -276,12 +277,16 @@ pub fn write_clip(codec: Codec, clip: &[ClipFrame], path: &Path) -> std::io::Res
     std::fs::write(path, buf)
 }
 
-/// Run `n` `ffmpeg` processes over the clip file.
-pub fn ffmpeg(codec: Codec, file: &Path, seconds: u32, n: usize) -> Result<Step, String> {
-    let (input_fmt, encoder, extra): (&[&str], &str, &[&str]) = match codec {
+/// The `ffmpeg` command of one step's process: the clip `file` read at
+/// its native rate (`-re`), both layers encoded to nowhere (`-f null`), or,
+/// with `outputs`, each to its file in the codec's raw format (IVF, Annex
+/// B: the test of its keyframes).
+pub fn ffmpeg_command(codec: Codec, file: &Path, outputs: Option<[&Path; 2]>) -> Command {
+    let (input_fmt, encoder, raw, extra): (&[&str], &str, &str, &[&str]) = match codec {
         Codec::Vp8 => (
             &["-f", "ivf"],
             "libvpx",
+            "ivf",
             &[
                 "-deadline",
                 "realtime",
@@ -298,6 +303,7 @@ pub fn ffmpeg(codec: Codec, file: &Path, seconds: u32, n: usize) -> Result<Step,
         Codec::H264 => (
             &["-f", "h264", "-r", "30"],
             "libx264",
+            "h264",
             &[
                 "-preset",
                 "veryfast",
@@ -305,37 +311,56 @@ pub fn ffmpeg(codec: Codec, file: &Path, seconds: u32, n: usize) -> Result<Step,
                 "zerolatency",
                 "-profile:v",
                 "baseline",
+                "-forced-idr",
+                "1",
                 "-x264-params",
-                "bframes=0:scenecut=0",
+                "bframes=0:scenecut=0:repeat-headers=1",
             ],
         ),
     };
+    let mut cmd = Command::new("ffmpeg");
+    // The same job as ours: one thread per codec context, bilinear
+    // scaling, the same encoder settings.
+    cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args(["-threads", "1"])
+        .args(input_fmt)
+        .arg("-i")
+        .arg(file)
+        .args([
+            "-filter_complex_threads",
+            "1",
+            "-filter_complex",
+            "[0:v]split=2[a][b];[a]scale=640:360:flags=bilinear[h];\
+             [b]scale=320:180:flags=bilinear[q]",
+        ]);
+    // Keyframes where the source has them and nowhere else, as our
+    // encoders make them (left to itself, ffmpeg makes fewer: libvpx one
+    // every 128 frames, libx264 one every 250, where the clip has one every
+    // 60), and the same ceiling on the rate.
+    for (i, (label, rate, max)) in [("[h]", "500k", "750k"), ("[q]", "150k", "225k")]
+        .into_iter()
+        .enumerate()
+    {
+        cmd.args([
+            "-map", label, "-c:v", encoder, "-b:v", rate, "-maxrate", max, "-threads", "1",
+        ])
+        .args(["-force_key_frames", "source", "-g", "100000"])
+        .args(extra);
+        match outputs {
+            None => cmd.args(["-f", "null", "-"]),
+            Some(paths) => cmd.args(["-y", "-f", raw]).arg(paths[i]),
+        };
+    }
+    cmd
+}
+
+/// Run `n` `ffmpeg` processes over the clip file.
+pub fn ffmpeg(codec: Codec, file: &Path, seconds: u32, n: usize) -> Result<Step, String> {
     let cpu0 = children_cpu_seconds();
     let wall = Instant::now();
     let mut procs = Vec::new();
     for _ in 0..n {
-        let mut cmd = Command::new("ffmpeg");
-        // The same job as ours: one thread per codec context, bilinear
-        // scaling, the same encoder settings.
-        cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
-            .args(["-threads", "1"])
-            .args(input_fmt)
-            .arg("-i")
-            .arg(file)
-            .args([
-                "-filter_complex_threads",
-                "1",
-                "-filter_complex",
-                "[0:v]split=2[a][b];[a]scale=640:360:flags=bilinear[h];\
-                 [b]scale=320:180:flags=bilinear[q]",
-            ]);
-        for (label, rate) in [("[h]", "500k"), ("[q]", "150k")] {
-            cmd.args([
-                "-map", label, "-c:v", encoder, "-b:v", rate, "-threads", "1",
-            ])
-            .args(extra)
-            .args(["-f", "null", "-"]);
-        }
+        let mut cmd = ffmpeg_command(codec, file, None);
         let started = Instant::now();
         let child = cmd
             .spawn()

@@ -123,6 +123,10 @@ enum Command {
         /// Most sessions tried.
         #[arg(long, default_value_t = 16)]
         max: usize,
+        /// Fewest sessions tried (steps below it are taken as held: start
+        /// near the edge a run already found).
+        #[arg(long, default_value_t = 1)]
+        from: usize,
         /// Skip the `ffmpeg` side.
         #[arg(long)]
         no_ffmpeg: bool,
@@ -316,6 +320,7 @@ fn run(command: Command) -> Result<(), String> {
             codec,
             seconds,
             max,
+            from,
             no_ffmpeg,
         } => bench(
             match codec {
@@ -323,7 +328,7 @@ fn run(command: Command) -> Result<(), String> {
                 BenchCodec::H264 => balie_offload::Codec::H264,
             },
             seconds,
-            max,
+            from..=max,
             !no_ffmpeg,
         ),
         Command::Serve {
@@ -588,9 +593,12 @@ async fn serve(config: WorkerConfig, metrics_addr: SocketAddr) -> Result<(), Str
 fn bench(
     codec: balie_offload::Codec,
     seconds: u32,
-    max: usize,
+    steps: std::ops::RangeInclusive<usize>,
     ffmpeg: bool,
 ) -> Result<(), String> {
+    if *steps.start() == 0 || steps.is_empty() {
+        return Err("--from must be at least 1 and at most --max".into());
+    }
     use balie_transcoder::bench;
     balie_transcoder::pipeline::init().map_err(|e| e.to_string())?;
     let clip = bench::source(codec, seconds)?;
@@ -621,7 +629,7 @@ fn bench(
         if i == 2 && !ffmpeg {
             break;
         }
-        for n in 1..=max {
+        for n in steps.clone() {
             let step = match i {
                 0 => bench::ours(codec, &clip, n),
                 1 => bench::ours_judged(
@@ -653,14 +661,21 @@ fn bench(
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+    // What a side held: its last step held, "under N" when not even the
+    // first (`--from`), "at least N" when the last step tried held.
+    let said = |n: usize| match n {
+        0 => format!("under {}", steps.start()),
+        n if n == *steps.end() => format!("{n} (the most tried: at least)"),
+        n => n.to_string(),
+    };
     println!();
     println!(
         "held in real time: balie cpu {} (every frame within 100 ms); keeping up (ffmpeg's \
          criterion): balie cpu {}, ffmpeg CLI {}",
-        best[0],
-        best[1],
+        said(best[0]),
+        said(best[1]),
         if ffmpeg {
-            best[2].to_string()
+            said(best[2])
         } else {
             "not run".into()
         }

@@ -40,3 +40,87 @@ fn one_session_holds_both_ways_and_the_ffmpeg_side_runs_the_same_job() {
     assert!(step.slowest.as_secs_f64() < 20.0, "it finished: {step:?}");
     assert!(step.cores > 0.0, "its CPU is counted: {step:?}");
 }
+
+/// Indices of the keyframes of an IVF file of VP8 frames.
+fn ivf_keyframes(data: &[u8]) -> Vec<usize> {
+    let mut at = 32;
+    let mut keys = Vec::new();
+    let mut i = 0;
+    while at + 12 <= data.len() {
+        let size = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let frame = &data[at + 12..at + 12 + size];
+        // The frame tag's first bit: 0 for a keyframe.
+        if frame[0] & 1 == 0 {
+            keys.push(i);
+        }
+        at += 12 + size;
+        i += 1;
+    }
+    keys
+}
+
+/// Indices of the IDR pictures of an H.264 Annex B stream of one slice per
+/// picture (libx264 with one thread).
+fn annexb_keyframes(data: &[u8]) -> Vec<usize> {
+    let mut keys = Vec::new();
+    let mut slice = 0;
+    for w in 0..data.len().saturating_sub(3) {
+        if data[w..w + 3] == [0, 0, 1] {
+            match data[w + 3] & 0x1f {
+                5 => {
+                    keys.push(slice);
+                    slice += 1;
+                }
+                1 => slice += 1,
+                _ => {}
+            }
+        }
+    }
+    keys
+}
+
+/// The `ffmpeg` side makes keyframes where ours do, where the source has
+/// them (every 60 frames), in both layers of both codecs: left to itself it
+/// made one every 128 frames (libvpx) or 250 (libx264), less work than
+/// ours, which the first comparisons did not see.
+#[test]
+fn the_ffmpeg_side_makes_keyframes_where_the_source_has_them() {
+    pipeline::init().expect("ffmpeg");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for codec in [Codec::Vp8, Codec::H264] {
+        let clip = bench::source(codec, 4).expect("clip");
+        let source: Vec<usize> = (0..clip.len()).filter(|&i| clip[i].key).collect();
+        assert_eq!(source, [0, 60]);
+        let file = dir.path().join("clip");
+        bench::write_clip(codec, &clip, &file).expect("written");
+        let (h, q) = (dir.path().join("h"), dir.path().join("q"));
+        let status = bench::ffmpeg_command(codec, &file, Some([&h, &q]))
+            .status()
+            .expect("ffmpeg runs");
+        assert!(status.success(), "{status}");
+        for out in [&h, &q] {
+            let data = std::fs::read(out).expect("output");
+            let keys = match codec {
+                Codec::Vp8 => ivf_keyframes(&data),
+                Codec::H264 => annexb_keyframes(&data),
+            };
+            assert_eq!(keys, source, "{} {}", codec.name(), out.display());
+        }
+    }
+}
+
+#[test]
+fn the_bench_refuses_a_first_step_past_its_last() {
+    for (from, max) in [("5", "4"), ("0", "4")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_balie-transcoder"))
+            .args(["bench", "--from", from, "--max", max, "--no-ffmpeg"])
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--from {from} --max {max}");
+        assert!(
+            err.contains("--from must be at least 1 and at most --max"),
+            "{err}"
+        );
+    }
+}
