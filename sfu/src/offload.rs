@@ -1039,7 +1039,9 @@ impl Manager {
             // its generation goes on, so old events stay ignored.
             match self.free_slot() {
                 Some(idx) => {
-                    let generation = self.workers[idx].generation + 1;
+                    let old = &self.workers[idx];
+                    let _ = self.metrics.rtt_us.remove_label_values(&[&old.entry]);
+                    let generation = old.generation + 1;
                     self.workers[idx] = WorkerSlot { generation, ..slot };
                 }
                 None => self.workers.push(slot),
@@ -1076,6 +1078,7 @@ impl Manager {
             }
             // Its link's last events are ignored.
             w.generation += 1;
+            let _ = self.metrics.rtt_us.remove_label_values(&[&w.entry]);
             tracing::info!(worker = %w.source, "offload worker let go (gone from DNS, no sessions left)");
             self.metrics
                 .workers_up

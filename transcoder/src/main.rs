@@ -581,13 +581,39 @@ async fn serve(config: WorkerConfig, metrics_addr: SocketAddr) -> Result<(), Str
     let endpoint = worker.endpoint();
     tokio::select! {
         _ = worker.run() => {}
-        _ = tokio::signal::ctrl_c() => {
-            info!("shutting down");
-            endpoint.close(0u32.into(), b"shutdown");
+        signal = stop_signal() => {
+            // A close frame to every SFU: each moves its sessions at once,
+            // where a worker that just died is noticed after 1 s of silence.
+            info!(signal, "shutting down: closing the SFUs' connections");
+            endpoint.close((balie_offload::ErrorCode::Closed as u32).into(), b"shutdown");
             endpoint.wait_idle().await;
         }
     }
     Ok(())
+}
+
+/// The first stop signal: SIGTERM (`docker stop`, Kubernetes) or SIGINT
+/// (Ctrl-C); its name.
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
 }
 
 fn bench(

@@ -653,3 +653,84 @@ fn video_on_the_gpu_without_the_gpu_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// `docker stop` and Kubernetes stop a worker with SIGTERM: it closes its
+/// connections with a close frame, so an SFU sees the link end at once
+/// (and moves its sessions), not after a second of silence as with a
+/// worker that died; and it exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_the_sfus_links_at_once_and_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    certs(dir.path());
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_balie-transcoder"))
+        .args(["serve", "--metrics", "127.0.0.1:0", "--listen"])
+        .arg(addr.to_string())
+        .arg("--ca")
+        .arg(dir.path().join("ca.pem"))
+        .arg("--cert")
+        .arg(dir.path().join("worker.pem"))
+        .arg("--key")
+        .arg(dir.path().join("worker.key"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    let pid = child.id().to_string();
+    // Whatever happens below, the process does not outlive the test.
+    let exited = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let ep = client_endpoint(
+        client_config(&TlsFiles::dev_sfu(dir.path())).expect("client config"),
+        addr,
+    )
+    .expect("endpoint");
+    let started = Instant::now();
+    let (_link, mut events) = loop {
+        match Link::connect(&ep, addr, "localhost", "test-sfu").await {
+            Ok(l) => break l,
+            Err(_) if started.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid])
+                    .status();
+                panic!("the worker never came up: {e}");
+            }
+        }
+    };
+    let sent = Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(ev) = events.recv().await {
+            if let LinkEvent::Closed(why) = ev {
+                return why;
+            }
+        }
+        "events ended".to_string()
+    })
+    .await
+    .expect("the link ends");
+    let after = sent.elapsed();
+    eprintln!("link ended {after:?} after SIGTERM: {closed}");
+    assert!(
+        after < Duration::from_millis(500),
+        "link ended {after:?} after SIGTERM ({closed}): a close frame, not silence"
+    );
+    let out = tokio::time::timeout(Duration::from_secs(5), exited)
+        .await
+        .expect("exits")
+        .expect("joined")
+        .expect("output");
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}: {log}", out.status);
+    assert!(log.contains("SIGTERM"), "{log}");
+}
