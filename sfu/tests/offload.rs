@@ -252,6 +252,18 @@ async fn without_a_worker_a_session_waits_and_is_placed_when_one_comes() {
     assert_eq!(metrics.sessions.get(), 1);
 }
 
+/// The pool's `offload_dns_total{outcome}` in `registry`.
+fn dns_count(registry: &prometheus::Registry, outcome: &str) -> f64 {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .expect("metrics");
+    let line = format!("offload_dns_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
 /// Wait up to `within` for `ok`, polling.
 async fn eventually(within: Duration, mut ok: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
@@ -337,7 +349,11 @@ async fn workers_follow_dns_new_ones_used_gone_ones_let_go_once_their_sessions_e
     // Worker a is gone from DNS: it keeps session 1 but takes no new one,
     // though it is as loaded as b.
     set(Ok(vec![b.addr]));
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert!(
+        eventually(Duration::from_secs(5), || dns_count(&registry, "retired")
+            == 1.0)
+        .await
+    );
     open(3);
     assert!(eventually(Duration::from_secs(2), || b.sessions() == 2).await);
     assert_eq!(a.sessions(), 1, "session 1 stays where it is");
@@ -357,22 +373,23 @@ async fn workers_follow_dns_new_ones_used_gone_ones_let_go_once_their_sessions_e
     );
 
     // A failed lookup changes nothing: b stays and takes sessions.
+    let failed = dns_count(&registry, "failed");
     set(Err("SERVFAIL".into()));
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert!(
+        eventually(Duration::from_secs(5), || dns_count(&registry, "failed")
+            > failed)
+        .await
+    );
     open(4);
     assert!(eventually(Duration::from_secs(2), || b.sessions() == 3).await);
-    let text = prometheus::TextEncoder::new()
-        .encode_to_string(&registry.gather())
-        .expect("metrics");
-    let count = |outcome: &str| {
-        let line = format!("offload_dns_total{{outcome=\"{outcome}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(line.as_str()))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    assert_eq!((count("added"), count("retired")), (2.0, 1.0));
-    assert!(count("failed") >= 2.0, "{}", count("failed"));
+    assert_eq!(
+        (
+            dns_count(&registry, "added"),
+            dns_count(&registry, "retired")
+        ),
+        (2.0, 1.0)
+    );
+    assert!(dns_count(&registry, "failed") >= 2.0);
     drop(b);
 }
 
