@@ -27,6 +27,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # `gpu-check.sh --step-summary STEPS DMON SECONDS` each session-search
 # step's share (the steps' lines are kept in $DMON_DIR/steps-<check>.log).
 dmon_dir="${DMON_DIR:-$here}"
+mkdir -p "$dmon_dir"
 watch() {
   dmon_log="$dmon_dir/dmon-$1.log"
   dmon_pid=""
