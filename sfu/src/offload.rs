@@ -376,6 +376,8 @@ pub struct WorkerStatus {
     pub max_captions: u32,
     /// Its load as it last reported, per mille.
     pub load_permille: u16,
+    /// Gone from DNS: takes no new sessions, let go once its sessions end.
+    pub retired: bool,
 }
 
 /// The workers of one pool, as last seen (shared with the HTTP layer).
@@ -400,6 +402,7 @@ pub fn readiness(pools: &[PoolStatus]) -> String {
         match by_worker.iter_mut().find(|(name, _, _)| *name == w.worker) {
             Some((_, up, seen)) => {
                 *up += usize::from(w.up);
+                seen.retired |= w.retired;
                 if w.up {
                     seen.rtt_us = seen.rtt_us.max(w.rtt_us);
                     seen.sessions = w.sessions;
@@ -428,11 +431,16 @@ pub fn readiness(pools: &[PoolStatus]) -> String {
                 "no captions".into()
             };
             out.push_str(&format!(
-                "worker {name}: up on {n} of {shards} shards, rtt {:.1} ms, sessions {}/{}, {captions}, load {:.1}%\n",
+                "worker {name}: up on {n} of {shards} shards, rtt {:.1} ms, sessions {}/{}, {captions}, load {:.1}%{}\n",
                 w.rtt_us as f64 / 1000.0,
                 w.sessions,
                 w.max_sessions,
-                f64::from(w.load_permille) / 10.0
+                f64::from(w.load_permille) / 10.0,
+                if w.retired {
+                    ", gone from DNS (no new sessions; let go when its sessions end)"
+                } else {
+                    ""
+                }
             ));
         }
     }
@@ -680,6 +688,7 @@ impl Manager {
                 captions: w.capacity.captions,
                 max_captions: w.capacity.max_captions,
                 load_permille: w.capacity.load_permille,
+                retired: w.retired,
             })
             .collect();
         if let Ok(mut v) = self.status.0.lock() {
@@ -1278,6 +1287,7 @@ mod tests {
                 captions: 0,
                 max_captions: if *up { 2 } else { 0 },
                 load_permille: 125,
+                retired: name.starts_with("old"),
             })
             .collect();
         p
@@ -1300,5 +1310,13 @@ mod tests {
         assert!(text.contains("worker b: down\n"), "{text}");
         let text = readiness(&[pool(&[("a", false, 0)])]);
         assert!(text.contains("no worker up"), "{text}");
+        let text = readiness(&[pool(&[("old", true, 1)])]);
+        assert!(
+            text.contains(
+                "load 12.5%, gone from DNS (no new sessions; let go when its sessions end)\n"
+            ),
+            "{text}"
+        );
+        assert!(readiness(&[pool(&[("a", true, 1)])]).contains("load 12.5%\n"));
     }
 }

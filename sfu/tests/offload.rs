@@ -358,6 +358,12 @@ async fn workers_follow_dns_new_ones_used_gone_ones_let_go_once_their_sessions_e
     assert!(eventually(Duration::from_secs(2), || b.sessions() == 2).await);
     assert_eq!(a.sessions(), 1, "session 1 stays where it is");
     assert_eq!(a.metrics.connections.get(), 1);
+    let now = status.snapshot();
+    assert!(
+        now.iter()
+            .any(|w| w.worker.contains(&a.addr.to_string()) && w.up && w.retired),
+        "/readyz says a is gone from DNS: {now:?}"
+    );
     // Session 1 ends: a is let go (its connection closed), and /readyz no
     // longer lists it.
     assert!(pool.send(PoolCommand::Close { key: 1 }));
