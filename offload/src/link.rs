@@ -59,6 +59,17 @@ pub struct Link {
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Link {
+    /// Whether the worker ended the connection on purpose (a close frame
+    /// with [`ErrorCode::Closed`]: it was stopped), rather than being lost
+    /// (silent, or an error).
+    pub fn stopped_by_peer(&self) -> bool {
+        matches!(
+            self.conn.close_reason(),
+            Some(quinn::ConnectionError::ApplicationClosed(a))
+                if a.error_code == quinn::VarInt::from(ErrorCode::Closed as u32)
+        )
+    }
+
     /// Connect to a worker at `addr`, whose certificate must name
     /// `server_name`, and exchange hellos. Events arrive on the returned
     /// receiver until the connection ends (the last is `Closed`).
@@ -130,7 +141,12 @@ impl Link {
                         break;
                     }
                     Err(e) => {
-                        let _ = ev.send(LinkEvent::Closed(e.to_string()));
+                        // Why the connection ended says more than the
+                        // stream's error ("connection lost").
+                        let why = c
+                            .close_reason()
+                            .map_or_else(|| e.to_string(), |r| r.to_string());
+                        let _ = ev.send(LinkEvent::Closed(why));
                         break;
                     }
                 }

@@ -162,6 +162,9 @@ pub struct OffloadMetrics {
     /// Worker addresses found in DNS (`added`), gone from it (`retired`),
     /// and lookups that failed (`failed`).
     pub dns: IntCounterVec,
+    /// Connections to workers that ended: `stopped` (the worker closed it
+    /// on purpose: SIGTERM, a deploy) or `lost` (silent, or an error).
+    pub worker_losses: IntCounterVec,
 }
 
 impl OffloadMetrics {
@@ -216,6 +219,14 @@ impl OffloadMetrics {
                 &["outcome"],
             )
             .expect("valid metric"),
+            worker_losses: IntCounterVec::new(
+                Opts::new(
+                    "offload_worker_losses_total",
+                    "Worker connections that ended: stopped (closed by the worker on purpose) or lost.",
+                ),
+                &["cause"],
+            )
+            .expect("valid metric"),
         };
         for c in [
             Box::new(m.workers_up.clone()) as Box<dyn prometheus::core::Collector>,
@@ -226,6 +237,7 @@ impl OffloadMetrics {
             Box::new(m.errors.clone()),
             Box::new(m.dropped.clone()),
             Box::new(m.dns.clone()),
+            Box::new(m.worker_losses.clone()),
         ] {
             // Registered once per process; a second registration (tests that
             // build several) is harmless.
@@ -964,8 +976,22 @@ impl Manager {
             }
             LinkEvent::Closed(why) => {
                 let w = &mut self.workers[idx];
-                tracing::warn!(worker = %w.source, "offload worker lost");
-                tracing::debug!(worker = %w.entry, %why, "offload worker lost");
+                // A worker that was stopped (a deploy) is no alarm; one
+                // that went silent or failed is.
+                if w.link.as_ref().is_some_and(Link::stopped_by_peer) {
+                    self.metrics
+                        .worker_losses
+                        .with_label_values(&["stopped"])
+                        .inc();
+                    tracing::info!(worker = %w.source, "offload worker stopped; its sessions move");
+                } else {
+                    self.metrics
+                        .worker_losses
+                        .with_label_values(&["lost"])
+                        .inc();
+                    tracing::warn!(worker = %w.source, "offload worker lost; its sessions move");
+                }
+                tracing::debug!(worker = %w.entry, %why, "offload worker gone");
                 w.link = None;
                 w.generation += 1;
                 w.next_try = Instant::now() + RETRY;

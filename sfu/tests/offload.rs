@@ -181,6 +181,10 @@ async fn sessions_spread_over_workers_and_move_within_2_s_when_one_dies() {
         "low layer back after {gap:?}"
     );
     assert_eq!(b.sessions(), 2);
+    assert_eq!(
+        (losses(&registry, "lost"), losses(&registry, "stopped")),
+        (1.0, 0.0)
+    );
     let other = 3 - moved_key;
     let after = seen.frames[&(other, 1)]
         .iter()
@@ -252,16 +256,84 @@ async fn without_a_worker_a_session_waits_and_is_placed_when_one_comes() {
     assert_eq!(metrics.sessions.get(), 1);
 }
 
-/// The pool's `offload_dns_total{outcome}` in `registry`.
-fn dns_count(registry: &prometheus::Registry, outcome: &str) -> f64 {
+/// A counter's value in `registry`: `series` is its name and label, as
+/// `offload_dns_total{outcome="added"}`.
+fn counter(registry: &prometheus::Registry, series: &str) -> f64 {
     let text = prometheus::TextEncoder::new()
         .encode_to_string(&registry.gather())
         .expect("metrics");
-    let line = format!("offload_dns_total{{outcome=\"{outcome}\"}} ");
     text.lines()
-        .find_map(|l| l.strip_prefix(line.as_str()))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0)
+}
+
+/// The pool's `offload_dns_total{outcome}` in `registry`.
+fn dns_count(registry: &prometheus::Registry, outcome: &str) -> f64 {
+    counter(
+        registry,
+        &format!("offload_dns_total{{outcome=\"{outcome}\"}}"),
+    )
+}
+
+/// The pool's `offload_worker_losses_total{cause}` in `registry`.
+fn losses(registry: &prometheus::Registry, cause: &str) -> f64 {
+    counter(
+        registry,
+        &format!("offload_worker_losses_total{{cause=\"{cause}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_s_sessions_move_at_once_and_count_as_stopped_not_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_dev_certs(dir.path(), &["localhost".into()]).expect("certs");
+    let (a, b) = (TestWorker::start(dir.path()), TestWorker::start(dir.path()));
+    let cfg = offload_config(dir.path(), &[&a, &b]);
+    let registry = prometheus::Registry::new();
+    let s = setup(&cfg, &registry);
+    let status = s.status.clone();
+    let (pool, mut events) = Pool::start(&s, "0".into()).expect("pool");
+    assert!(
+        eventually(Duration::from_secs(4), || status
+            .snapshot()
+            .iter()
+            .filter(|w| w.up)
+            .count()
+            == 2)
+        .await
+    );
+    assert!(pool.send(PoolCommand::Open {
+        key: 1,
+        codec: Codec::Vp8
+    }));
+    assert!(eventually(Duration::from_secs(2), || a.sessions() + b.sessions() == 1).await);
+    let (on, other) = if a.sessions() == 1 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let stopped = Instant::now();
+    on.stop();
+    let moved = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(ev) = events.recv().await {
+            if matches!(ev, PoolEvent::Moved { key: 1 }) {
+                return Instant::now();
+            }
+        }
+        panic!("the pool ended");
+    })
+    .await
+    .expect("moved");
+    let after = moved.duration_since(stopped);
+    eprintln!("session moved {after:?} after its worker stopped");
+    // A close frame, not a second of silence.
+    assert!(after < Duration::from_millis(500), "{after:?}");
+    assert!(eventually(Duration::from_secs(2), || other.sessions() == 1).await);
+    assert_eq!(
+        (losses(&registry, "stopped"), losses(&registry, "lost")),
+        (1.0, 0.0)
+    );
 }
 
 /// Wait up to `within` for `ok`, polling.
@@ -320,6 +392,11 @@ async fn workers_follow_dns_new_ones_used_gone_ones_let_go_once_their_sessions_e
     assert!(matches!(ev, PoolEvent::Lost { key: 1, .. }), "{ev:?}");
     // The name resolves to worker a (tried again within a second or two):
     // the waiting session goes there.
+    assert!(
+        eventually(Duration::from_secs(3), || dns_count(&registry, "failed")
+            >= 1.0)
+        .await
+    );
     set(Ok(vec![a.addr]));
     loop {
         match next_event().await {

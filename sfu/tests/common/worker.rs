@@ -14,6 +14,7 @@ use balie_transcoder::server::{CaptionsSetup, Worker, WorkerConfig};
 pub struct TestWorker {
     pub addr: SocketAddr,
     pub metrics: WorkerMetrics,
+    endpoint: quinn::Endpoint,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -49,16 +50,27 @@ impl TestWorker {
             .expect("worker binds")
         };
         let addr = worker.local_addr().expect("addr");
+        let endpoint = worker.endpoint();
         runtime.spawn(worker.run());
         TestWorker {
             addr,
             metrics,
+            endpoint,
             runtime: Some(runtime),
         }
     }
 
     pub fn sessions(&self) -> i64 {
         self.metrics.sessions.get()
+    }
+
+    /// Stop as `balie-transcoder serve` does on SIGTERM: a close frame on
+    /// every connection.
+    pub fn stop(&self) {
+        self.endpoint.close(
+            (balie_offload::ErrorCode::Closed as u32).into(),
+            b"shutdown",
+        );
     }
 
     pub fn kill(&mut self) {
