@@ -153,7 +153,7 @@ impl Session {
 /// place given back and `fell_back` told why: the session is served, only
 /// slower. Returns the pipeline and the place it holds.
 fn open_placed<T, E>(
-    place: Option<GpuPlace>,
+    mut place: Option<GpuPlace>,
     gpu: impl FnOnce() -> Result<T, E>,
     cpu: impl FnOnce() -> Result<T, E>,
     fell_back: impl FnOnce(&E),
@@ -161,14 +161,8 @@ fn open_placed<T, E>(
     if place.is_none() {
         return (cpu(), None);
     }
-    match gpu() {
-        Ok(p) => (Ok(p), place),
-        Err(e) => {
-            fell_back(&e);
-            drop(place);
-            (cpu(), None)
-        }
-    }
+    let opened = gpu().or_else(|e| recover(&mut place, e, cpu, fell_back));
+    (opened, place)
 }
 
 /// After the pipeline failed with `err`: where it held a GPU place, give the
