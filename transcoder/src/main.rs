@@ -585,7 +585,7 @@ async fn serve(config: WorkerConfig, metrics_addr: SocketAddr) -> Result<(), Str
             // A close frame to every SFU: each moves its sessions at once,
             // where a worker that just died is noticed after 1 s of silence.
             info!(signal, "shutting down: closing the SFUs' connections");
-            endpoint.close((balie_offload::ErrorCode::Closed as u32).into(), b"shutdown");
+            balie_transcoder::server::stop(&endpoint);
             endpoint.wait_idle().await;
         }
     }
@@ -596,24 +596,15 @@ async fn serve(config: WorkerConfig, metrics_addr: SocketAddr) -> Result<(), Str
 /// (Ctrl-C); its name.
 async fn stop_signal() -> &'static str {
     #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
-            }
-        }
+        return tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        };
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
-    }
+    let _ = tokio::signal::ctrl_c().await;
+    "SIGINT"
 }
 
 fn bench(

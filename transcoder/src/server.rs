@@ -89,6 +89,14 @@ pub struct Worker {
     shared: Arc<Shared>,
 }
 
+/// Stop the worker of `endpoint` on purpose: a close frame on every SFU
+/// connection ([`ErrorCode::Closed`]), so each SFU moves the worker's
+/// sessions at once, where a worker that died is noticed after a second of
+/// silence, and counts it as stopped, not lost.
+pub fn stop(endpoint: &quinn::Endpoint) {
+    endpoint.close((ErrorCode::Closed as u32).into(), b"shutdown");
+}
+
 impl Worker {
     pub fn bind(config: &WorkerConfig, metrics: Metrics) -> Result<Worker, StartError> {
         crate::pipeline::init()?;
@@ -125,7 +133,8 @@ impl Worker {
         self.endpoint.local_addr()
     }
 
-    /// A handle to close the worker (every connection) from elsewhere.
+    /// A handle to close the worker (every connection) from elsewhere
+    /// ([`stop`]).
     pub fn endpoint(&self) -> quinn::Endpoint {
         self.endpoint.clone()
     }

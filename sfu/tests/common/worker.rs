@@ -67,10 +67,7 @@ impl TestWorker {
     /// Stop as `balie-transcoder serve` does on SIGTERM: a close frame on
     /// every connection.
     pub fn stop(&self) {
-        self.endpoint.close(
-            (balie_offload::ErrorCode::Closed as u32).into(),
-            b"shutdown",
-        );
+        balie_transcoder::server::stop(&self.endpoint);
     }
 
     pub fn kill(&mut self) {
