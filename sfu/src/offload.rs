@@ -1084,14 +1084,16 @@ impl Manager {
         }
     }
 
+    /// Whether a session is on worker `idx`.
+    fn has_sessions(&self, idx: usize) -> bool {
+        self.sessions.values().any(|s| s.worker == Some(idx))
+    }
+
     /// A retired slot with no link, no connection attempt and no session.
     fn free_slot(&self) -> Option<usize> {
         (0..self.workers.len()).find(|&idx| {
             let w = &self.workers[idx];
-            w.retired
-                && w.link.is_none()
-                && !w.connecting
-                && !self.sessions.values().any(|s| s.worker == Some(idx))
+            w.retired && w.link.is_none() && !w.connecting && !self.has_sessions(idx)
         })
     }
 
@@ -1100,10 +1102,7 @@ impl Manager {
         let mut changed = false;
         for idx in 0..self.workers.len() {
             let w = &self.workers[idx];
-            if !w.retired
-                || w.link.is_none()
-                || self.sessions.values().any(|s| s.worker == Some(idx))
-            {
+            if !w.retired || w.link.is_none() || self.has_sessions(idx) {
                 continue;
             }
             let w = &mut self.workers[idx];

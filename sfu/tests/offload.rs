@@ -294,15 +294,7 @@ async fn a_stopped_worker_s_sessions_move_at_once_and_count_as_stopped_not_lost(
     let s = setup(&cfg, &registry);
     let status = s.status.clone();
     let (pool, mut events) = Pool::start(&s, "0".into()).expect("pool");
-    assert!(
-        eventually(Duration::from_secs(4), || status
-            .snapshot()
-            .iter()
-            .filter(|w| w.up)
-            .count()
-            == 2)
-        .await
-    );
+    assert!(eventually(Duration::from_secs(4), || workers_up(&status) == 2).await);
     assert!(pool.send(PoolCommand::Open {
         key: 1,
         codec: Codec::Vp8
@@ -334,6 +326,11 @@ async fn a_stopped_worker_s_sessions_move_at_once_and_count_as_stopped_not_lost(
         (losses(&registry, "stopped"), losses(&registry, "lost")),
         (1.0, 0.0)
     );
+}
+
+/// Workers a pool has connected.
+fn workers_up(status: &PoolStatus) -> usize {
+    status.snapshot().iter().filter(|w| w.up).count()
 }
 
 /// Wait up to `within` for `ok`, polling.
@@ -410,13 +407,7 @@ async fn workers_follow_dns_new_ones_used_gone_ones_let_go_once_their_sessions_e
     // Worker b appears: the next session goes to it, the less loaded.
     set(Ok(vec![a.addr, b.addr]));
     assert!(
-        eventually(Duration::from_secs(4), || status
-            .snapshot()
-            .iter()
-            .filter(|w| w.up)
-            .count()
-            == 2)
-        .await,
+        eventually(Duration::from_secs(4), || workers_up(&status) == 2).await,
         "{:?}",
         status.snapshot()
     );
