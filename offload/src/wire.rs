@@ -105,6 +105,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code but [`ErrorCode::Closed`]: what a refusal or a protocol
+    /// error can say (metrics start each at 0, so that the first one shows
+    /// in `increase()` and alerts).
+    pub const ERRORS: [ErrorCode; 9] = [
+        ErrorCode::Malformed,
+        ErrorCode::TooLarge,
+        ErrorCode::Version,
+        ErrorCode::Unexpected,
+        ErrorCode::Capacity,
+        ErrorCode::Unsupported,
+        ErrorCode::Media,
+        ErrorCode::UnknownSession,
+        ErrorCode::Internal,
+    ];
+
     pub fn from_u16(v: u16) -> ErrorCode {
         match v {
             0 => ErrorCode::Closed,
@@ -765,6 +780,19 @@ mod tests {
             .expect("complete");
         assert!(buf.is_empty());
         decode_control(&body).expect("decodes")
+    }
+
+    #[test]
+    fn the_error_codes_are_every_code_but_closed_each_with_its_own_name() {
+        let mut names = std::collections::HashSet::new();
+        for v in 1..=9u16 {
+            let code = ErrorCode::from_u16(v);
+            assert_eq!(code as u16, v);
+            assert!(ErrorCode::ERRORS.contains(&code), "{code:?}");
+            assert!(names.insert(code.name()));
+        }
+        assert!(!ErrorCode::ERRORS.contains(&ErrorCode::Closed));
+        assert_eq!(names.len(), ErrorCode::ERRORS.len());
     }
 
     #[test]

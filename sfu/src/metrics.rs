@@ -359,6 +359,9 @@ impl Metrics {
         ] {
             r.register(c).expect("metric names are unique");
         }
+        // At 0 from the start, so that the first join is an increase() (the
+        // refusals' codes are many and appear when they happen).
+        m.joins.with_label_values(&["created"]);
         m
     }
 

@@ -243,6 +243,22 @@ impl OffloadMetrics {
             // build several) is harmless.
             let _ = registry.register(c);
         }
+        // Every label value known in advance starts at 0: a series that
+        // appears at 1 shows no increase(), so the first lost worker would
+        // raise no alert (configs/monitoring).
+        for (family, values) in [
+            (&m.frames, &["to_worker", "from_worker"][..]),
+            (&m.moves, &["moved", "waiting"]),
+            (&m.dns, &["added", "retired", "failed"]),
+            (&m.worker_losses, &["stopped", "lost"]),
+        ] {
+            for v in values {
+                family.with_label_values(&[v]);
+            }
+        }
+        for code in ErrorCode::ERRORS {
+            m.errors.with_label_values(&[code.name()]);
+        }
         m
     }
 }
@@ -474,6 +490,8 @@ impl Pool {
         let tls = client_config(&setup.tls_files()).map_err(|e| format!("offload: {e}"))?;
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (events, ev_rx) = mpsc::unbounded_channel();
+        // 0 until a worker connects, so that "no worker up" is a series.
+        setup.metrics.workers_up.with_label_values(&[&shard]);
         let manager = Manager {
             config: setup.config.clone(),
             specs: setup.config.specs(),

@@ -566,16 +566,7 @@ async fn serve(config: WorkerConfig, metrics_addr: SocketAddr) -> Result<(), Str
     let listener = tokio::net::TcpListener::bind(metrics_addr)
         .await
         .map_err(|e| format!("binding the metrics listener {metrics_addr}: {e}"))?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let m = metrics.clone();
-            async move { m.render() }
-        }),
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    tokio::spawn(balie_transcoder::metrics::serve(listener, metrics));
     let max_captions = config.captions.as_ref().map_or(0, |c| c.max_sessions);
     info!(%addr, max_sessions = config.max_sessions, max_captions, video = %config.placement.describe(), metrics = %metrics_addr, "balie-transcoder serving");
     let endpoint = worker.endpoint();

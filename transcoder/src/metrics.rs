@@ -1,5 +1,6 @@
 //! The worker's Prometheus metrics, served on `/metrics`.
 
+use balie_offload::ErrorCode;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -177,6 +178,26 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        // Every label value known in advance starts at 0: a series that
+        // appears at 1 shows no increase(), so its first event would raise
+        // no alert (configs/monitoring).
+        for (family, values) in [
+            (&dropped, &["deadline", "queue", "broken"][..]),
+            (&captions, &["partial", "final"]),
+            (&caption_audio, &["in", "dropped", "undecodable"]),
+            (&opens, &["opened"]),
+        ] {
+            for v in values {
+                family.with_label_values(&[v]);
+            }
+        }
+        for code in ErrorCode::ERRORS {
+            opens.with_label_values(&[code.name()]);
+            protocol_errors.with_label_values(&[code.name()]);
+        }
+        for stage in ["decode", "scale", "encode"] {
+            stage_seconds.with_label_values(&[stage]);
+        }
         Metrics {
             registry,
             connections,
@@ -206,6 +227,19 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// Serve `metrics` on `GET /metrics` (`serve --metrics ADDR`) until the
+/// runtime stops.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move { m.render() }
+        }),
+    );
+    let _ = axum::serve(listener, app).await;
 }
 
 impl Default for Metrics {
