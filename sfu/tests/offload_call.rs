@@ -5,104 +5,15 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use balie_offload::tls::make_dev_certs;
-use balie_offload::{Codec, Size};
-use balie_sfu::sim::peer::Clip;
-use balie_sfu::token::Role;
-use balie_transcoder::clip;
+use balie_offload::Codec;
 use balie_transcoder::pipeline::Decoder;
+use common::single_layer::{call, show_at};
 use common::worker::{offload_config, TestWorker};
-use common::{run_until, token, Client, Join, TestServer};
+use common::{run_until, Client, TestServer};
 use str0m::media::MediaKind;
-
-const HD: Size = Size {
-    width: 1280,
-    height: 720,
-};
-
-/// A 3 s loop of 720p at 1.5 Mbit/s with one keyframe, and the same
-/// pictures as keyframes (sent when a keyframe is asked for).
-fn clip_of(codec: Codec) -> Clip {
-    static VP8: OnceLock<Clip> = OnceLock::new();
-    static H264: OnceLock<Clip> = OnceLock::new();
-    let cell = match codec {
-        Codec::Vp8 => &VP8,
-        Codec::H264 => &H264,
-    };
-    cell.get_or_init(|| {
-        let frames = |gop| {
-            clip::make(codec, HD, 90, gop, 1500)
-                .expect("clip")
-                .into_iter()
-                .map(|f| (f.key, f.data))
-                .collect::<Vec<_>>()
-        };
-        Clip {
-            frames: Arc::new(frames(90)),
-            keys: Arc::new(frames(1)),
-        }
-    })
-    .clone()
-}
-
-fn str0m_codec(codec: Codec) -> str0m::format::Codec {
-    match codec {
-        Codec::Vp8 => str0m::format::Codec::Vp8,
-        Codec::H264 => str0m::format::Codec::H264,
-    }
-}
-
-/// A publisher sending `codec` from the clip, and a viewer keeping what it
-/// receives, both in `room`.
-fn call(srv: &TestServer, room: &str, codec: Codec) -> (Client, Client) {
-    let c = str0m_codec(codec);
-    let mut publisher = Client::join_with(
-        srv,
-        room,
-        "publisher",
-        &token(room, "publisher", Role::Official),
-        Join::Api,
-        c,
-    );
-    publisher.clip = Some(clip_of(codec));
-    let mut viewer = Client::join_with(
-        srv,
-        room,
-        "viewer",
-        &token(room, "viewer", Role::Official),
-        Join::ApiViewer,
-        c,
-    );
-    viewer.keep_video = true;
-    (publisher, viewer)
-}
-
-/// Once the viewer receives the publisher's video, tell the SFU it is
-/// shown `height` lines tall.
-fn show_at(publisher: &mut Client, viewer: &mut Client, height: u32) {
-    let tag = publisher.tag;
-    assert!(
-        run_until(&mut [publisher, viewer], Duration::from_secs(15), |c| {
-            c[1].frames_from(tag, MediaKind::Video) >= 10
-                || c[1]
-                    .received
-                    .values()
-                    .any(|r| r.kind == Some(MediaKind::Video) && r.video.len() >= 10)
-        }),
-        "the viewer gets the source"
-    );
-    let mid = viewer
-        .received
-        .iter()
-        .find(|(_, r)| r.kind == Some(MediaKind::Video))
-        .map(|(mid, _)| mid.to_string())
-        .expect("a video m-line");
-    let msg = serde_json::json!({"type": "video-size", "track": mid, "width": height * 16 / 9, "height": height});
-    viewer.send_json(&msg);
-}
 
 /// Every video frame the viewer received: arrival and decoded size
 /// (`None`: the decoder gave no picture or an error).

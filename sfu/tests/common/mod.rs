@@ -2,6 +2,7 @@
 //! ([`balie_sfu::sim::Peer`]) over real loopback UDP.
 #![allow(dead_code)]
 
+pub mod single_layer;
 pub mod worker;
 
 use std::net::UdpSocket;

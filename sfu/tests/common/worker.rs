@@ -60,6 +60,22 @@ impl TestWorker {
         }
     }
 
+    /// Serve the worker's `/metrics` as `balie-transcoder serve` does; the
+    /// address. It dies with the worker.
+    pub fn serve_metrics(&self) -> SocketAddr {
+        let rt = self.runtime.as_ref().expect("worker running");
+        let _in_runtime = rt.enter();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        rt.spawn(balie_transcoder::metrics::serve(
+            listener,
+            self.metrics.clone(),
+        ));
+        addr
+    }
+
     pub fn sessions(&self) -> i64 {
         self.metrics.sessions.get()
     }
