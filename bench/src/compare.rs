@@ -171,6 +171,14 @@ impl Compare {
                 Box::new(|r| format!("{:.2}", r.server_cpu_seconds)),
             ),
             (
+                "transcoder workers' CPU seconds (hold)",
+                Box::new(|r| {
+                    r.workers.as_ref().map_or("no workers".into(), |w| {
+                        format!("{:.2} ({} workers)", w.cpu_seconds, w.count)
+                    })
+                }),
+            ),
+            (
                 "server RSS",
                 Box::new(|r| format!("{:.1} MiB", r.server_rss_bytes as f64 / 1048576.0)),
             ),

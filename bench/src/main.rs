@@ -20,6 +20,7 @@ mod report;
 mod run;
 mod scenario;
 mod site;
+mod workers;
 
 use scenario::Scenario;
 
@@ -52,6 +53,10 @@ enum Command {
         /// The balie-sfu binary to start (default: next to balie-bench).
         #[arg(long)]
         sfu: Option<PathBuf>,
+        /// The balie-transcoder binary, for `target.offload_workers`
+        /// (default: next to balie-bench).
+        #[arg(long)]
+        transcoder: Option<PathBuf>,
     },
     /// Run one scenario against each target in turn (each started by the
     /// bench in a network namespace of its own, with the scenario's
@@ -69,6 +74,10 @@ enum Command {
         /// The balie-sfu binary to start (default: next to balie-bench).
         #[arg(long)]
         sfu: Option<PathBuf>,
+        /// The balie-transcoder binary, for `target.offload_workers`
+        /// (default: next to balie-bench).
+        #[arg(long)]
+        transcoder: Option<PathBuf>,
         /// Run the targets in turn this many times (balie, janus, balie,
         /// janus, ...) and pool each target's figures: on a noisy machine one
         /// run's CPU seconds spread by 10-20%.
@@ -79,14 +88,26 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { scenario, out, sfu } => done(run(&scenario, &out, sfu)),
+        Command::Run {
+            scenario,
+            out,
+            sfu,
+            transcoder,
+        } => done(run(&scenario, &out, &Binaries::new(sfu, transcoder))),
         Command::Compare {
             scenario,
             targets,
             out,
             sfu,
+            transcoder,
             rounds,
-        } => done(compare(&scenario, &targets, &out, sfu, rounds as usize)),
+        } => done(compare(
+            &scenario,
+            &targets,
+            &out,
+            &Binaries::new(sfu, transcoder),
+            rounds as usize,
+        )),
         Command::Check { scenario } => match Scenario::load(&scenario) {
             Ok(s) => {
                 print!("{}", plan(&s));
@@ -119,11 +140,7 @@ fn done(r: Result<(), String>) -> ExitCode {
     }
 }
 
-fn run(
-    scenario: &std::path::Path,
-    out: &std::path::Path,
-    sfu: Option<PathBuf>,
-) -> Result<(), String> {
+fn run(scenario: &std::path::Path, out: &std::path::Path, bins: &Binaries) -> Result<(), String> {
     let s = load(scenario)?;
     print!("{}", plan(&s));
     // Janus needs a namespace (it sends no media over loopback); balie
@@ -142,7 +159,7 @@ fn run(
             scenario::TargetKind::Balie => site::Site::loopback(),
             scenario::TargetKind::Janus => site::Site::netns(0)?,
         };
-        execute(&s, s.target.kind, site, &sfu_path(sfu)?, out)?
+        execute(&s, s.target.kind, site, bins, out)?
     };
     print!("{}", report::markdown(&r));
     Ok(())
@@ -152,7 +169,7 @@ fn compare(
     scenario: &std::path::Path,
     targets: &str,
     out: &std::path::Path,
-    sfu: Option<PathBuf>,
+    bins: &Binaries,
     rounds: usize,
 ) -> Result<(), String> {
     let s = load(scenario)?;
@@ -175,7 +192,6 @@ fn compare(
     if kinds.is_empty() {
         return Err("--targets: name at least one target".into());
     }
-    let sfu = sfu_path(sfu)?;
     print!("{}", plan(&s));
     let mut reports = Vec::new();
     for round in 0..rounds {
@@ -194,7 +210,7 @@ fn compare(
                 out.join(format!("round-{}", round + 1))
                     .join(compare::name(kind))
             };
-            reports.push(execute(&s, kind, site, &sfu, &dir)?);
+            reports.push(execute(&s, kind, site, bins, &dir)?);
         }
     }
     let c = compare::Compare::new(&s.name, reports, kinds.len());
@@ -213,12 +229,33 @@ fn load(path: &std::path::Path) -> Result<Scenario, String> {
     Scenario::load(path).map_err(|e| e.to_string())
 }
 
-fn sfu_path(sfu: Option<PathBuf>) -> Result<PathBuf, String> {
-    match sfu {
-        Some(p) => Ok(p),
+/// The binaries the bench starts: given, or next to balie-bench.
+struct Binaries {
+    sfu: Option<PathBuf>,
+    transcoder: Option<PathBuf>,
+}
+
+impl Binaries {
+    fn new(sfu: Option<PathBuf>, transcoder: Option<PathBuf>) -> Binaries {
+        Binaries { sfu, transcoder }
+    }
+
+    fn sfu(&self) -> Result<PathBuf, String> {
+        beside(&self.sfu, "balie-sfu")
+    }
+
+    fn transcoder(&self) -> Result<PathBuf, String> {
+        beside(&self.transcoder, "balie-transcoder")
+    }
+}
+
+/// `given`, or the binary `name` next to balie-bench.
+fn beside(given: &Option<PathBuf>, name: &str) -> Result<PathBuf, String> {
+    match given {
+        Some(p) => Ok(p.clone()),
         None => Ok(std::env::current_exe()
             .map_err(|e| e.to_string())?
-            .with_file_name("balie-sfu")),
+            .with_file_name(name)),
     }
 }
 
@@ -232,12 +269,21 @@ fn execute(
     s: &Scenario,
     kind: scenario::TargetKind,
     site: site::Site,
-    sfu: &std::path::Path,
+    bins: &Binaries,
     out: &std::path::Path,
 ) -> Result<report::Report, String> {
     let threads = s.target.threads;
     let mut target: Box<dyn run::Target> = match kind {
-        scenario::TargetKind::Balie => Box::new(run::BalieTarget::start(sfu, threads, site)?),
+        scenario::TargetKind::Balie => {
+            let transcoder = bins.transcoder()?;
+            let offload = Some((transcoder.as_path(), s.target.offload_workers));
+            Box::new(run::BalieTarget::start(
+                &bins.sfu()?,
+                threads,
+                site,
+                offload,
+            )?)
+        }
         scenario::TargetKind::Janus => Box::new(run::JanusTarget::start(threads, site)?),
     };
     report_into(s, target.as_mut(), out)
@@ -250,7 +296,8 @@ fn report_into(
     out: &std::path::Path,
 ) -> Result<report::Report, String> {
     let outcome = run::run(s, target)?;
-    let mut r = report::build(&s.name, target.name(), s.participants.len(), &outcome);
+    let roles: Vec<&str> = s.participants.iter().map(|p| p.role.as_str()).collect();
+    let mut r = report::build(&s.name, target.name(), &roles, &outcome);
     r.server_measured = target.pid().is_some();
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     write(
@@ -391,6 +438,12 @@ fn plan(s: &Scenario) -> String {
     out += &format!(
         "at full load: {sent:.0} packets/s into the server, {forwarded:.0} packets/s forwarded\n"
     );
+    if s.target.offload_workers > 0 {
+        out += &format!(
+            "with {} balie-transcoder workers making lower layers of single-layer video\n",
+            s.target.offload_workers
+        );
+    }
     if let Some(r) = &s.ramp {
         out += &format!(
             "ramp: from {} calls, {} more every {}, up to {}, while loss <= {}%, p99 latency <= {} ms, freezes <= {}\n",

@@ -159,6 +159,12 @@ pub struct Report {
     /// Ramp mode only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ramp: Option<Ramp>,
+    /// The scenario's participants one by one (the same place in every
+    /// call): a weak link's freezes are not lost among the good ones.
+    pub by_member: Vec<MemberSummary>,
+    /// The balie-transcoder workers the bench started, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<crate::workers::WorkersReport>,
     /// Every participant's figures, written apart (`participants.json`).
     #[serde(skip)]
     pub per_participant: Vec<ParticipantRow>,
@@ -180,8 +186,9 @@ pub fn saturated(bench_cpu_pct: f64, machine_cpu_pct: Option<f64>, late_sends_pc
         || late_sends_pct > LATE_SENDS_PCT
 }
 
-/// Aggregate a run.
-pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Report {
+/// Aggregate a run; `roles` are the scenario's participants in order.
+pub fn build(scenario: &str, target: &str, roles: &[&str], o: &Outcome) -> Report {
+    let per_call = roles.len();
     let (packets_forwarded, packets_forwarded_source) = match o.packets_sent {
         Some(n) => (n, "server"),
         None => (o.packets_received, "receivers"),
@@ -275,7 +282,35 @@ pub fn build(scenario: &str, target: &str, per_call: usize, o: &Outcome) -> Repo
                 .collect(),
         }),
         per_participant: participant_rows(s),
+        by_member: roles
+            .iter()
+            .enumerate()
+            .map(|(member, role)| {
+                let of = || s.iter().filter(|p| p.member == member);
+                MemberSummary {
+                    member,
+                    role: role.to_string(),
+                    freezes: of().map(|p| p.freezes).sum(),
+                    frames_received: of().map(|p| p.frames_received).sum(),
+                    loss_pct: loss_pct(of().map(|p| p.lost).sum(), of().map(|p| p.expected).sum()),
+                    layer_switches: of().map(|p| p.layer_switches).sum(),
+                }
+            })
+            .collect(),
+        workers: o.workers.clone(),
     }
+}
+
+/// One place of the scenario's calls (participant N of every call).
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberSummary {
+    pub member: usize,
+    pub role: String,
+    pub freezes: u64,
+    pub frames_received: u64,
+    pub loss_pct: f64,
+    /// Layer switches it saw, over all calls.
+    pub layer_switches: u64,
 }
 
 /// One participant's figures, a row of `participants.json`.
@@ -463,6 +498,29 @@ pub fn markdown(r: &Report) -> String {
     let mut out = format!("| {} | |\n| --- | --- |\n", r.scenario);
     for (k, v) in rows {
         out += &format!("| {k} | {v} |\n");
+    }
+    if let Some(w) = &r.workers {
+        out += &format!(
+            "| transcoder workers | {}: {:.2} CPU s over the hold ({:.2} cores), {:.1} MiB; \
+             {:.0} sessions opened, {:.0} frames in, {:.0} out, {:.0} dropped |\n",
+            w.count,
+            w.cpu_seconds,
+            w.cpu_cores,
+            w.rss_bytes as f64 / 1048576.0,
+            w.counts.sessions_opened,
+            w.counts.frames_in,
+            w.counts.frames_out,
+            w.counts.frames_dropped
+        );
+    }
+    if r.by_member.len() > 1 {
+        out += "\n| participant | freezes | video frames received | loss | layer switches |\n| --- | --- | --- | --- | --- |\n";
+        for m in &r.by_member {
+            out += &format!(
+                "| {} ({}) | {} | {} | {:.2}% | {} |\n",
+                m.member, m.role, m.freezes, m.frames_received, m.loss_pct, m.layer_switches
+            );
+        }
     }
     if let Some(ramp) = &r.ramp {
         out += &format!(

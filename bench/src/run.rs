@@ -17,6 +17,7 @@ use crate::media::{make_clip, Clip};
 use crate::participant::{ClipIndex, Clocks, Dialect, FrameIndex, Participant, Seat, Stats};
 use crate::scenario::Scenario;
 use crate::site::Site;
+use crate::workers::Workers;
 
 /// Seconds of clip each profile loops.
 const CLIP_SECONDS: u32 = 4;
@@ -31,8 +32,9 @@ pub struct Balie {
 }
 
 impl Balie {
-    /// Start `binary` in `site` with `threads` shards.
-    pub fn start(binary: &Path, threads: usize, site: &Site) -> Result<Balie, String> {
+    /// Start `binary` in `site` with `threads` shards; `extra` goes at the
+    /// end of its config (`[offload]` for workers).
+    pub fn start(binary: &Path, threads: usize, site: &Site, extra: &str) -> Result<Balie, String> {
         let dir = std::env::temp_dir().join(format!("balie-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let nanos = std::time::SystemTime::now()
@@ -44,7 +46,7 @@ impl Balie {
             &config,
             format!(
                 "http = \"{ip}:0\"\n[media]\nudp_bind = \"{ip}\"\nshards = {threads}\n\
-                 [auth]\nhs256_secret = \"{secret}\"\n[drain]\ntimeout = \"1s\"\n",
+                 [auth]\nhs256_secret = \"{secret}\"\n[drain]\ntimeout = \"1s\"\n{extra}",
                 ip = site.server_ip
             ),
         )
@@ -193,6 +195,8 @@ pub struct Outcome {
     pub steps: Vec<(crate::report::Step, bool)>,
     /// The run over time, once a second.
     pub timeline: Vec<Sample>,
+    /// The transcoder workers, when the bench started some.
+    pub workers: Option<crate::workers::WorkersReport>,
 }
 
 /// Sum of a Prometheus metric's series whose line starts with `prefix`.
@@ -202,6 +206,11 @@ fn metric(http: &reqwest::blocking::Client, url: &str, prefix: &str) -> f64 {
         .send()
         .and_then(|r| r.text())
         .unwrap_or_default();
+    sum_metric(&text, prefix)
+}
+
+/// Sum of the samples in Prometheus `text` whose line starts with `prefix`.
+pub fn sum_metric(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -260,23 +269,58 @@ pub trait Target {
     fn receive_dropped(&self) -> Option<f64> {
         None
     }
+    /// balie-transcoder workers beside the server, when the bench started
+    /// some (`target.offload_workers`).
+    fn workers(&self) -> Option<&Workers> {
+        None
+    }
 }
 
 /// balie-sfu, joined through `POST /v1/rooms/{room}/sessions` with tokens.
 pub struct BalieTarget {
-    // Fields drop in order: the server goes before its namespace.
+    // Fields drop in order: the server goes before its workers, and both
+    // before their namespace.
     server: Balie,
+    workers: Option<Workers>,
     http: reqwest::blocking::Client,
     site: Site,
 }
 
 impl BalieTarget {
-    pub fn start(binary: &Path, threads: usize, site: Site) -> Result<BalieTarget, String> {
-        Ok(BalieTarget {
-            server: Balie::start(binary, threads, &site)?,
+    /// Start `binary` with `threads` shards in `site`, and `offload` = (the
+    /// balie-transcoder binary, how many) workers beside it when asked.
+    pub fn start(
+        binary: &Path,
+        threads: usize,
+        site: Site,
+        offload: Option<(&Path, usize)>,
+    ) -> Result<BalieTarget, String> {
+        let workers = match offload {
+            Some((transcoder, n)) if n > 0 => Some(Workers::start(transcoder, n, &site)?),
+            _ => None,
+        };
+        let extra = workers.as_ref().map_or("", |w| w.config.as_str());
+        let target = BalieTarget {
+            server: Balie::start(binary, threads, &site, extra)?,
+            workers,
             http: reqwest::blocking::Client::new(),
             site,
-        })
+        };
+        if let Some(w) = &target.workers {
+            // Every shard connects to every worker before the calls start.
+            let want = (w.len() * threads) as f64;
+            let start = Instant::now();
+            while metric(&target.http, &target.server.url, "balie_offload_workers_up") < want {
+                if start.elapsed() > Duration::from_secs(20) {
+                    return Err(format!(
+                        "balie-sfu did not connect to its {} transcoder workers within 20 s",
+                        w.len()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(target)
     }
 
     /// A balie-sfu already running at `url` (the participants bind to the
@@ -284,6 +328,7 @@ impl BalieTarget {
     pub fn external(url: &str, secret: String, pid: Option<u32>) -> Result<BalieTarget, String> {
         Ok(BalieTarget {
             server: Balie::external(url, secret, pid),
+            workers: None,
             http: reqwest::blocking::Client::new(),
             site: Site::towards(url)?,
         })
@@ -353,6 +398,10 @@ impl Target for BalieTarget {
 
     fn receive_dropped(&self) -> Option<f64> {
         Some(metric(&self.http, &self.server.url, DROPPED))
+    }
+
+    fn workers(&self) -> Option<&Workers> {
+        self.workers.as_ref()
     }
 }
 
@@ -600,6 +649,13 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
     let timeline = std::mem::take(&mut line.samples);
     let server_rss_bytes = rss_bytes(pid);
     let server_receive_dropped = target.receive_dropped();
+    let workers = target.workers().map(|w| crate::workers::WorkersReport {
+        count: w.len(),
+        cpu_seconds: used.workers_cpu,
+        cpu_cores: used.workers_cpu / used.seconds.max(1e-9),
+        rss_bytes: w.pids().into_iter().map(|p| rss_bytes(Some(p))).sum(),
+        counts: w.counts(&reqwest::blocking::Client::new()),
+    });
     stop.store(true, Ordering::Relaxed);
     drop(senders);
     let mut stats = Vec::new();
@@ -626,12 +682,15 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
         server_receive_dropped,
         packets_received: used.received,
         media_packets_received: used.media,
+        workers,
     })
 }
 
 /// What the server used over the hold (or the last ramp step).
 struct Used {
     cpu: f64,
+    /// The transcoder workers' CPU over the same window.
+    workers_cpu: f64,
     /// The bench's own CPU over the same window.
     bench_cpu: f64,
     /// How long the window was.
@@ -656,6 +715,9 @@ fn hold(
     let pid = target.pid();
     let before = progress.snapshot();
     let cpu0 = cpu_seconds(pid);
+    let worker_pids = target.workers().map(Workers::pids).unwrap_or_default();
+    let workers_cpu = || -> f64 { worker_pids.iter().map(|p| cpu_seconds(Some(*p))).sum() };
+    let workers0 = workers_cpu();
     let bench0 = cpu_seconds(Some(std::process::id()));
     let out0 = target.packets_out();
     let t0 = Instant::now();
@@ -665,6 +727,7 @@ fn hold(
         line.tick(calls);
     }
     let cpu = cpu_seconds(pid) - cpu0;
+    let workers_cpu = workers_cpu() - workers0;
     let bench_cpu = cpu_seconds(Some(std::process::id())) - bench0;
     let seconds = t0.elapsed().as_secs_f64();
     let sent = match (target.packets_out(), out0) {
@@ -676,6 +739,7 @@ fn hold(
     let after = progress.snapshot();
     let used = Used {
         cpu,
+        workers_cpu,
         bench_cpu,
         seconds,
         sent,

@@ -7,6 +7,7 @@
 //! [target]
 //! kind = "balie"            # or "janus"
 //! threads = 2               # the server's shards / Janus' event loops
+//! # offload_workers = 1            # balie-transcoder workers beside balie-sfu
 //! # url = "http://10.0.0.5:8080"   # an external balie (secret from $BALIE_BENCH_SECRET)
 //! # pid = 12345                    # its process, if on this machine
 //! [calls]
@@ -91,7 +92,17 @@ pub struct Target {
     /// shards, Janus' event loops). Default 2.
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// balie-transcoder workers the bench starts beside the balie-sfu it
+    /// starts (each `balie-transcoder serve` with development
+    /// certificates, in the same place), named in the SFU's `[offload]`:
+    /// single-layer video then gets lower layers for subscribers who need
+    /// less. Default 0: no offload.
+    #[serde(default)]
+    pub offload_workers: usize,
 }
+
+/// The most workers a scenario may start.
+pub const MAX_OFFLOAD_WORKERS: usize = 16;
 
 fn default_threads() -> usize {
     2
@@ -326,6 +337,23 @@ impl Scenario {
                 );
             }
         }
+        if self.target.offload_workers > 0 {
+            if self.target.kind != TargetKind::Balie {
+                return Err("target.offload_workers: only balie has transcoder workers".into());
+            }
+            if self.target.url.is_some() {
+                return Err(
+                    "target.offload_workers: the bench starts workers for a balie-sfu it starts; give an external one its own [offload]"
+                        .into(),
+                );
+            }
+            if self.target.offload_workers > MAX_OFFLOAD_WORKERS {
+                return Err(format!(
+                    "target.offload_workers: at most {MAX_OFFLOAD_WORKERS}, not {}",
+                    self.target.offload_workers
+                ));
+            }
+        }
         if self.calls.count == 0 {
             return Err("calls.count: at least 1".into());
         }
@@ -456,6 +484,7 @@ mod tests {
     fn a_scenario_reads_with_defaults() {
         let s = Scenario::parse(GOOD, "t").expect("valid");
         assert_eq!(s.target.threads, 2);
+        assert_eq!(s.target.offload_workers, 0);
         assert_eq!(s.calls.duration, Duration::from_secs(3));
         assert_eq!(s.participants[0].link.jitter, Duration::from_millis(30));
         assert_eq!(s.quality, Quality::default());
@@ -516,6 +545,21 @@ mod tests {
                     "media = \"audio\"\naudio_frame = \"15ms\"",
                 ),
                 "participant[1].audio_frame",
+            ),
+            (
+                GOOD.replace("kind = \"balie\"", "kind = \"janus\"\noffload_workers = 1"),
+                "only balie has transcoder workers",
+            ),
+            (
+                GOOD.replace(
+                    "kind = \"balie\"",
+                    "kind = \"balie\"\nurl = \"http://x:1\"\noffload_workers = 1",
+                ),
+                "its own [offload]",
+            ),
+            (
+                GOOD.replace("kind = \"balie\"", "kind = \"balie\"\noffload_workers = 17"),
+                "at most 16",
             ),
         ];
         for (text, needle) in cases {

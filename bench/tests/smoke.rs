@@ -6,22 +6,25 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn sfu_binary() -> PathBuf {
+/// A binary of the workspace's debug build.
+fn binary(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("debug/balie-sfu")
+    target.join("debug").join(name)
 }
 
-/// Run `balie-bench COMMAND --scenario S --out OUT --sfu ... EXTRA`; its
-/// stdout, once it has succeeded.
+/// Run `balie-bench COMMAND --scenario S --out OUT --sfu ... --transcoder
+/// ... EXTRA`; its stdout, once it has succeeded.
 fn bench(command: &str, scenario: &Path, out: &Path, extra: &[&str]) -> String {
-    let sfu = sfu_binary();
-    assert!(
-        sfu.exists(),
-        "{} is missing: build it first (cargo build -p balie-sfu; scripts/test does)",
-        sfu.display()
-    );
+    let (sfu, transcoder) = (binary("balie-sfu"), binary("balie-transcoder"));
+    for b in [&sfu, &transcoder] {
+        assert!(
+            b.exists(),
+            "{} is missing: build it first (cargo build --workspace; scripts/test does)",
+            b.display()
+        );
+    }
     let run = Command::new(env!("CARGO_BIN_EXE_balie-bench"))
         .arg(command)
         .arg("--scenario")
@@ -30,6 +33,8 @@ fn bench(command: &str, scenario: &Path, out: &Path, extra: &[&str]) -> String {
         .arg(out)
         .arg("--sfu")
         .arg(&sfu)
+        .arg("--transcoder")
+        .arg(&transcoder)
         .args(extra)
         .output()
         .expect("balie-bench runs");
@@ -230,6 +235,46 @@ fn audio_lost_before_the_server_counts_as_loss() {
     assert!((7.0..=13.0).contains(&loss), "loss {loss}%: {r}");
 }
 
+/// `target.offload_workers`: the bench starts a balie-transcoder worker
+/// beside balie-sfu; the citizen sends one 720p layer and the interpreter's
+/// 800 kbit/s link cannot carry it, so the SFU opens a worker session per
+/// call and the interpreter switches to a worker's smaller layer. The
+/// report counts the worker's sessions and frames and each place's figures.
+#[test]
+fn offload_workers_make_layers_a_weak_link_switches_to() {
+    let r = run_text(
+        "offload",
+        "name = \"offload\"\n[target]\nkind = \"balie\"\noffload_workers = 1\n\
+         [calls]\ncount = 2\njoin_rate = 10.0\nduration = \"10s\"\n\
+         [[participant]]\nrole = \"citizen\"\nmedia = \"single\"\n\
+         [[participant]]\nrole = \"official\"\nmedia = \"audio\"\n\
+         [[participant]]\nrole = \"interpreter\"\nmedia = \"audio\"\n\
+         link = { rate_kbps = 800, latency = \"20ms\" }\n",
+    );
+    assert_eq!(r["calls_held"], 2, "{r}");
+    let w = &r["workers"];
+    let f = |k: &str| w[k].as_f64().unwrap_or_else(|| panic!("workers.{k}: {r}"));
+    assert_eq!(w["count"], 1, "{r}");
+    assert_eq!(f("sessions_opened"), 2.0, "a session per call: {r}");
+    assert!(f("frames_in") > 100.0 && f("frames_out") > 200.0, "{r}");
+    assert!(
+        f("cpu_seconds") > 0.0 && w["rss_bytes"].as_u64() > Some(0),
+        "{r}"
+    );
+    let members = r["by_member"].as_array().expect("by_member");
+    assert_eq!(members.len(), 3, "{r}");
+    let interpreter = &members[2];
+    assert_eq!(interpreter["role"], "interpreter");
+    // From the source's size to a worker layer's, in each call.
+    assert!(
+        interpreter["layer_switches"].as_u64() >= Some(2),
+        "{interpreter}"
+    );
+    // The official, on a good link, keeps the source.
+    assert_eq!(members[1]["layer_switches"], 0, "{r}");
+    assert!(members[1]["frames_received"].as_u64() > Some(400), "{r}");
+}
+
 /// The Janus adapter and `compare`: one small scenario against balie-sfu
 /// and Janus 1.1 (apt package janus), each in a network namespace the bench
 /// makes (needs root, as CI has), in two rounds whose figures are pooled.
@@ -359,7 +404,7 @@ fn a_run_against_an_external_balie_uses_its_url_and_secret() {
         ),
     )
     .expect("config");
-    let mut sfu = Command::new(sfu_binary())
+    let mut sfu = Command::new(binary("balie-sfu"))
         .arg("--config")
         .arg(&config)
         .stdout(std::process::Stdio::piped())
