@@ -654,7 +654,7 @@ pub fn run(scenario: &Scenario, target: &mut dyn Target) -> Result<Outcome, Stri
         cpu_seconds: used.workers_cpu,
         cpu_cores: used.workers_cpu / used.seconds.max(1e-9),
         rss_bytes: w.pids().into_iter().map(|p| rss_bytes(Some(p))).sum(),
-        counts: w.counts(&reqwest::blocking::Client::new()),
+        counts: w.counts(),
     });
     stop.store(true, Ordering::Relaxed);
     drop(senders);

@@ -16,6 +16,7 @@ use crate::site::Site;
 pub struct Workers {
     children: Vec<Child>,
     metrics: Vec<String>,
+    http: reqwest::blocking::Client,
     dir: PathBuf,
     /// The SFU's `[offload]` section for them.
     pub config: String,
@@ -91,6 +92,10 @@ impl Workers {
         let mut workers = Workers {
             children: Vec::new(),
             metrics: Vec::new(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .map_err(|e| e.to_string())?,
             dir,
             config: String::new(),
         };
@@ -142,14 +147,15 @@ impl Workers {
             quic.push(format!("\"{listen}\""));
             logs.push(log);
         }
-        let http = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| e.to_string())?;
         for (i, url) in workers.metrics.iter().enumerate() {
             let start = Instant::now();
             loop {
-                if http.get(url).send().is_ok_and(|r| r.status().is_success()) {
+                if workers
+                    .http
+                    .get(url)
+                    .send()
+                    .is_ok_and(|r| r.status().is_success())
+                {
                     break;
                 }
                 if let Ok(Some(status)) = workers.children[i].try_wait() {
@@ -187,10 +193,11 @@ impl Workers {
     }
 
     /// What they did so far (a worker that does not answer counts 0).
-    pub fn counts(&self, http: &reqwest::blocking::Client) -> WorkerCounts {
+    pub fn counts(&self) -> WorkerCounts {
         let mut c = WorkerCounts::default();
         for url in &self.metrics {
-            let text = http
+            let text = self
+                .http
                 .get(url)
                 .send()
                 .and_then(|r| r.text())
