@@ -67,6 +67,9 @@ pub struct Stats {
     /// VP8 keyframe differs from the one before): the simulcast layer
     /// switches this participant saw.
     pub layer_switches: u64,
+    /// Video keyframes received, by their height in lines (the VP8 frame
+    /// header): which layers reached this participant.
+    pub keyframes_by_height: std::collections::BTreeMap<u16, u64>,
     /// Media sends (audio packets, video frames) that left over
     /// [`LATE_SEND`] behind their schedule: the generator fell behind.
     pub late_sends: u64,
@@ -128,6 +131,9 @@ impl Stats {
         self.jitter_sum += o.jitter_sum;
         self.jitter_n += o.jitter_n;
         self.layer_switches += o.layer_switches;
+        for (h, n) in o.keyframes_by_height {
+            *self.keyframes_by_height.entry(h).or_default() += n;
+        }
         self.late_sends += o.late_sends;
         self.max_send_lag = self.max_send_lag.max(o.max_send_lag);
         self.freezes += o.freezes;
@@ -695,6 +701,7 @@ impl Participant {
                     if track.size.is_some_and(|s| s != size) {
                         self.stats.layer_switches += 1;
                     }
+                    *self.stats.keyframes_by_height.entry(size.1).or_default() += 1;
                     track.size = Some(size);
                 }
                 if let Some(last) = track.last_frame {

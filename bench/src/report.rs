@@ -294,6 +294,12 @@ pub fn build(scenario: &str, target: &str, roles: &[&str], o: &Outcome) -> Repor
                     frames_received: of().map(|p| p.frames_received).sum(),
                     loss_pct: loss_pct(of().map(|p| p.lost).sum(), of().map(|p| p.expected).sum()),
                     layer_switches: of().map(|p| p.layer_switches).sum(),
+                    keyframes_by_height: of().fold(Default::default(), |mut all, p| {
+                        for (h, n) in &p.keyframes_by_height {
+                            *all.entry(*h).or_default() += n;
+                        }
+                        all
+                    }),
                 }
             })
             .collect(),
@@ -311,6 +317,8 @@ pub struct MemberSummary {
     pub loss_pct: f64,
     /// Layer switches it saw, over all calls.
     pub layer_switches: u64,
+    /// Video keyframes it received by height in lines, over all calls.
+    pub keyframes_by_height: std::collections::BTreeMap<u16, u64>,
 }
 
 /// One participant's figures, a row of `participants.json`.
@@ -514,11 +522,23 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     if r.by_member.len() > 1 {
-        out += "\n| participant | freezes | video frames received | loss | layer switches |\n| --- | --- | --- | --- | --- |\n";
+        out += "\n| participant | freezes | video frames received | loss | layer switches | keyframes by height |\n| --- | --- | --- | --- | --- | --- |\n";
         for m in &r.by_member {
+            let heights: Vec<String> = m
+                .keyframes_by_height
+                .iter()
+                .rev()
+                .map(|(h, n)| format!("{h}p: {n}"))
+                .collect();
             out += &format!(
-                "| {} ({}) | {} | {} | {:.2}% | {} |\n",
-                m.member, m.role, m.freezes, m.frames_received, m.loss_pct, m.layer_switches
+                "| {} ({}) | {} | {} | {:.2}% | {} | {} |\n",
+                m.member,
+                m.role,
+                m.freezes,
+                m.frames_received,
+                m.loss_pct,
+                m.layer_switches,
+                heights.join(", ")
             );
         }
     }

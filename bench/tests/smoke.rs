@@ -265,13 +265,28 @@ fn offload_workers_make_layers_a_weak_link_switches_to() {
     assert_eq!(members.len(), 3, "{r}");
     let interpreter = &members[2];
     assert_eq!(interpreter["role"], "interpreter");
-    // From the source's size to a worker layer's, in each call.
+    // A worker's layers (640x360, 320x180) reached the interpreters:
+    // keyframes of those heights, and a switch from the source's (none
+    // where an interpreter's first picture was already a worker's).
+    let heights = |m: &serde_json::Value| -> Vec<u64> {
+        m["keyframes_by_height"]
+            .as_object()
+            .map(|o| o.keys().filter_map(|k| k.parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    let small: u64 = ["360", "180"]
+        .iter()
+        .filter_map(|h| interpreter["keyframes_by_height"][h].as_u64())
+        .sum();
+    assert!(small >= 2, "{interpreter}");
     assert!(
-        interpreter["layer_switches"].as_u64() >= Some(2),
+        interpreter["layer_switches"].as_u64() >= Some(1),
         "{interpreter}"
     );
-    // The official, on a good link, keeps the source.
-    assert_eq!(members[1]["layer_switches"], 0, "{r}");
+    // The official, on a good link, gets the source (and, while its
+    // estimate climbs after the join, may take a worker's layer too, as a
+    // new subscriber of simulcast starts low).
+    assert!(heights(&members[1]).contains(&720), "{r}");
     assert!(members[1]["frames_received"].as_u64() > Some(400), "{r}");
 }
 

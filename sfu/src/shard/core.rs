@@ -190,7 +190,7 @@ pub enum ShardOutput {
 }
 
 mod captions;
-mod transcode;
+pub(crate) mod transcode;
 pub use self::transcode::SOURCE;
 
 /// A frame to write into a track's subscribers: one its publisher sent, or
@@ -1465,6 +1465,7 @@ impl ShardCore {
                     .decided_at
                     .is_none_or(|t| now >= t + DECIDE_EVERY);
             let budget = if due { sub.video_budget(now) } else { 0 };
+            let losing = sub.loss.cap(now).is_some();
             let loss = sub.loss.window_loss();
             let carried = due && sub.carried(now);
             let span = &sub.span;
@@ -1490,7 +1491,7 @@ impl ShardCore {
                         None => super::layers::cap_for_display(&measured, out.display_height),
                     };
                     if let Some(o) = track.offload.as_mut() {
-                        transcode::note_need(o, out, now, budget, &measured);
+                        transcode::note_need(o, out, now, (budget, losing), &measured);
                     }
                     let before = out.choice.target.or(out.choice.current);
                     if active.is_empty() {

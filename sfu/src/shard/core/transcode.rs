@@ -5,7 +5,8 @@
 //! subscriber needs less than the source (its display is at most two
 //! thirds of the source's height for [`OPEN_AFTER_DISPLAY`], or its
 //! bandwidth budget is below the source's bitrate for
-//! [`OPEN_AFTER_BUDGET`]), the shard opens a session on a transcoder worker
+//! [`OPEN_AFTER_BUDGET`], or as long as the display's wait while it loses
+//! much of what it is sent), the shard opens a session on a transcoder worker
 //! through its pool and sends it the source frames. The worker's layers
 //! come back as layers `w1`, `w2`, ... (lowest first), measured and chosen
 //! by the same [`super::super::layers::LayerChoice`] as a simulcast
@@ -49,7 +50,13 @@ const WORKER: [Rid; 4] = [
 pub const OPEN_AFTER_DISPLAY: Duration = Duration::from_secs(1);
 /// A subscriber whose budget is below the source needs a lower layer after
 /// this long. Longer than for the display: a new subscriber's estimate
-/// starts at 600 kbit/s and climbs over the first seconds of a call.
+/// starts at 600 kbit/s and climbs over the first seconds of a call. A
+/// subscriber whose budget the loss it sees has capped
+/// ([`crate::shard::layers::LossWatch`]) is not still climbing: its link
+/// cannot carry the source, and it waits only [`OPEN_AFTER_DISPLAY`] (on an
+/// 800 kbit/s link in balie-bench's `configs/bench/offload.toml` this
+/// halved what the subscriber lost in its first seconds; docs/benchmarks.md,
+/// 2026-12-01).
 pub const OPEN_AFTER_BUDGET: Duration = Duration::from_secs(3);
 /// A worker session nobody has needed for this long is closed.
 pub const CLOSE_AFTER: Duration = Duration::from_secs(10);
@@ -99,12 +106,13 @@ pub(super) fn cap_for_display<'a>(
 }
 
 /// Note whether subscriber `out` needs less than the source (see the
-/// module's doc); `measured` are the track's active layers.
+/// module's doc); `measured` are the track's active layers, `losing`
+/// whether the loss the subscriber sees caps its budget now.
 pub(super) fn note_need(
     o: &mut Offloaded,
     out: &mut TrackOut,
     now: Instant,
-    budget: u64,
+    (budget, losing): (u64, bool),
     measured: &[(Rid, u64)],
 ) {
     let wanted = out.choice.target.or(out.choice.current);
@@ -120,7 +128,7 @@ pub(super) fn note_need(
         return;
     }
     let since = *out.need_since.get_or_insert(now);
-    let wait = if by_display {
+    let wait = if by_display || losing {
         OPEN_AFTER_DISPLAY
     } else {
         OPEN_AFTER_BUDGET
@@ -404,7 +412,8 @@ mod tests {
     }
 
     #[test]
-    fn a_small_display_needs_a_layer_after_a_second_and_a_big_one_never() {
+    fn a_small_display_or_a_losing_link_needs_a_layer_after_a_second_a_slow_one_after_three_a_big_one_never(
+    ) {
         let t0 = Instant::now();
         let ms = |m: u64| t0 + Duration::from_millis(m);
         let mut o = Offloaded::default();
@@ -417,24 +426,32 @@ mod tests {
             false,
         );
         out.display_height = Some(360);
-        note_need(&mut o, &mut out, ms(0), 10_000_000, &measured);
+        note_need(&mut o, &mut out, ms(0), (10_000_000, false), &measured);
         assert_eq!(o.needed_at, None);
-        note_need(&mut o, &mut out, ms(1000), 10_000_000, &measured);
+        note_need(&mut o, &mut out, ms(1000), (10_000_000, false), &measured);
         assert_eq!(o.needed_at, Some(ms(1000)));
         // Shown large on a fast link: no need.
         let mut o = Offloaded::default();
         out.display_height = Some(720);
         out.need_since = None;
         for t in [0, 2000, 4000] {
-            note_need(&mut o, &mut out, ms(t), 10_000_000, &measured);
+            note_need(&mut o, &mut out, ms(t), (10_000_000, false), &measured);
         }
         assert_eq!(o.needed_at, None);
         // A slow link: after OPEN_AFTER_BUDGET.
-        note_need(&mut o, &mut out, ms(5000), 800_000, &measured);
-        note_need(&mut o, &mut out, ms(7000), 800_000, &measured);
+        note_need(&mut o, &mut out, ms(5000), (800_000, false), &measured);
+        note_need(&mut o, &mut out, ms(7000), (800_000, false), &measured);
         assert_eq!(o.needed_at, None);
-        note_need(&mut o, &mut out, ms(8000), 800_000, &measured);
+        note_need(&mut o, &mut out, ms(8000), (800_000, false), &measured);
         assert_eq!(o.needed_at, Some(ms(8000)));
+        // A slow link that loses much of what it is sent: after a second.
+        let mut o = Offloaded::default();
+        out.need_since = None;
+        note_need(&mut o, &mut out, ms(0), (500_000, true), &measured);
+        note_need(&mut o, &mut out, ms(900), (500_000, true), &measured);
+        assert_eq!(o.needed_at, None);
+        note_need(&mut o, &mut out, ms(1000), (500_000, true), &measured);
+        assert_eq!(o.needed_at, Some(ms(1000)));
         // A 360-line source shown at 360: no need, whatever the default.
         let mut o = Offloaded {
             source_height: Some(360),
@@ -443,7 +460,7 @@ mod tests {
         out.display_height = Some(360);
         out.need_since = None;
         for t in [0, 2000, 4000] {
-            note_need(&mut o, &mut out, ms(t), 10_000_000, &measured);
+            note_need(&mut o, &mut out, ms(t), (10_000_000, false), &measured);
         }
         assert_eq!(o.needed_at, None);
     }
