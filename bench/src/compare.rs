@@ -157,7 +157,10 @@ impl Compare {
                 "audio jitter ms (p50 / p99)",
                 Box::new(|r| format!("{:.1} / {:.1}", r.jitter_ms.p50, r.jitter_ms.p99)),
             ),
-            ("freezes (> 500 ms)", Box::new(|r| r.freezes.to_string())),
+            (
+                "freezes (> 500 ms; time frozen)",
+                Box::new(|r| format!("{}; {:.1} s", r.freezes, r.frozen_s)),
+            ),
             (
                 "layer switches (all)",
                 Box::new(|r| r.layer_switches_total.to_string()),

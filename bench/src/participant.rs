@@ -75,8 +75,12 @@ pub struct Stats {
     pub late_sends: u64,
     /// The most any media send was behind its schedule.
     pub max_send_lag: Duration,
-    /// Gaps over [`FREEZE`] between video frames of one track.
+    /// Gaps over [`FREEZE`] between video frames of one track, and at the
+    /// end of the run since a track's last frame (a track that stopped
+    /// for good is one freeze, as long as it lasted).
     pub freezes: u64,
+    /// The time those gaps lasted, in all.
+    pub frozen: Duration,
     /// End-to-end video frame latency, milliseconds.
     pub latencies_ms: Vec<f32>,
     /// Packets lost and expected: video from str0m's receiver statistics
@@ -104,6 +108,14 @@ fn both_done(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 pub const LATE_SEND: Duration = Duration::from_millis(20);
 
 impl Stats {
+    /// A gap between video frames of one track: a freeze over [`FREEZE`].
+    fn gap(&mut self, gap: Duration) {
+        if gap > FREEZE {
+            self.freezes += 1;
+            self.frozen += gap;
+        }
+    }
+
     fn send_lag(&mut self, lag: Duration) {
         if lag > LATE_SEND {
             self.late_sends += 1;
@@ -137,6 +149,7 @@ impl Stats {
         self.late_sends += o.late_sends;
         self.max_send_lag = self.max_send_lag.max(o.max_send_lag);
         self.freezes += o.freezes;
+        self.frozen += o.frozen;
         self.latencies_ms.extend(o.latencies_ms);
         self.lost += o.lost;
         self.expected += o.expected;
@@ -705,9 +718,7 @@ impl Participant {
                     track.size = Some(size);
                 }
                 if let Some(last) = track.last_frame {
-                    if now.saturating_duration_since(last) > FREEZE {
-                        self.stats.freezes += 1;
-                    }
+                    self.stats.gap(now.saturating_duration_since(last));
                 }
                 track.last_frame = Some(now);
                 // Which frame of the clip, sent when?
@@ -908,8 +919,14 @@ impl Participant {
 
     /// Leave the call.
     pub fn leave(&mut self) {
-        self.send_json(&serde_json::json!({"type": "leave"}));
         let now = Instant::now();
+        // A track whose frames stopped before the end froze until it.
+        for t in self.tracks.values() {
+            if let Some(last) = t.last_frame {
+                self.stats.gap(now.saturating_duration_since(last));
+            }
+        }
+        self.send_json(&serde_json::json!({"type": "leave"}));
         self.poll(now);
         self.rtc.disconnect();
         self.closed = true;
@@ -957,6 +974,21 @@ mod tests {
         delta[0] |= 1;
         assert_eq!(vp8_keyframe_size(&delta), None);
         assert_eq!(vp8_keyframe_size(&key[..9]), None);
+    }
+
+    #[test]
+    fn a_gap_over_half_a_second_is_a_freeze_as_long_as_it_lasted() {
+        let mut s = Stats::default();
+        s.gap(Duration::from_millis(480));
+        assert_eq!((s.freezes, s.frozen), (0, Duration::ZERO));
+        s.gap(Duration::from_millis(800));
+        // A track that stopped 9 s before the end of the run.
+        s.gap(Duration::from_secs(9));
+        assert_eq!((s.freezes, s.frozen), (2, Duration::from_millis(9800)));
+        let mut all = Stats::default();
+        all.merge(s.clone());
+        all.merge(s);
+        assert_eq!((all.freezes, all.frozen), (4, Duration::from_millis(19600)));
     }
 
     #[test]

@@ -91,7 +91,11 @@ pub struct Report {
     /// Audio interarrival jitter per participant (RFC 3550, the mean of its
     /// estimate over the packets received), milliseconds.
     pub jitter_ms: Percentiles,
+    /// Gaps over 500 ms in a received video track, a track that stopped
+    /// before the end counting as one until the end.
     pub freezes: u64,
+    /// How long those gaps lasted, in all, seconds.
+    pub frozen_s: f64,
     /// Simulcast layer switches each participant saw (a received video
     /// track's keyframes changed size).
     pub layer_switches: Percentiles,
@@ -234,6 +238,7 @@ pub fn build(scenario: &str, target: &str, roles: &[&str], o: &Outcome) -> Repor
         loss_pct: loss_pct(lost, expected),
         jitter_ms: Percentiles::of(s.iter().filter_map(jitter_ms).collect()),
         freezes: sum(&|x| x.freezes),
+        frozen_s: s.iter().map(|p| p.frozen.as_secs_f64()).sum(),
         layer_switches: Percentiles::of(s.iter().map(|p| p.layer_switches as f64).collect()),
         layer_switches_total: sum(&|x| x.layer_switches),
         frames_sent: sum(&|x| x.frames_sent),
@@ -291,6 +296,7 @@ pub fn build(scenario: &str, target: &str, roles: &[&str], o: &Outcome) -> Repor
                     member,
                     role: role.to_string(),
                     freezes: of().map(|p| p.freezes).sum(),
+                    frozen_s: of().map(|p| p.frozen.as_secs_f64()).sum(),
                     frames_received: of().map(|p| p.frames_received).sum(),
                     loss_pct: loss_pct(of().map(|p| p.lost).sum(), of().map(|p| p.expected).sum()),
                     layer_switches: of().map(|p| p.layer_switches).sum(),
@@ -313,6 +319,7 @@ pub struct MemberSummary {
     pub member: usize,
     pub role: String,
     pub freezes: u64,
+    pub frozen_s: f64,
     pub frames_received: u64,
     pub loss_pct: f64,
     /// Layer switches it saw, over all calls.
@@ -337,6 +344,7 @@ pub struct ParticipantRow {
     pub loss_pct: f64,
     pub jitter_ms: Option<f64>,
     pub freezes: u64,
+    pub frozen_s: f64,
     pub layer_switches: u64,
     pub e2e_latency_ms: Percentiles,
 }
@@ -374,6 +382,7 @@ fn participant_rows(merged: &[Stats]) -> Vec<ParticipantRow> {
             loss_pct: loss_pct(p.lost, p.expected),
             jitter_ms: jitter_ms(p),
             freezes: p.freezes,
+            frozen_s: p.frozen.as_secs_f64(),
             layer_switches: p.layer_switches,
             e2e_latency_ms: Percentiles::of(p.latencies_ms.iter().map(|v| f64::from(*v)).collect()),
         })
@@ -422,7 +431,10 @@ pub fn markdown(r: &Report) -> String {
                 r.jitter_ms.p50, r.jitter_ms.p95, r.jitter_ms.p99
             ),
         ),
-        ("freezes (> 500 ms)", r.freezes.to_string()),
+        (
+            "freezes (> 500 ms; time frozen)",
+            format!("{}; {:.1} s", r.freezes, r.frozen_s),
+        ),
         (
             "layer switches per participant (p50 / p95 / p99; all)",
             format!("{}; {}", p(&r.layer_switches), r.layer_switches_total),
@@ -522,7 +534,7 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     if r.by_member.len() > 1 {
-        out += "\n| participant | freezes | video frames received | loss | layer switches | keyframes by height |\n| --- | --- | --- | --- | --- | --- |\n";
+        out += "\n| participant | freezes (time frozen) | video frames received | loss | layer switches | keyframes by height |\n| --- | --- | --- | --- | --- | --- |\n";
         for m in &r.by_member {
             let heights: Vec<String> = m
                 .keyframes_by_height
@@ -531,10 +543,11 @@ pub fn markdown(r: &Report) -> String {
                 .map(|(h, n)| format!("{h}p: {n}"))
                 .collect();
             out += &format!(
-                "| {} ({}) | {} | {} | {:.2}% | {} | {} |\n",
+                "| {} ({}) | {} ({:.1} s) | {} | {:.2}% | {} | {} |\n",
                 m.member,
                 m.role,
                 m.freezes,
+                m.frozen_s,
                 m.frames_received,
                 m.loss_pct,
                 m.layer_switches,
