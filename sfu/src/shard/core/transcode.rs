@@ -5,8 +5,8 @@
 //! subscriber needs less than the source (its display is at most two
 //! thirds of the source's height for [`OPEN_AFTER_DISPLAY`], or its
 //! bandwidth budget is below the source's bitrate for
-//! [`OPEN_AFTER_BUDGET`], or as long as the display's wait while it loses
-//! much of what it is sent), the shard opens a session on a transcoder worker
+//! [`OPEN_AFTER_BUDGET`], or for [`OPEN_AFTER_DISPLAY`] when the loss it
+//! sees caps that budget), the shard opens a session on a transcoder worker
 //! through its pool and sends it the source frames. The worker's layers
 //! come back as layers `w1`, `w2`, ... (lowest first), measured and chosen
 //! by the same [`super::super::layers::LayerChoice`] as a simulcast
@@ -412,8 +412,7 @@ mod tests {
     }
 
     #[test]
-    fn a_small_display_or_a_losing_link_needs_a_layer_after_a_second_a_slow_one_after_three_a_big_one_never(
-    ) {
+    fn a_layer_is_needed_after_1_s_for_a_small_display_or_loss_3_s_for_a_low_budget() {
         let t0 = Instant::now();
         let ms = |m: u64| t0 + Duration::from_millis(m);
         let mut o = Offloaded::default();
