@@ -229,16 +229,19 @@ impl Metrics {
     }
 }
 
-/// Serve `metrics` on `GET /metrics` (`serve --metrics ADDR`) until the
-/// runtime stops.
+/// Serve `metrics` on `GET /metrics` (`serve --metrics ADDR`), and
+/// `GET /healthz` ("ok": the process answers, for a liveness probe), until
+/// the runtime stops.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let m = metrics.clone();
-            async move { m.render() }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
     let _ = axum::serve(listener, app).await;
 }
 
@@ -273,4 +276,53 @@ pub fn cpu_seconds() -> f64 {
 /// CPU time of waited-for children (cutime + cstime).
 pub fn children_cpu_seconds() -> f64 {
     stat_seconds(&[13, 14])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// `GET path` over HTTP/1.0: the whole answer.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        c.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_serves_metrics_from_0_and_a_health_check() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let m = Metrics::new();
+        m.frames_in.inc();
+        tokio::spawn(serve(listener, m));
+        let metrics = get(addr, "/metrics").await;
+        assert!(metrics.starts_with("HTTP/1.0 200"), "{metrics}");
+        assert!(
+            metrics.contains("balie_transcoder_frames_in_total 1"),
+            "{metrics}"
+        );
+        // Known label values are there at 0 before anything happened.
+        assert!(
+            metrics.contains("balie_transcoder_frames_dropped_total{reason=\"deadline\"} 0"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("balie_transcoder_protocol_errors_total{code=\"version\"} 0"),
+            "{metrics}"
+        );
+        let health = get(addr, "/healthz").await;
+        assert!(
+            health.starts_with("HTTP/1.0 200") && health.ends_with("ok\n"),
+            "{health}"
+        );
+        assert!(get(addr, "/nothing").await.starts_with("HTTP/1.0 404"));
+    }
 }
