@@ -274,6 +274,11 @@ fn prometheus_sees_a_call_through_a_worker_on_every_dashboard_panel_and_alerts_o
         }
     }
     assert!(wrong.is_empty(), "dashboard queries:\n{}", wrong.join("\n"));
+    // The worker's fill: one session of the 4 it takes (TestWorker).
+    let fill = prom
+        .query("sum(balie_transcoder_sessions) / sum(balie_transcoder_max_sessions)")
+        .expect("fill");
+    assert_eq!(fill[0]["value"][1], "0.25", "{fill:?}");
     eprintln!("{} dashboard queries, each with data", queries.len());
 
     // Every alert rule loaded and evaluates; none fires on a healthy call.

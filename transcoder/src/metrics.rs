@@ -14,6 +14,11 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Transcode sessions open.
     pub sessions: IntGauge,
+    /// The most it takes (`--max-sessions`), and the most caption sessions
+    /// (`--max-captions`; 0 without `--captions`): with the two above, how
+    /// full it is.
+    pub max_sessions: IntGauge,
+    pub max_captions: IntGauge,
     /// Of those, the ones whose pipeline runs on the GPU.
     pub gpu_video_sessions: IntGauge,
     /// Sessions placed on the GPU whose pipeline the GPU could not open
@@ -63,6 +68,16 @@ impl Metrics {
             IntGauge::with_opts(ns("connections", "SFU connections open")).expect("valid metric");
         let sessions =
             IntGauge::with_opts(ns("sessions", "Transcode sessions open")).expect("valid metric");
+        let max_sessions = IntGauge::with_opts(ns(
+            "max_sessions",
+            "The most transcode sessions the worker takes (--max-sessions)",
+        ))
+        .expect("valid metric");
+        let max_captions = IntGauge::with_opts(ns(
+            "max_captions",
+            "The most caption sessions the worker takes (--max-captions; 0 without --captions)",
+        ))
+        .expect("valid metric");
         let gpu_video_sessions = IntGauge::with_opts(ns(
             "gpu_video_sessions",
             "Transcode sessions whose pipeline runs on the GPU (the rest run on the CPU)",
@@ -165,6 +180,8 @@ impl Metrics {
             Box::new(caption_audio.clone()),
             Box::new(caption_on_gpu.clone()),
             Box::new(sessions.clone()),
+            Box::new(max_sessions.clone()),
+            Box::new(max_captions.clone()),
             Box::new(gpu_video_sessions.clone()),
             Box::new(gpu_fallbacks.clone()),
             Box::new(opens.clone()),
@@ -202,6 +219,8 @@ impl Metrics {
             registry,
             connections,
             sessions,
+            max_sessions,
+            max_captions,
             gpu_video_sessions,
             gpu_fallbacks,
             opens,

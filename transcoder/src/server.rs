@@ -110,6 +110,13 @@ impl Worker {
             .placement
             .clone()
             .counted(metrics.gpu_video_sessions.clone());
+        metrics.max_sessions.set(i64::from(config.max_sessions));
+        metrics.max_captions.set(
+            config
+                .captions
+                .as_ref()
+                .map_or(0, |c| i64::from(c.max_sessions)),
+        );
         Ok(Worker {
             endpoint,
             shared: Arc::new(Shared {
