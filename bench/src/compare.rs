@@ -177,7 +177,8 @@ impl Compare {
                 "transcoder workers' CPU seconds (hold)",
                 Box::new(|r| {
                     r.workers.as_ref().map_or("no workers".into(), |w| {
-                        format!("{:.2} ({} workers)", w.cpu_seconds, w.count)
+                        let s = if w.count == 1 { "" } else { "s" };
+                        format!("{:.2} ({} worker{s})", w.cpu_seconds, w.count)
                     })
                 }),
             ),

@@ -439,9 +439,10 @@ fn plan(s: &Scenario) -> String {
         "at full load: {sent:.0} packets/s into the server, {forwarded:.0} packets/s forwarded\n"
     );
     if s.target.offload_workers > 0 {
+        let n = s.target.offload_workers;
         out += &format!(
-            "with {} balie-transcoder workers making lower layers of single-layer video\n",
-            s.target.offload_workers
+            "with {n} balie-transcoder worker{} making lower layers of single-layer video\n",
+            if n == 1 { "" } else { "s" }
         );
     }
     if let Some(r) = &s.ramp {
