@@ -275,8 +275,13 @@ fn execute(
     let threads = s.target.threads;
     let mut target: Box<dyn run::Target> = match kind {
         scenario::TargetKind::Balie => {
-            let transcoder = bins.transcoder()?;
-            let offload = Some((transcoder.as_path(), s.target.offload_workers));
+            let n = s.target.offload_workers;
+            let transcoder = if n > 0 {
+                Some(bins.transcoder()?)
+            } else {
+                None
+            };
+            let offload = transcoder.as_deref().map(|t| (t, n));
             Box::new(run::BalieTarget::start(
                 &bins.sfu()?,
                 threads,

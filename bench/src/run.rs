@@ -287,18 +287,17 @@ pub struct BalieTarget {
 }
 
 impl BalieTarget {
-    /// Start `binary` with `threads` shards in `site`, and `offload` = (the
-    /// balie-transcoder binary, how many) workers beside it when asked.
+    /// Start `binary` with `threads` shards in `site`, and with `offload` =
+    /// (the balie-transcoder binary, how many, at least 1) workers beside it.
     pub fn start(
         binary: &Path,
         threads: usize,
         site: Site,
         offload: Option<(&Path, usize)>,
     ) -> Result<BalieTarget, String> {
-        let workers = match offload {
-            Some((transcoder, n)) if n > 0 => Some(Workers::start(transcoder, n, &site)?),
-            _ => None,
-        };
+        let workers = offload
+            .map(|(transcoder, n)| Workers::start(transcoder, n, &site))
+            .transpose()?;
         let extra = workers.as_ref().map_or("", |w| w.config.as_str());
         let target = BalieTarget {
             server: Balie::start(binary, threads, &site, extra)?,

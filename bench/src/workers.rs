@@ -117,11 +117,10 @@ impl Workers {
             ));
         }
         let mut quic = Vec::new();
-        let mut logs = Vec::new();
         for i in 0..n {
             let listen = SocketAddr::new(ip, free_port(ip, true)?);
             let metrics = SocketAddr::new(ip, free_port(ip, false)?);
-            let log = workers.dir.join(format!("worker-{i}.log"));
+            let log = workers.log(i);
             let log_file =
                 std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
             let child = site
@@ -145,7 +144,6 @@ impl Workers {
             workers.children.push(child);
             workers.metrics.push(format!("http://{metrics}/metrics"));
             quic.push(format!("\"{listen}\""));
-            logs.push(log);
         }
         for (i, url) in workers.metrics.iter().enumerate() {
             let start = Instant::now();
@@ -161,13 +159,13 @@ impl Workers {
                 if let Ok(Some(status)) = workers.children[i].try_wait() {
                     return Err(format!(
                         "balie-transcoder worker {i} exited ({status}):\n{}",
-                        log_tail(&logs[i])
+                        log_tail(&workers.log(i))
                     ));
                 }
                 if start.elapsed() > Duration::from_secs(20) {
                     return Err(format!(
                         "balie-transcoder worker {i} did not serve its metrics within 20 s:\n{}",
-                        log_tail(&logs[i])
+                        log_tail(&workers.log(i))
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -181,6 +179,11 @@ impl Workers {
             certs.join("sfu.key").display(),
         );
         Ok(workers)
+    }
+
+    /// Where worker `i` writes its standard error.
+    fn log(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("worker-{i}.log"))
     }
 
     pub fn len(&self) -> usize {

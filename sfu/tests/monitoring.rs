@@ -25,13 +25,14 @@ fn monitoring() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/monitoring")
 }
 
-/// Run a Debian `prometheus` package tool; panics unless it succeeds.
+/// A tool of Debian's `prometheus` package, run in `configs/monitoring`.
 fn tool(name: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(name);
     cmd.args(args).current_dir(monitoring());
     cmd
 }
 
+/// Run promtool; its output, once it has succeeded.
 fn promtool(args: &[&str]) -> String {
     let out = tool("promtool", args).output().unwrap_or_else(|e| {
         panic!("promtool: {e} (Debian's prometheus package has it; ./scripts/test installs it)")
