@@ -19,10 +19,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use balie_offload::{Codec, LayerSpec, Size};
+use ffmpeg_next as ffmpeg;
 
 use crate::clip::{self, ClipFrame, FPS};
 use crate::metrics::{children_cpu_seconds, cpu_seconds};
-use crate::pipeline::{Backend, Pipeline};
+use crate::picture::{self, LayerFidelity, LayerFrame};
+use crate::pipeline::{Backend, Pipeline, PipelineError, RATE_BUFFER_MS, VP8_MAX_INTRA_PCT};
 
 /// One step's outcome.
 #[derive(Debug, Clone)]
@@ -336,16 +338,21 @@ pub fn ffmpeg_command(codec: Codec, file: &Path, outputs: Option<[&Path; 2]>) ->
     // Keyframes where the source has them and nowhere else, as our
     // encoders make them (left to itself, ffmpeg makes fewer: libvpx one
     // every 128 frames, libx264 one every 250, where the clip has one every
-    // 60), and the same ceiling on the rate.
-    for (i, (label, rate, max)) in [("[h]", "500k", "750k"), ("[q]", "150k", "225k")]
-        .into_iter()
-        .enumerate()
-    {
-        cmd.args([
-            "-map", label, "-c:v", encoder, "-b:v", rate, "-maxrate", max, "-threads", "1",
-        ])
-        .args(["-force_key_frames", "source", "-g", "100000"])
-        .args(extra);
+    // 60), and the same rate control (`pipeline::rate_options`).
+    for (i, (label, spec)) in ["[h]", "[q]"].into_iter().zip(LAYERS).enumerate() {
+        let bits = u64::from(spec.bitrate_kbps) * 1000;
+        let buffer = bits * u64::from(RATE_BUFFER_MS) / 1000;
+        cmd.args(["-map", label, "-c:v", encoder, "-threads", "1"])
+            .args(["-b:v", &bits.to_string(), "-maxrate", &bits.to_string()])
+            .args(["-bufsize", &buffer.to_string()])
+            .args(["-rc_init_occupancy", &(buffer / 2).to_string()])
+            .args(["-force_key_frames", "source", "-g", "100000"])
+            .args(extra);
+        if codec == Codec::Vp8 {
+            cmd.args(["-minrate", &bits.to_string()])
+                .args(["-max-intra-rate", &VP8_MAX_INTRA_PCT.to_string()])
+                .args(["-undershoot-pct", "100", "-overshoot-pct", "15"]);
+        }
         match outputs {
             None => cmd.args(["-f", "null", "-"]),
             Some(paths) => cmd.args(["-y", "-f", raw]).arg(paths[i]),
@@ -389,4 +396,118 @@ pub fn ffmpeg(codec: Codec, file: &Path, seconds: u32, n: usize) -> Result<Step,
         slowest,
         stage_ms: StageMs::default(),
     })
+}
+
+/// A layer as one side of the benchmark made it: its rate and how it
+/// compares with the source.
+#[derive(Debug, Clone)]
+pub struct LayerQuality {
+    pub kbps: f64,
+    pub fidelity: LayerFidelity,
+}
+
+/// What each layer of one session looks like (no timing: every frame is
+/// encoded): ours from the pipeline, and with `ffmpeg_file` (the clip as
+/// [`write_clip`] wrote it) the `ffmpeg` command's, read back from the
+/// files it wrote into `dir`. Both against the same source pictures, so
+/// that "the same job" is seen to give the same picture at the same rate.
+pub fn layer_quality(
+    codec: Codec,
+    clip: &[ClipFrame],
+    ffmpeg_file: Option<&Path>,
+    dir: &Path,
+) -> Result<(Vec<LayerQuality>, Option<Vec<LayerQuality>>), String> {
+    let ours = session_quality(codec, clip, &Backend::Cpu)?;
+    let Some(file) = ffmpeg_file else {
+        return Ok((ours, None));
+    };
+    let paths = [dir.join("layer-1"), dir.join("layer-2")];
+    let status = ffmpeg_command(codec, file, Some([&paths[0], &paths[1]]))
+        .status()
+        .map_err(|e| format!("running ffmpeg (apt-get install ffmpeg): {e}"))?;
+    if !status.success() {
+        return Err(format!("ffmpeg failed: {status}"));
+    }
+    let mut packets = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        let read = read_packets(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if read.len() != clip.len() {
+            return Err(format!(
+                "ffmpeg wrote {} frames of layer {} for the clip's {}",
+                read.len(),
+                i + 1,
+                clip.len()
+            ));
+        }
+        packets.push(read);
+    }
+    let theirs: Vec<LayerFrame<'_>> = packets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, layer)| {
+            layer
+                .iter()
+                .zip(clip)
+                .map(move |(data, f)| (i as u8 + 1, f.rtp_time, &data[..]))
+        })
+        .collect();
+    Ok((ours, Some(quality(codec, clip, &theirs)?)))
+}
+
+/// What each layer of one session on `backend` looks like, every frame
+/// encoded.
+pub fn session_quality(
+    codec: Codec,
+    clip: &[ClipFrame],
+    backend: &Backend,
+) -> Result<Vec<LayerQuality>, String> {
+    let mut p =
+        Pipeline::with_backend(codec, LAYERS.to_vec(), backend).map_err(|e| e.to_string())?;
+    let far = Instant::now() + Duration::from_secs(3600);
+    let mut out = Vec::new();
+    for f in clip {
+        p.push(f.rtp_time, f.key, &f.data, far, &mut out)
+            .map_err(|e| e.to_string())?;
+    }
+    let frames: Vec<LayerFrame<'_>> = out
+        .iter()
+        .map(|e| (e.track, e.rtp_time, &e.data[..]))
+        .collect();
+    quality(codec, clip, &frames)
+}
+
+/// Rate and fidelity of each layer in `frames`.
+fn quality(
+    codec: Codec,
+    clip: &[ClipFrame],
+    frames: &[LayerFrame<'_>],
+) -> Result<Vec<LayerQuality>, String> {
+    let seconds = clip.len() as f64 / f64::from(FPS);
+    Ok(picture::fidelity(codec, clip, frames)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|fidelity| {
+            let bytes: usize = frames
+                .iter()
+                .filter(|f| f.0 == fidelity.track)
+                .map(|f| f.2.len())
+                .sum();
+            LayerQuality {
+                kbps: bytes as f64 * 8.0 / 1000.0 / seconds,
+                fidelity,
+            }
+        })
+        .collect())
+}
+
+/// The packets of a file FFmpeg demuxes (IVF, raw H.264), in order.
+fn read_packets(path: &Path) -> Result<Vec<Vec<u8>>, PipelineError> {
+    let mut input = ffmpeg::format::input(path).map_err(|source| PipelineError::Ffmpeg {
+        what: "reading ffmpeg's output",
+        source,
+    })?;
+    Ok(input
+        .packets()
+        .filter_map(|(_, p)| p.data().map(<[u8]>::to_vec))
+        .collect())
 }

@@ -488,6 +488,22 @@ fn measure(
         format!("{cpu_lps:.0}"),
         cell(gpu_lps, |lps| format!("{lps:.0}")),
     );
+    // The layers' picture: the GPU's box filter against the CPU's bilinear
+    // scaler, both against the source scaled by the box filter.
+    let psnr = |b: &Backend| {
+        bench::session_quality(codec, clip, b).map(|layers| {
+            layers
+                .iter()
+                .map(|l| format!("{:.1}", l.fidelity.mean.y))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        })
+    };
+    rows.push(
+        format!("{label} {name} layers' picture, Y PSNR against the source, dB (360p / 180p)"),
+        cell(psnr(&Backend::Cpu), |s| s),
+        cell(psnr(&Backend::Cuda(gpu.clone())), |s| s),
+    );
     for (way, other) in variants {
         rows.push(
             format!("{label} {name} end to end, NVDEC on {}", way.describe()),
@@ -579,7 +595,9 @@ fn layer_pictures(source: Size) -> (Vec<Size>, Vec<ffmpeg::frame::Video>) {
 fn worst_difference(layers: &[ffmpeg::frame::Video], source: &ffmpeg::frame::Video) -> u8 {
     layers
         .iter()
-        .map(|o| crate::gpu::max_difference(o, &crate::gpu::reference_scale(source, size_of(o))))
+        .map(|o| {
+            crate::picture::max_difference(o, &crate::picture::reference_scale(source, size_of(o)))
+        })
         .max()
         .unwrap_or(0)
 }

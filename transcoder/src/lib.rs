@@ -10,6 +10,8 @@
 //! - `gpu` (feature `cuda`): the card, NVDEC/NVENC probing, the scaling
 //!   kernel; `gpucheck`: `balie-transcoder gpu-check`.
 //! - [`captions`]: live captions (so far: provisioning the Whisper model).
+//! - [`picture`]: layers compared with the source (reference scaling,
+//!   PSNR).
 //! - [`clip`]: generated test clips (VP8, H.264) for tests and the benchmark.
 //! - [`bench`]: sessions held in real time, beside the `ffmpeg` command line.
 
@@ -21,6 +23,7 @@ pub mod gpu;
 #[cfg(feature = "cuda")]
 pub mod gpucheck;
 pub mod metrics;
+pub mod picture;
 pub mod pipeline;
 pub mod server;
 pub mod session;

@@ -668,7 +668,23 @@ fn bench(
             best[i] = n;
         }
     }
+    // The same job gives the same picture at the same rate: one session of
+    // each side, every frame encoded, against the source.
+    let quality = bench::layer_quality(codec, &clip, ffmpeg.then_some(file.as_path()), &dir);
     let _ = std::fs::remove_dir_all(&dir);
+    let (ours, theirs) = quality?;
+    println!();
+    println!("| side | layer | kbit/s (asked) | PSNR against the source scaled by a box filter | worst frame, Y |");
+    println!("| --- | --- | ---: | --- | ---: |");
+    for (side, layers) in [("balie cpu", Some(ours)), ("ffmpeg CLI", theirs)] {
+        for (l, spec) in layers.iter().flatten().zip(bench::LAYERS) {
+            let f = &l.fidelity;
+            println!(
+                "| {side} | {}x{} | {:.0} ({}) | {} | {:.1} dB |",
+                f.size.width, f.size.height, l.kbps, spec.bitrate_kbps, f.mean, f.worst_y
+            );
+        }
+    }
     // What a side held: its last step held, "under N" when not even the
     // first (`--from`), "at least N" when the last step tried held.
     let said = |n: usize| match n {

@@ -354,10 +354,10 @@ struct Layer {
     want_key: bool,
 }
 
-/// The encoder of a layer, set up as a browser's real-time encoder.
 /// An encoder by FFmpeg name, not yet opened, set up as every layer's:
-/// I420 at `size`, 90 kHz time base, 30 fps, `bitrate_kbps` (peaks to 1.5x),
-/// keyframes only where the source has one or a subscriber asks.
+/// I420 at `size`, 90 kHz time base, 30 fps, `bitrate_kbps` as its ceiling
+/// (see [`rate_options`]), keyframes only where the source has one or a
+/// subscriber asks.
 fn realtime_encoder(
     name: &str,
     label: &'static str,
@@ -375,11 +375,42 @@ fn realtime_encoder(
     enc.set_time_base((1, RTP_HZ));
     enc.set_frame_rate(Some((30, 1)));
     enc.set_bit_rate(bitrate_kbps as usize * 1000);
-    enc.set_max_bit_rate(bitrate_kbps as usize * 1000 * 3 / 2);
+    enc.set_max_bit_rate(bitrate_kbps as usize * 1000);
     enc.set_gop(u32::MAX / 2);
     Ok(enc)
 }
 
+/// How long a layer's rate buffer is: what a layer may send in a burst
+/// (a keyframe, a picture that changed) is bounded by this much of its rate.
+/// libwebrtc's VP8 encoder, in every browser, has a buffer of 1000 ms.
+pub const RATE_BUFFER_MS: u32 = 1000;
+
+/// libvpx's largest keyframe, as a share of a frame's bits (percent):
+/// libwebrtc's, 9 frames' worth at 30 fps with its 600 ms optimal buffer.
+pub const VP8_MAX_INTRA_PCT: u32 = 900;
+
+/// The rate control every layer's encoder gets, as a browser's: the layer's
+/// rate is a ceiling (`maxrate`), within a buffer of [`RATE_BUFFER_MS`] half
+/// full at the start (`bufsize`, `rc_init_occupancy`). Without a buffer
+/// FFmpeg's encoders take none: libvpx then overshot a 500 kbit/s layer by
+/// 30% and sent 67 KB keyframes (a second of the layer's rate at once, to
+/// a subscriber chosen for its weak link), libx264 34 KB ones.
+fn rate_options(bitrate_kbps: u32) -> ffmpeg::Dictionary<'static> {
+    let bits = u64::from(bitrate_kbps) * 1000;
+    let buffer = bits * u64::from(RATE_BUFFER_MS) / 1000;
+    let mut opts = ffmpeg::Dictionary::new();
+    opts.set("bufsize", &buffer.to_string());
+    opts.set("rc_init_occupancy", &(buffer / 2).to_string());
+    // A frame's length in the 90 kHz time base. FFmpeg tells libvpx each
+    // frame lasts this many ticks; left at 1, libvpx took the first frame
+    // for 1/90000 s, gave the first keyframe a 90000th of a second's bits
+    // (4.7 KB where the ffmpeg command, at 1/30 s, gave 19.8 KB) and the
+    // picture took two seconds to recover.
+    opts.set("ticks_per_frame", &(RTP_HZ / 30).to_string());
+    opts
+}
+
+/// The CPU encoder of a layer, set up as a browser's real-time encoder.
 pub fn open_encoder(
     codec: Codec,
     size: Size,
@@ -390,9 +421,16 @@ pub fn open_encoder(
         Codec::H264 => ("libx264", "libx264 (H.264 encoder)"),
     };
     let enc = realtime_encoder(name, label, size, bitrate_kbps)?;
-    let mut opts = ffmpeg::Dictionary::new();
+    let mut opts = rate_options(bitrate_kbps);
     match codec {
         Codec::Vp8 => {
+            // Constant bit rate (libvpx's CBR: FFmpeg picks it where the
+            // least, most and target rates are one), keyframes capped, and
+            // libwebrtc's undershoot and overshoot.
+            opts.set("minrate", &(u64::from(bitrate_kbps) * 1000).to_string());
+            opts.set("max-intra-rate", &VP8_MAX_INTRA_PCT.to_string());
+            opts.set("undershoot-pct", "100");
+            opts.set("overshoot-pct", "15");
             opts.set("deadline", "realtime");
             opts.set("cpu-used", "8");
             opts.set("lag-in-frames", "0");
@@ -422,7 +460,7 @@ pub fn open_nvenc(
 ) -> Result<ffmpeg::encoder::video::Encoder, PipelineError> {
     let mut enc = realtime_encoder("h264_nvenc", "h264_nvenc", size, bitrate_kbps)?;
     enc.set_max_b_frames(0);
-    let mut opts = ffmpeg::Dictionary::new();
+    let mut opts = rate_options(bitrate_kbps);
     opts.set("preset", "p1");
     opts.set("tune", "ull");
     opts.set("zerolatency", "1");

@@ -6,7 +6,8 @@
 
 use balie_offload::{Codec, Size};
 use balie_transcoder::clip;
-use balie_transcoder::gpu::{max_difference, reference_scale, Gpu, GpuError, Nvdec};
+use balie_transcoder::gpu::{Gpu, GpuError, Nvdec};
+use balie_transcoder::picture::{max_difference, reference_scale};
 use balie_transcoder::pipeline::{self, layer_size, Backend, Decoder, Pipeline};
 use ffmpeg_next as ffmpeg;
 

@@ -332,7 +332,8 @@ fn embedding_and_the_masked_argmax_pick_what_the_mirror_picks() {
 #[test]
 fn the_scaling_kernel_makes_every_layer_as_the_reference_does() {
     use balie_offload::Size;
-    use balie_transcoder::gpu::{layer_params, reference_scale, scale_grid};
+    use balie_transcoder::gpu::{layer_params, scale_grid};
+    use balie_transcoder::picture::reference_scale;
     use ffmpeg_next::format::Pixel;
     use ffmpeg_next::frame::Video;
     balie_transcoder::pipeline::init().expect("ffmpeg");

@@ -15,6 +15,7 @@ use balie_offload::tls::{client_config, TlsFiles};
 use balie_offload::{Codec, Control, ErrorCode, Frame, GroupHeader, LayerSpec, Size, VERSION};
 use balie_transcoder::bench::LAYERS as TWO_LAYERS;
 use balie_transcoder::clip::{self, ClipFrame};
+use balie_transcoder::picture::{self, LayerFrame};
 use balie_transcoder::pipeline::{Backend, Decoder, Placement};
 use common::{certs, connect, start_worker, start_worker_placed};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -23,6 +24,10 @@ const HD: Size = Size {
     width: 1280,
     height: 720,
 };
+
+/// The least mean luma PSNR a layer of the generated clip must have
+/// against the reference scaling of its source picture.
+const MIN_Y_DB: f64 = 18.0;
 
 /// Send the clip as the SFU would: a group per GOP, paced at 30 fps.
 async fn publish(link: &Link, session: u64, clip: &[ClipFrame]) {
@@ -152,6 +157,31 @@ async fn layers_decode_to_the_sizes_asked_for(codec: Codec) {
         assert!(frames
             .iter()
             .all(|(_, f)| clip.iter().any(|c| c.rtp_time == f.rtp_time)));
+    }
+    // The layers show the source: each picture against the source picture
+    // of its RTP time, scaled down by the reference box filter. Against
+    // the picture two frames before (the bands moved 6 pixels, near half
+    // their period, the square 85) they are far worse, so a layer made from
+    // the wrong picture fails.
+    let layers: Vec<LayerFrame<'_>> = got
+        .frames
+        .iter()
+        .flat_map(|(t, fs)| fs.iter().map(move |(_, f)| (*t, f.rtp_time, &f.data[..])))
+        .collect();
+    let seen = picture::fidelity(codec, &clip, &layers).expect("fidelity");
+    let shifted = picture::fidelity(codec, &later(&clip, 6000), &layers).expect("fidelity");
+    for (layer, off) in seen.iter().zip(&shifted) {
+        eprintln!("{codec:?} layer {layer}; two frames off: {off}");
+        assert!(layer.frames >= 70 && layer.bad == 0, "{codec:?}: {layer}");
+        assert!(
+            layer.mean.y >= MIN_Y_DB && layer.mean.all >= MIN_Y_DB,
+            "{codec:?}: {layer}"
+        );
+        assert!(layer.worst_y >= MIN_Y_DB - 6.0, "{codec:?}: {layer}");
+        assert!(
+            layer.mean.y - off.mean.y >= 6.0,
+            "{codec:?}: {layer} / {off}"
+        );
     }
     let text = metrics.render();
     assert!(
