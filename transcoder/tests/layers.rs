@@ -53,7 +53,16 @@ fn layers_keep_to_their_rate(codec: Codec) {
             worst_ms <= f64::from(RATE_BUFFER_MS),
             "{codec:?} track {track}: 100 ms of the layer take {worst_ms:.0} ms at {target} kbit/s"
         );
-        eprintln!("{codec:?} track {track}: {kbps:.0} kbit/s for {target}, the worst 100 ms take {worst_ms:.0} ms");
+        let largest_key = out
+            .iter()
+            .filter(|e| e.track == track && e.key)
+            .map(|e| e.data.len())
+            .max()
+            .unwrap_or(0);
+        eprintln!(
+            "{codec:?} track {track}: {kbps:.0} kbit/s for {target}, the worst 100 ms take \
+             {worst_ms:.0} ms, the largest keyframe {largest_key} bytes"
+        );
     }
     // And they show the source (the worker test checks it over QUIC with
     // a control; this is the same picture through the pipeline alone).
