@@ -301,36 +301,39 @@ fn passed(a: u32, b: u32) -> bool {
     a != b && b.wrapping_sub(a) < u32::MAX / 2
 }
 
+/// A picture of `format` (I420 or NV12) at `w`x`h`, each byte of each
+/// plane's rows, stride padding included, `fill(plane, x, row)`: test
+/// pictures.
+pub fn filled(
+    w: u32,
+    h: u32,
+    format: Pixel,
+    fill: impl Fn(usize, usize, usize) -> u8,
+) -> ffmpeg::frame::Video {
+    let mut p = ffmpeg::frame::Video::new(format, w, h);
+    let planes = if format == Pixel::NV12 { 2 } else { 3 };
+    for plane in 0..planes {
+        let stride = p.stride(plane);
+        let rows = if plane == 0 { h } else { h / 2 } as usize;
+        let data = p.data_mut(plane);
+        for r in 0..rows {
+            for x in 0..stride {
+                data[r * stride + x] = fill(plane, x, r);
+            }
+        }
+    }
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn picture(
-        w: u32,
-        h: u32,
-        format: Pixel,
-        fill: impl Fn(usize, usize, usize) -> u8,
-    ) -> ffmpeg::frame::Video {
-        let mut p = ffmpeg::frame::Video::new(format, w, h);
-        let planes = if format == Pixel::NV12 { 2 } else { 3 };
-        for plane in 0..planes {
-            let stride = p.stride(plane);
-            let rows = if plane == 0 { h } else { h / 2 } as usize;
-            let data = p.data_mut(plane);
-            for r in 0..rows {
-                for x in 0..stride {
-                    data[r * stride + x] = fill(plane, x, r);
-                }
-            }
-        }
-        p
-    }
 
     #[test]
     fn the_reference_box_filter_averages_each_footprint() {
         crate::pipeline::init().expect("ffmpeg");
         // Luma columns alternate 0 and 200: every 2x-down pixel is 100.
-        let p = picture(64, 32, Pixel::YUV420P, |plane, x, _| match plane {
+        let p = filled(64, 32, Pixel::YUV420P, |plane, x, _| match plane {
             0 => {
                 if x % 2 == 0 {
                     0
@@ -350,7 +353,7 @@ mod tests {
         assert!(r[1].iter().all(|v| *v == 60));
         assert!(r[2].iter().all(|v| *v == 180));
         // NV12: U and V interleaved, read apart.
-        let p = picture(64, 32, Pixel::NV12, |plane, x, _| match plane {
+        let p = filled(64, 32, Pixel::NV12, |plane, x, _| match plane {
             0 => 16,
             _ => {
                 if x % 2 == 0 {

@@ -333,9 +333,8 @@ fn embedding_and_the_masked_argmax_pick_what_the_mirror_picks() {
 fn the_scaling_kernel_makes_every_layer_as_the_reference_does() {
     use balie_offload::Size;
     use balie_transcoder::gpu::{layer_params, scale_grid};
-    use balie_transcoder::picture::reference_scale;
+    use balie_transcoder::picture::{filled, reference_scale};
     use ffmpeg_next::format::Pixel;
-    use ffmpeg_next::frame::Video;
     balie_transcoder::pipeline::init().expect("ffmpeg");
     let sizes = [
         Size {
@@ -354,20 +353,11 @@ fn the_scaling_kernel_makes_every_layer_as_the_reference_does() {
         .into_iter()
         .flat_map(|f| [(f, (96u32, 48u32)), (f, (80, 48))])
     {
-        let mut p = Video::new(format, w, h);
+        let p = filled(w, h, format, |plane, x, r| {
+            ((x * 7 + r * 13 + plane * 50) % 251) as u8
+        });
         if p.stride(0) > w as usize {
             pitched += 1;
-        }
-        let planes = if format == Pixel::NV12 { 2 } else { 3 };
-        for plane in 0..planes {
-            let stride = p.stride(plane);
-            let rows = if plane == 0 { h } else { h / 2 } as usize;
-            let data = p.data_mut(plane);
-            for r in 0..rows {
-                for x in 0..stride {
-                    data[r * stride + x] = ((x * 7 + r * 13 + plane * 50) % 251) as u8;
-                }
-            }
         }
         let (params, offsets, len) = layer_params(&sizes);
         let (grid, _) = scale_grid(&sizes);
