@@ -178,7 +178,8 @@ pub struct LayerFidelity {
     /// Layer frames the decoder refused, or that carried an RTP time the
     /// source does not have, or decoded to another size or format.
     pub bad: usize,
-    /// Over all compared frames (from their summed squared error).
+    /// Over all compared frames (from their summed squared error); 0 dB
+    /// where none was.
     pub mean: Psnr,
     /// The worst single frame's luma PSNR.
     pub worst_y: f64,
@@ -290,7 +291,12 @@ pub fn fidelity(
             }),
             frames: t.compared,
             bad: t.bad + t.frames.len() - t.next,
-            mean: t.error.psnr(),
+            // Nothing compared is nothing shown, not a perfect picture.
+            mean: if t.compared == 0 {
+                Psnr { y: 0.0, all: 0.0 }
+            } else {
+                t.error.psnr()
+            },
             worst_y: if t.compared == 0 { 0.0 } else { t.worst_y },
         })
         .collect())
