@@ -24,7 +24,7 @@ use ffmpeg_next as ffmpeg;
 use crate::clip::{self, ClipFrame, FPS};
 use crate::metrics::{children_cpu_seconds, cpu_seconds};
 use crate::picture::{self, LayerFidelity, LayerFrame};
-use crate::pipeline::{Backend, Pipeline, PipelineError, RATE_BUFFER_MS, VP8_MAX_INTRA_PCT};
+use crate::pipeline::{rate_control, Backend, Encoded, Pipeline, PipelineError};
 
 /// One step's outcome.
 #[derive(Debug, Clone)]
@@ -338,20 +338,15 @@ pub fn ffmpeg_command(codec: Codec, file: &Path, outputs: Option<[&Path; 2]>) ->
     // Keyframes where the source has them and nowhere else, as our
     // encoders make them (left to itself, ffmpeg makes fewer: libvpx one
     // every 128 frames, libx264 one every 250, where the clip has one every
-    // 60), and the same rate control (`pipeline::rate_options`).
+    // 60), and the same rate control (`pipeline::rate_control`).
     for (i, (label, spec)) in ["[h]", "[q]"].into_iter().zip(LAYERS).enumerate() {
-        let bits = u64::from(spec.bitrate_kbps) * 1000;
-        let buffer = bits * u64::from(RATE_BUFFER_MS) / 1000;
+        let bits = (u64::from(spec.bitrate_kbps) * 1000).to_string();
         cmd.args(["-map", label, "-c:v", encoder, "-threads", "1"])
-            .args(["-b:v", &bits.to_string(), "-maxrate", &bits.to_string()])
-            .args(["-bufsize", &buffer.to_string()])
-            .args(["-rc_init_occupancy", &(buffer / 2).to_string()])
+            .args(["-b:v", &bits, "-maxrate", &bits])
             .args(["-force_key_frames", "source", "-g", "100000"])
             .args(extra);
-        if codec == Codec::Vp8 {
-            cmd.args(["-minrate", &bits.to_string()])
-                .args(["-max-intra-rate", &VP8_MAX_INTRA_PCT.to_string()])
-                .args(["-undershoot-pct", "100", "-overshoot-pct", "15"]);
+        for (key, value) in rate_control(codec, spec.bitrate_kbps) {
+            cmd.arg(format!("-{key}")).arg(value);
         }
         match outputs {
             None => cmd.args(["-f", "null", "-"]),
@@ -454,13 +449,13 @@ pub fn layer_quality(
     Ok((ours, Some(quality(codec, clip, &theirs)?)))
 }
 
-/// What each layer of one session on `backend` looks like, every frame
-/// encoded.
-pub fn session_quality(
+/// The layers one session on `backend` makes of the clip, every frame
+/// encoded (no deadline).
+pub fn encode_session(
     codec: Codec,
     clip: &[ClipFrame],
     backend: &Backend,
-) -> Result<Vec<LayerQuality>, String> {
+) -> Result<Vec<Encoded>, String> {
     let mut p =
         Pipeline::with_backend(codec, LAYERS.to_vec(), backend).map_err(|e| e.to_string())?;
     let far = Instant::now() + Duration::from_secs(3600);
@@ -469,6 +464,17 @@ pub fn session_quality(
         p.push(f.rtp_time, f.key, &f.data, far, &mut out)
             .map_err(|e| e.to_string())?;
     }
+    Ok(out)
+}
+
+/// What each layer of one session on `backend` looks like, every frame
+/// encoded.
+pub fn session_quality(
+    codec: Codec,
+    clip: &[ClipFrame],
+    backend: &Backend,
+) -> Result<Vec<LayerQuality>, String> {
+    let out = encode_session(codec, clip, backend)?;
     let frames: Vec<LayerFrame<'_>> = out
         .iter()
         .map(|e| (e.track, e.rtp_time, &e.data[..]))

@@ -248,10 +248,10 @@ pub fn fidelity(
     let source_times: std::collections::HashSet<u32> = source.iter().map(|f| f.rtp_time).collect();
     let mut source_decoder = Decoder::new(codec)?;
     for s in source {
-        let picture = match source_decoder.decode(&s.data, i64::from(s.rtp_time)) {
-            Ok(Some(p)) => Some(p.clone()),
-            _ => None,
-        };
+        let picture = source_decoder
+            .decode(&s.data, i64::from(s.rtp_time))
+            .ok()
+            .flatten();
         for t in tracks.values_mut() {
             // Decode the track up to this source time; compare the picture
             // made from it.
@@ -261,8 +261,7 @@ pub fn fidelity(
                 }
                 t.next += 1;
                 let decoded = t.decoder.decode(data, i64::from(rtp));
-                let (Ok(Some(pic)), Some(src), true) = (decoded, &picture, rtp == s.rtp_time)
-                else {
+                let (Ok(Some(pic)), Some(src), true) = (decoded, picture, rtp == s.rtp_time) else {
                     t.bad += 1;
                     continue;
                 };

@@ -389,23 +389,46 @@ pub const RATE_BUFFER_MS: u32 = 1000;
 /// libwebrtc's, 9 frames' worth at 30 fps with its 600 ms optimal buffer.
 pub const VP8_MAX_INTRA_PCT: u32 = 900;
 
-/// The rate control every layer's encoder gets, as a browser's: the layer's
-/// rate is a ceiling (`maxrate`), within a buffer of [`RATE_BUFFER_MS`] half
-/// full at the start (`bufsize`, `rc_init_occupancy`). Without a buffer
-/// FFmpeg's encoders take none: libvpx then overshot a 500 kbit/s layer by
-/// 30% and sent 67 KB keyframes (a second of the layer's rate at once, to
-/// a subscriber chosen for its weak link), libx264 34 KB ones.
-fn rate_options(bitrate_kbps: u32) -> ffmpeg::Dictionary<'static> {
+/// The rate control every layer's encoder gets, as a browser's, as FFmpeg
+/// option names and values (the bench's `ffmpeg` command passes the same):
+/// the layer's rate is a ceiling (`maxrate`, set with the encoder), within a
+/// buffer of [`RATE_BUFFER_MS`] half full at the start (`bufsize`,
+/// `rc_init_occupancy`); for VP8 libvpx's constant bit rate (FFmpeg picks
+/// it where the least, most and target rates are one), keyframes capped,
+/// and libwebrtc's undershoot and overshoot. Without a buffer FFmpeg's
+/// encoders take none: libvpx then overshot a 500 kbit/s layer by 30% and
+/// sent 67 KB keyframes (a second of the layer's rate at once, to a
+/// subscriber chosen for its weak link), libx264 34 KB ones.
+pub fn rate_control(codec: Codec, bitrate_kbps: u32) -> Vec<(&'static str, String)> {
     let bits = u64::from(bitrate_kbps) * 1000;
     let buffer = bits * u64::from(RATE_BUFFER_MS) / 1000;
+    let mut opts = vec![
+        ("bufsize", buffer.to_string()),
+        ("rc_init_occupancy", (buffer / 2).to_string()),
+    ];
+    if codec == Codec::Vp8 {
+        opts.extend([
+            ("minrate", bits.to_string()),
+            ("max-intra-rate", VP8_MAX_INTRA_PCT.to_string()),
+            ("undershoot-pct", "100".to_string()),
+            ("overshoot-pct", "15".to_string()),
+        ]);
+    }
+    opts
+}
+
+/// [`rate_control`] as the options an encoder is opened with, and the
+/// frame's length in the 90 kHz time base. FFmpeg tells libvpx each frame
+/// lasts this many ticks; left at 1, libvpx took the first frame for
+/// 1/90000 s, gave the first keyframe a 90000th of a second's bits (4.7 KB
+/// where the ffmpeg command, at 1/30 s, gave 19.8 KB) and the picture took
+/// two seconds to recover. (The `ffmpeg` command reads 30 fps files, its
+/// time base is a frame.)
+fn rate_options(codec: Codec, bitrate_kbps: u32) -> ffmpeg::Dictionary<'static> {
     let mut opts = ffmpeg::Dictionary::new();
-    opts.set("bufsize", &buffer.to_string());
-    opts.set("rc_init_occupancy", &(buffer / 2).to_string());
-    // A frame's length in the 90 kHz time base. FFmpeg tells libvpx each
-    // frame lasts this many ticks; left at 1, libvpx took the first frame
-    // for 1/90000 s, gave the first keyframe a 90000th of a second's bits
-    // (4.7 KB where the ffmpeg command, at 1/30 s, gave 19.8 KB) and the
-    // picture took two seconds to recover.
+    for (key, value) in rate_control(codec, bitrate_kbps) {
+        opts.set(key, &value);
+    }
     opts.set("ticks_per_frame", &(RTP_HZ / 30).to_string());
     opts
 }
@@ -421,16 +444,9 @@ pub fn open_encoder(
         Codec::H264 => ("libx264", "libx264 (H.264 encoder)"),
     };
     let enc = realtime_encoder(name, label, size, bitrate_kbps)?;
-    let mut opts = rate_options(bitrate_kbps);
+    let mut opts = rate_options(codec, bitrate_kbps);
     match codec {
         Codec::Vp8 => {
-            // Constant bit rate (libvpx's CBR: FFmpeg picks it where the
-            // least, most and target rates are one), keyframes capped, and
-            // libwebrtc's undershoot and overshoot.
-            opts.set("minrate", &(u64::from(bitrate_kbps) * 1000).to_string());
-            opts.set("max-intra-rate", &VP8_MAX_INTRA_PCT.to_string());
-            opts.set("undershoot-pct", "100");
-            opts.set("overshoot-pct", "15");
             opts.set("deadline", "realtime");
             opts.set("cpu-used", "8");
             opts.set("lag-in-frames", "0");
@@ -460,7 +476,7 @@ pub fn open_nvenc(
 ) -> Result<ffmpeg::encoder::video::Encoder, PipelineError> {
     let mut enc = realtime_encoder("h264_nvenc", "h264_nvenc", size, bitrate_kbps)?;
     enc.set_max_b_frames(0);
-    let mut opts = rate_options(bitrate_kbps);
+    let mut opts = rate_options(Codec::H264, bitrate_kbps);
     opts.set("preset", "p1");
     opts.set("tune", "ull");
     opts.set("zerolatency", "1");

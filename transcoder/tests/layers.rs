@@ -2,24 +2,16 @@
 //! asked for, without bursts that a link chosen for that rate could not
 //! carry, and showing the source.
 
-use std::time::{Duration, Instant};
-
 use balie_offload::Codec;
-use balie_transcoder::bench::{source, LAYERS};
+use balie_transcoder::bench::{encode_session, source, LAYERS};
 use balie_transcoder::picture::{self, LayerFrame};
-use balie_transcoder::pipeline::{Backend, Encoded, Pipeline, RATE_BUFFER_MS};
+use balie_transcoder::pipeline::{Backend, Encoded, RATE_BUFFER_MS};
 
 /// One session's layers over 5 s of the bench's source (720p, a keyframe
-/// every 2 s), every frame in time.
+/// every 2 s), every frame encoded.
 fn session(codec: Codec) -> (Vec<balie_transcoder::clip::ClipFrame>, Vec<Encoded>) {
     let clip = source(codec, 5).expect("clip");
-    let mut p = Pipeline::with_backend(codec, LAYERS.to_vec(), &Backend::Cpu).expect("pipeline");
-    let far = Instant::now() + Duration::from_secs(600);
-    let mut out = Vec::new();
-    for f in &clip {
-        p.push(f.rtp_time, f.key, &f.data, far, &mut out)
-            .expect("push");
-    }
+    let out = encode_session(codec, &clip, &Backend::Cpu).expect("session");
     (clip, out)
 }
 
